@@ -1,0 +1,1 @@
+//! `hotroll check FILE`: placeholder until the plan compiler lands.

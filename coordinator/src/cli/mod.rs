@@ -1,0 +1,3 @@
+//! The `hotroll` command line.
+
+pub mod check;

@@ -1,0 +1,4 @@
+//! hotroll coordinator.
+
+pub mod cli;
+pub mod engine;

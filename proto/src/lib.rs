@@ -1,0 +1,20 @@
+//! hotroll's wire contract.
+//!
+//! This is the only crate that exposes prost-generated types. The coordinator and the agent
+//! convert to their own domain types at the edge of their gRPC code.
+
+/// The protocol version this build speaks. Hello carries a range; the coordinator picks the
+/// highest version both sides speak.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The oldest protocol version this build still accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Chunk size for artifact transfer: well under tonic's default 4 MiB message limit.
+pub const ARTIFACT_CHUNK_SIZE: usize = 256 * 1024;
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("hotroll.v1");
+}
+
+pub use v1::*;

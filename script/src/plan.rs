@@ -1,0 +1,1 @@
+//! The compiled plan `hotroll check` prints. Placeholder until the plan compiler lands.
