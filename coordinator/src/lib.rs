@@ -1,4 +1,22 @@
-//! hotroll coordinator.
+//! The hotroll coordinator: holds the fleet's rollouts.
+//!
+//! * [`engine`]: the rollout state machine (pure, no I/O).
+//! * [`rollouts`]: one task per rollout that drives its engine, persists, and sends commands.
+//! * [`session`]: the `Agent` gRPC service (node sessions, artifact download).
+//! * [`control`]: the `Control` gRPC service (what the CLI calls).
+//! * [`registry`], [`store`], [`artifacts`]: nodes, durable state, content store.
+//! * [`server::run`]: the daemon's one entry point.
+//! * [`cli`]: the `hotroll` command line.
 
+pub mod artifacts;
 pub mod cli;
+pub mod control;
+pub mod convert;
 pub mod engine;
+pub mod registry;
+pub mod rollouts;
+pub mod server;
+pub mod session;
+pub mod store;
+
+pub use server::{ServerConfig, run};

@@ -1,0 +1,360 @@
+//! The `Control` gRPC service: what the operator's CLI calls.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use hotroll_proto::v1 as pb;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::artifacts::{ArtifactError, ArtifactStore};
+use crate::convert;
+use crate::engine::{Event, Record};
+use crate::registry::Registry;
+use crate::rollouts::{NewRollout, RolloutError, Rollouts, instruction_namer};
+use crate::store::ArtifactBinding;
+
+/// Largest script source accepted.
+pub const MAX_SCRIPT_BYTES: usize = 1 << 20;
+
+pub struct ControlService {
+    pub registry: Arc<Registry>,
+    pub rollouts: Arc<Rollouts>,
+    pub artifacts: ArtifactStore,
+}
+
+impl std::fmt::Debug for ControlService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlService").finish_non_exhaustive()
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn rollout_status_error(e: RolloutError) -> Status {
+    match e {
+        RolloutError::NotFound(_) => Status::not_found(e.to_string()),
+        RolloutError::NotApplicable(_) => Status::failed_precondition(e.to_string()),
+        RolloutError::Store(_) => Status::internal(e.to_string()),
+        RolloutError::Stopped => Status::unavailable(e.to_string()),
+    }
+}
+
+fn artifact_status(e: ArtifactError) -> Status {
+    match e {
+        ArtifactError::Io { .. } => Status::internal(e.to_string()),
+        ArtifactError::Missing(_) => Status::not_found(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+impl ControlService {
+    async fn operate(&self, request: Request<pb::RolloutControlRequest>, action: &str) -> Result<Response<pb::RolloutStatus>, Status> {
+        let request = request.into_inner();
+        let event = match action {
+            "abort" => Event::OperatorAbort {
+                reason: if request.reason.is_empty() {
+                    "aborted by the operator".to_string()
+                } else {
+                    request.reason.clone()
+                },
+            },
+            "pause" => Event::OperatorPause,
+            "resume" => Event::OperatorResume,
+            _ => Event::OperatorPromote,
+        };
+        tracing::info!(rollout = %request.rollout_id, action, "operator command");
+        let snapshot = self
+            .rollouts
+            .operate(&request.rollout_id, event)
+            .await
+            .map_err(rollout_status_error)?;
+        let (_, names) = self
+            .rollouts
+            .status(&request.rollout_id)
+            .map_err(rollout_status_error)?;
+        Ok(Response::new(convert::rollout_status(&snapshot, &instruction_namer(&names))))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::control_server::Control for ControlService {
+    type WatchRolloutStream = BoxStream<pb::RolloutEvent>;
+
+    async fn upload_artifact(
+        &self,
+        request: Request<Streaming<pb::ArtifactChunk>>,
+    ) -> Result<Response<pb::ArtifactRef>, Status> {
+        let mut chunks = request.into_inner();
+        let first = chunks
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty upload"))??;
+        if self.artifacts.contains(&first.digest) {
+            // Already stored and verified: drain nothing more, the client may stop sending.
+            let size = self.artifacts.size_of(&first.digest).map_err(artifact_status)?;
+            return Ok(Response::new(pb::ArtifactRef {
+                digest: first.digest,
+                size,
+            }));
+        }
+        let mut upload = self
+            .artifacts
+            .begin(&first.digest, first.total_size)
+            .map_err(artifact_status)?;
+        upload.write(first.offset, &first.data).map_err(artifact_status)?;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            upload.write(chunk.offset, &chunk.data).map_err(artifact_status)?;
+        }
+        let (digest, size) = upload.finish().map_err(|e| {
+            tracing::warn!(error = %e, "artifact upload refused");
+            artifact_status(e)
+        })?;
+        tracing::info!(%digest, size, "artifact stored");
+        Ok(Response::new(pb::ArtifactRef { digest, size }))
+    }
+
+    async fn has_artifacts(
+        &self,
+        request: Request<pb::HasArtifactsRequest>,
+    ) -> Result<Response<pb::HasArtifactsResponse>, Status> {
+        let present = request
+            .into_inner()
+            .digests
+            .into_iter()
+            .filter(|d| self.artifacts.contains(d))
+            .collect();
+        Ok(Response::new(pb::HasArtifactsResponse { present }))
+    }
+
+    async fn start_rollout(
+        &self,
+        request: Request<pb::StartRolloutRequest>,
+    ) -> Result<Response<pb::StartRolloutResponse>, Status> {
+        let request = request.into_inner();
+        if request.script_source.len() > MAX_SCRIPT_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "script is {} bytes; the limit is {MAX_SCRIPT_BYTES}",
+                request.script_source.len()
+            )));
+        }
+        let name = if request.script_name.is_empty() {
+            "script.toml".to_string()
+        } else {
+            request.script_name.clone()
+        };
+        let parsed = hotroll_script::parse(&name, &request.script_source).map_err(|diagnostics| {
+            Status::invalid_argument(format!(
+                "the script is not valid:\n{}",
+                diagnostics.to_short_lines().join("\n")
+            ))
+        })?;
+        let script = parsed.script;
+
+        // Every declared artifact must be bound to a stored digest.
+        let given: HashMap<&str, &pb::ScriptArtifact> =
+            request.artifacts.iter().map(|a| (a.name.as_str(), a)).collect();
+        let mut artifacts = Vec::new();
+        for declared in &script.artifacts {
+            let name = declared.name.value.as_str();
+            let bound = given.get(name).ok_or_else(|| {
+                Status::invalid_argument(format!("artifact `{name}` was not uploaded"))
+            })?;
+            if !self.artifacts.contains(&bound.digest) {
+                return Err(Status::failed_precondition(format!(
+                    "artifact `{name}` ({}) is not stored on the coordinator; upload it first",
+                    bound.digest
+                )));
+            }
+            let size = self.artifacts.size_of(&bound.digest).map_err(artifact_status)?;
+            artifacts.push(ArtifactBinding {
+                name: name.to_string(),
+                digest: bound.digest.clone(),
+                size,
+                mode: declared.mode.unwrap_or(0),
+                unpack: declared.unpack,
+            });
+        }
+
+        let select: BTreeMap<String, String> = if request.select.is_empty() {
+            script.rollout.select.clone()
+        } else {
+            request.select.clone().into_iter().collect()
+        };
+        let targets = self.registry.select(&select);
+        if targets.is_empty() {
+            let wanted = if select.is_empty() {
+                "any connected node".to_string()
+            } else {
+                select
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            return Err(Status::failed_precondition(format!(
+                "no connected node matches {wanted}"
+            )));
+        }
+        // Named barrier members must be targets, or the barrier could never complete.
+        let target_set: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
+        for barrier in script.barriers() {
+            for member in &barrier.members {
+                if !target_set.contains(member.as_str()) {
+                    return Err(Status::failed_precondition(format!(
+                        "sync_nodes `{}` names node `{member}`, which is not a target of this rollout",
+                        barrier.id
+                    )));
+                }
+            }
+        }
+        let snapshot = self
+            .rollouts
+            .start(NewRollout {
+                script_name: name,
+                script_source: request.script_source,
+                script,
+                artifacts,
+                targets: targets.clone(),
+            })
+            .map_err(rollout_status_error)?;
+        tracing::info!(rollout = %snapshot.id, app = %snapshot.app, from = %snapshot.from, to = %snapshot.to, nodes = targets.len(), "rollout started");
+        Ok(Response::new(pb::StartRolloutResponse {
+            rollout_id: snapshot.id,
+            nodes: targets,
+        }))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let id = request.into_inner().rollout_id;
+        let (snapshot, names) = self.rollouts.status(&id).map_err(rollout_status_error)?;
+        Ok(Response::new(convert::rollout_status(&snapshot, &instruction_namer(&names))))
+    }
+
+    async fn list_rollouts(
+        &self,
+        request: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 50,
+            n => n as usize,
+        };
+        let rollouts = self
+            .rollouts
+            .list(limit)
+            .map_err(rollout_status_error)?
+            .iter()
+            .map(convert::rollout_summary)
+            .collect();
+        Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
+    }
+
+    async fn watch_rollout(
+        &self,
+        request: Request<pb::WatchRolloutRequest>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let request = request.into_inner();
+        let id = request.rollout_id.clone();
+        let (past, live, names) = self
+            .rollouts
+            .watch(&id, request.from_seq)
+            .map_err(rollout_status_error)?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let namer = instruction_namer(&names);
+            let mut last_seq = request.from_seq.saturating_sub(1);
+            for event in &past {
+                last_seq = event.seq;
+                if tx.send(Ok(convert::rollout_event(&id, event, &namer))).await.is_err() {
+                    return;
+                }
+                if is_final(&event.record) {
+                    return;
+                }
+            }
+            let Some(mut live) = live else { return };
+            loop {
+                match live.recv().await {
+                    Ok(event) if event.seq <= last_seq => {}
+                    Ok(event) => {
+                        last_seq = event.seq;
+                        if tx.send(Ok(convert::rollout_event(&id, &event, &namer))).await.is_err() {
+                            return;
+                        }
+                        if is_final(&event.record) {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "watcher fell {n} events behind; reconnect with from_seq {}",
+                                last_seq + 1
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = self
+            .registry
+            .list()
+            .into_iter()
+            .map(|n| pb::NodeInfo {
+                name: n.record.name.clone(),
+                labels: n.record.labels.clone().into_iter().collect(),
+                connected: n.connected,
+                apps: n
+                    .record
+                    .apps
+                    .iter()
+                    .map(|(app, v)| pb::AppState {
+                        app: app.clone(),
+                        current: v.current.clone(),
+                        permanent: v.permanent.clone(),
+                    })
+                    .collect(),
+                last_seen_unix_ms: n.record.last_seen_ms,
+                boot_generation: n.record.boot_generation,
+            })
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn abort_rollout(&self, request: Request<pb::RolloutControlRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.operate(request, "abort").await
+    }
+
+    async fn pause_rollout(&self, request: Request<pb::RolloutControlRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.operate(request, "pause").await
+    }
+
+    async fn resume_rollout(&self, request: Request<pb::RolloutControlRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.operate(request, "resume").await
+    }
+
+    async fn promote_rollout(&self, request: Request<pb::RolloutControlRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.operate(request, "promote").await
+    }
+}
+
+fn is_final(record: &Record) -> bool {
+    matches!(record, Record::RolloutState { state, .. } if state.is_final())
+}

@@ -1,0 +1,324 @@
+//! Conversions between the wire types (`hotroll_proto`) and the coordinator's domain types. The
+//! only place besides the gRPC services that sees prost types.
+
+use hotroll_proto::v1 as pb;
+
+use crate::engine::{
+    BarrierView, Command, Event, NodeState, NodeView, Outcome, Record, RolloutState, StepPhase,
+};
+use crate::store::{RolloutSnapshot, StoredEvent};
+
+pub fn rollout_state(state: RolloutState) -> pb::RolloutState {
+    match state {
+        RolloutState::Pending => pb::RolloutState::Pending,
+        RolloutState::Preparing => pb::RolloutState::Preparing,
+        RolloutState::Committing => pb::RolloutState::Committing,
+        RolloutState::Paused => pb::RolloutState::Paused,
+        RolloutState::Succeeded => pb::RolloutState::Succeeded,
+        RolloutState::Aborted => pb::RolloutState::Aborted,
+        RolloutState::RolledBack => pb::RolloutState::RolledBack,
+        RolloutState::PartiallyRolledBack => pb::RolloutState::PartiallyRolledBack,
+        RolloutState::Halted => pb::RolloutState::Halted,
+        RolloutState::Failed => pb::RolloutState::Failed,
+    }
+}
+
+pub fn node_state(state: NodeState) -> pb::NodeState {
+    match state {
+        NodeState::Pending => pb::NodeState::Pending,
+        NodeState::Preparing => pb::NodeState::Preparing,
+        NodeState::Prepared => pb::NodeState::Prepared,
+        NodeState::Committing => pb::NodeState::Committing,
+        NodeState::Committed => pb::NodeState::Committed,
+        NodeState::Aborted => pb::NodeState::Aborted,
+        NodeState::RollingBack => pb::NodeState::RollingBack,
+        NodeState::RolledBack => pb::NodeState::RolledBack,
+        NodeState::Failed => pb::NodeState::Failed,
+    }
+}
+
+fn step_phase(phase: StepPhase) -> pb::StepPhase {
+    match phase {
+        StepPhase::Started => pb::StepPhase::Started,
+        StepPhase::Succeeded => pb::StepPhase::Succeeded,
+        StepPhase::Failed => pb::StepPhase::Failed,
+    }
+}
+
+fn node_status(view: &NodeView, steps_total: u32, instruction: &dyn Fn(u32) -> String) -> pb::NodeStatus {
+    pb::NodeStatus {
+        name: view.name.clone(),
+        wave: view.wave,
+        state: node_state(view.state) as i32,
+        step: view.step.map_or(-1, |s| i32::try_from(s).unwrap_or(i32::MAX)),
+        instruction: view.step.map(instruction).unwrap_or_default(),
+        error: view.error.clone().unwrap_or_default(),
+        step_started_unix_ms: view.step_started.unwrap_or_default(),
+        steps_total,
+    }
+}
+
+fn barrier_status(view: &BarrierView) -> pb::BarrierStatus {
+    pb::BarrierStatus {
+        id: view.id.clone(),
+        arrived: view.arrived,
+        expected: view.expected,
+        deadline_unix_ms: view.deadline,
+    }
+}
+
+pub fn rollout_status(
+    snapshot: &RolloutSnapshot,
+    instruction: &dyn Fn(u32) -> String,
+) -> pb::RolloutStatus {
+    pb::RolloutStatus {
+        id: snapshot.id.clone(),
+        state: rollout_state(snapshot.state) as i32,
+        app: snapshot.app.clone(),
+        from: snapshot.from.clone(),
+        to: snapshot.to.clone(),
+        failures: snapshot.failures,
+        max_failures: snapshot.max_failures,
+        nodes: snapshot
+            .nodes
+            .iter()
+            .map(|n| node_status(n, snapshot.steps_total, instruction))
+            .collect(),
+        created_unix_ms: snapshot.created_ms,
+        finished_unix_ms: snapshot.finished_ms.unwrap_or_default(),
+        current_wave: snapshot.current_wave,
+        waves: snapshot.waves,
+        barrier: snapshot.barrier.as_ref().map(barrier_status),
+        error: snapshot.error.clone().unwrap_or_default(),
+    }
+}
+
+pub fn rollout_summary(snapshot: &RolloutSnapshot) -> pb::RolloutSummary {
+    pb::RolloutSummary {
+        id: snapshot.id.clone(),
+        state: rollout_state(snapshot.state) as i32,
+        app: snapshot.app.clone(),
+        from: snapshot.from.clone(),
+        to: snapshot.to.clone(),
+        nodes: u32::try_from(snapshot.nodes.len()).unwrap_or(u32::MAX),
+        created_unix_ms: snapshot.created_ms,
+        finished_unix_ms: snapshot.finished_ms.unwrap_or_default(),
+    }
+}
+
+pub fn rollout_event(
+    rollout_id: &str,
+    event: &StoredEvent,
+    instruction: &dyn Fn(u32) -> String,
+) -> pb::RolloutEvent {
+    let mut out = pb::RolloutEvent {
+        rollout_id: rollout_id.to_string(),
+        seq: event.seq,
+        at_unix_ms: event.at_ms,
+        step: -1,
+        ..Default::default()
+    };
+    match &event.record {
+        Record::RolloutState { state, reason } => {
+            out.kind = "rollout_state".into();
+            out.rollout_state = rollout_state(*state) as i32;
+            out.message = reason.clone().unwrap_or_default();
+        }
+        Record::NodeState { node, state, error } => {
+            out.kind = "node_state".into();
+            out.node = node.clone();
+            out.node_state = node_state(*state) as i32;
+            out.error = error.clone().unwrap_or_default();
+        }
+        Record::Step {
+            node,
+            step,
+            phase,
+            error,
+        } => {
+            out.kind = "step".into();
+            out.node = node.clone();
+            out.step = i32::try_from(*step).unwrap_or(i32::MAX);
+            out.instruction = instruction(*step);
+            out.step_phase = step_phase(*phase) as i32;
+            out.error = error.clone().unwrap_or_default();
+        }
+        Record::BarrierArrived {
+            node,
+            barrier,
+            arrived,
+            expected,
+        } => {
+            out.kind = "barrier_arrived".into();
+            out.node = node.clone();
+            out.barrier_id = barrier.clone();
+            out.message = format!("{arrived}/{expected} arrived");
+        }
+        Record::BarrierReleased { barrier, wave } => {
+            out.kind = "barrier_released".into();
+            out.barrier_id = barrier.clone();
+            out.wave = wave.unwrap_or_default();
+        }
+        Record::BarrierFailed {
+            barrier,
+            wave,
+            reason,
+        } => {
+            out.kind = "barrier_failed".into();
+            out.barrier_id = barrier.clone();
+            out.wave = wave.unwrap_or_default();
+            out.error = reason.clone();
+        }
+        Record::WaveStarted { wave, nodes } => {
+            out.kind = "wave_started".into();
+            out.wave = *wave;
+            out.message = nodes.join(",");
+        }
+        Record::Operator { action, reason } => {
+            out.kind = "operator".into();
+            out.message = match reason {
+                Some(r) => format!("{action}: {r}"),
+                None => action.clone(),
+            };
+        }
+    }
+    out
+}
+
+/// The wire message for an engine command addressed to a node, or `None` for records.
+pub fn command_message(rollout_id: &str, epoch: u64, command: &Command) -> Option<(String, pb::CoordinatorMessage)> {
+    use pb::coordinator_message::Msg;
+    let rollout_id = rollout_id.to_string();
+    let (node, msg) = match command {
+        Command::RunScript { .. } | Command::Record(_) => return None,
+        Command::ReleaseBarrier {
+            node,
+            barrier,
+            ok,
+            reason,
+        } => (
+            node,
+            Msg::BarrierRelease(pb::BarrierRelease {
+                rollout_id,
+                epoch,
+                barrier_id: barrier.clone(),
+                ok: *ok,
+                reason: reason.clone().unwrap_or_default(),
+            }),
+        ),
+        Command::Commit { node } => (node, Msg::Commit(pb::Commit { rollout_id, epoch })),
+        Command::Abort { node, reason } => (
+            node,
+            Msg::Abort(pb::Abort {
+                rollout_id,
+                epoch,
+                reason: reason.clone(),
+            }),
+        ),
+        Command::Rollback { node, reason } => (
+            node,
+            Msg::Rollback(pb::Rollback {
+                rollout_id,
+                epoch,
+                reason: reason.clone(),
+            }),
+        ),
+        Command::MakePermanent { node } => (
+            node,
+            Msg::MakePermanent(pb::MakePermanent { rollout_id, epoch }),
+        ),
+    };
+    Some((node.clone(), pb::CoordinatorMessage { msg: Some(msg) }))
+}
+
+fn outcome(state: pb::NodeState) -> Option<Outcome> {
+    Some(match state {
+        pb::NodeState::Committed => Outcome::Committed,
+        pb::NodeState::Aborted => Outcome::Aborted,
+        pb::NodeState::RollingBack => Outcome::RollingBack,
+        pb::NodeState::RolledBack => Outcome::RolledBack,
+        pb::NodeState::Failed => Outcome::Failed,
+        pb::NodeState::Permanent => Outcome::Permanent,
+        _ => return None,
+    })
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// The rollout an agent message belongs to and the engine event it means. `None` for messages
+/// that are not about a rollout (heartbeat, goodbye, hello) or that make no sense (unknown enum
+/// values): those are logged by the caller, never fed to an engine.
+pub fn agent_event(node: &str, message: &pb::agent_message::Msg) -> Option<(String, Event)> {
+    use pb::agent_message::Msg;
+    let node = node.to_string();
+    Some(match message {
+        Msg::ScriptAccepted(m) => (
+            m.rollout_id.clone(),
+            Event::ScriptAccepted {
+                node,
+                epoch: m.epoch,
+            },
+        ),
+        Msg::ScriptRefused(m) => (
+            m.rollout_id.clone(),
+            Event::ScriptRefused {
+                node,
+                epoch: m.epoch,
+                errors: m.errors.clone(),
+            },
+        ),
+        Msg::Step(m) => {
+            // Steps of the rollback list are reported for the history only through outcomes.
+            if m.list() == pb::StepList::Down {
+                return None;
+            }
+            let event = match m.phase() {
+                pb::StepPhase::Started => Event::StepStarted {
+                    node,
+                    epoch: m.epoch,
+                    step: m.step,
+                },
+                pb::StepPhase::Succeeded => Event::StepSucceeded {
+                    node,
+                    epoch: m.epoch,
+                    step: m.step,
+                },
+                pb::StepPhase::Failed => Event::StepFailed {
+                    node,
+                    epoch: m.epoch,
+                    step: m.step,
+                    error: m.error.clone(),
+                },
+                pb::StepPhase::Unspecified => return None,
+            };
+            (m.rollout_id.clone(), event)
+        }
+        Msg::BarrierArrive(m) => (
+            m.rollout_id.clone(),
+            Event::BarrierArrived {
+                node,
+                epoch: m.epoch,
+                barrier: m.barrier_id.clone(),
+            },
+        ),
+        Msg::Prepared(m) => (
+            m.rollout_id.clone(),
+            Event::Prepared {
+                node,
+                epoch: m.epoch,
+            },
+        ),
+        Msg::Outcome(m) => (
+            m.rollout_id.clone(),
+            Event::Outcome {
+                node,
+                epoch: m.epoch,
+                outcome: outcome(m.state())?,
+                error: non_empty(&m.error),
+            },
+        ),
+        Msg::Hello(_) | Msg::Heartbeat(_) | Msg::Goodbye(_) => return None,
+    })
+}

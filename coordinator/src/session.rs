@@ -1,0 +1,297 @@
+//! The `Agent` gRPC service: one long-lived session per node, and artifact download.
+//!
+//! A session: Hello → Welcome (or a status that says why not), then heartbeats both ways and
+//! rollout traffic. Three silent heartbeat intervals, a closed stream or a Goodbye end it; the
+//! rollouts that target the node are told, and their engines decide (grace period, failure).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use hotroll_proto::v1 as pb;
+use hotroll_proto::v1::agent_message::Msg as AgentMsg;
+use hotroll_proto::v1::coordinator_message::Msg as CoordMsg;
+use hotroll_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::artifacts::ArtifactStore;
+use crate::convert;
+use crate::registry::Registry;
+use crate::rollouts::{Rollouts, now_ms};
+use crate::store::{AppVersions, NodeRecord};
+
+/// Outbound queue per session. Rollout traffic is a handful of messages per step, so a full
+/// queue means the agent stopped reading: the session is then treated as lost.
+const OUTBOUND_QUEUE: usize = 256;
+
+pub struct AgentService {
+    pub registry: Arc<Registry>,
+    pub rollouts: Arc<Rollouts>,
+    pub artifacts: ArtifactStore,
+    pub heartbeat_interval: Duration,
+    pub coordinator_id: String,
+}
+
+impl std::fmt::Debug for AgentService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentService").finish_non_exhaustive()
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The highest protocol version both sides speak, if any.
+pub fn negotiate(agent_min: u32, agent_max: u32) -> Option<u32> {
+    let high = agent_max.min(PROTOCOL_VERSION);
+    let low = agent_min.max(MIN_PROTOCOL_VERSION);
+    (agent_min <= agent_max && low <= high).then_some(high)
+}
+
+fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentService {
+    type SessionStream = BoxStream<pb::CoordinatorMessage>;
+    type FetchArtifactStream = BoxStream<pb::ArtifactChunk>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown peer".to_string(), |a| a.to_string());
+        let mut inbound = request.into_inner();
+
+        let first = tokio::time::timeout(self.heartbeat_interval * 5, inbound.next())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within the handshake timeout"))?;
+        let hello = match first {
+            Some(Ok(pb::AgentMessage {
+                msg: Some(AgentMsg::Hello(hello)),
+            })) => hello,
+            Some(Ok(_)) => {
+                return Err(Status::invalid_argument("the first session message must be Hello"));
+            }
+            Some(Err(status)) => return Err(status),
+            None => return Err(Status::cancelled("stream closed before Hello")),
+        };
+        if !valid_node_name(&hello.node) {
+            tracing::warn!(%peer, node = %hello.node, "session refused: bad node name");
+            return Err(Status::invalid_argument(format!(
+                "node name `{}` is not valid: use 1-253 characters of [A-Za-z0-9._-]",
+                hello.node.escape_debug()
+            )));
+        }
+        let Some(version) = negotiate(hello.min_protocol_version, hello.max_protocol_version) else {
+            tracing::warn!(%peer, node = %hello.node, min = hello.min_protocol_version, max = hello.max_protocol_version, "session refused: protocol version");
+            return Err(Status::failed_precondition(format!(
+                "agent speaks protocol versions {}..={}, this coordinator speaks {}..={}; upgrade \
+                 the older side",
+                hello.min_protocol_version, hello.max_protocol_version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+            )));
+        };
+
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let node = hello.node.clone();
+        let record = NodeRecord {
+            name: node.clone(),
+            labels: hello.labels.clone().into_iter().collect::<BTreeMap<_, _>>(),
+            apps: hello
+                .apps
+                .iter()
+                .map(|a| {
+                    (
+                        a.app.clone(),
+                        AppVersions {
+                            current: a.current.clone(),
+                            permanent: a.permanent.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            boot_generation: hello.boot_generation,
+            last_seen_ms: now_ms(),
+        };
+        let link = self
+            .registry
+            .attach(record, tx.clone(), peer.clone())
+            .map_err(|e| {
+                tracing::warn!(%peer, node = %node, "session refused: {e}");
+                Status::already_exists(e.to_string())
+            })?;
+        tracing::info!(%peer, node = %node, epoch = link.epoch, boot = hello.boot_generation, "agent connected");
+
+        let welcome = pb::CoordinatorMessage {
+            msg: Some(CoordMsg::Welcome(pb::Welcome {
+                epoch: link.epoch,
+                protocol_version: version,
+                coordinator_id: self.coordinator_id.clone(),
+                heartbeat_interval_ms: u64::try_from(self.heartbeat_interval.as_millis())
+                    .unwrap_or(u64::MAX),
+            })),
+        };
+        // The queue is fresh, so this cannot be full.
+        let _ = tx.try_send(welcome);
+        self.rollouts.session_changed(&node, true);
+
+        let registry = self.registry.clone();
+        let rollouts = self.rollouts.clone();
+        let interval = self.heartbeat_interval;
+        tokio::spawn(async move {
+            let reason = serve_session(&node, &mut inbound, &tx, &registry, &rollouts, interval).await;
+            tracing::info!(node = %node, reason, "agent session ended");
+            if registry.detach(&node, link.id, now_ms()) {
+                rollouts.session_changed(&node, false);
+            }
+        });
+
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+    }
+
+    async fn fetch_artifact(
+        &self,
+        request: Request<pb::FetchArtifactRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        let request = request.into_inner();
+        let path = self
+            .artifacts
+            .path_of(&request.digest)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let total = self
+            .artifacts
+            .size_of(&request.digest)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        if request.offset > total {
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the end of the artifact ({total} bytes)",
+                request.offset
+            )));
+        }
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| Status::not_found(format!("artifact {}: {e}", request.digest)))?;
+        use tokio::io::AsyncSeekExt;
+        file.seek(std::io::SeekFrom::Start(request.offset))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(4);
+        let digest = request.digest.clone();
+        tokio::spawn(async move {
+            let mut offset = request.offset;
+            let mut buf = vec![0u8; hotroll_proto::ARTIFACT_CHUNK_SIZE];
+            loop {
+                match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        let chunk = pb::ArtifactChunk {
+                            digest: digest.clone(),
+                            offset,
+                            data: buf[..n].to_vec(),
+                            total_size: total,
+                        };
+                        offset += n as u64;
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Pump one session until it ends; returns why it ended.
+async fn serve_session(
+    node: &str,
+    inbound: &mut Streaming<pb::AgentMessage>,
+    tx: &mpsc::Sender<pb::CoordinatorMessage>,
+    registry: &Registry,
+    rollouts: &Rollouts,
+    interval: Duration,
+) -> &'static str {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let mut last_heard = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            message = inbound.next() => {
+                let message = match message {
+                    None => return "stream closed without Goodbye",
+                    Some(Err(status)) => {
+                        tracing::debug!(node, %status, "session stream error");
+                        return "stream error";
+                    }
+                    Some(Ok(pb::AgentMessage { msg: None })) => continue,
+                    Some(Ok(pb::AgentMessage { msg: Some(m) })) => m,
+                };
+                last_heard = tokio::time::Instant::now();
+                registry.touch(node, now_ms());
+                match &message {
+                    AgentMsg::Goodbye(g) => {
+                        tracing::info!(node, reason = %g.reason, "agent said goodbye");
+                        return "goodbye";
+                    }
+                    AgentMsg::Heartbeat(_) => {}
+                    AgentMsg::Hello(_) => tracing::warn!(node, "second Hello on one session ignored"),
+                    other => match convert::agent_event(node, other) {
+                        Some((rollout_id, event)) => rollouts.deliver(&rollout_id, event),
+                        None => tracing::debug!(node, ?other, "agent message not about a rollout"),
+                    },
+                }
+            }
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > interval * 3 {
+                    return "no message for three heartbeat intervals";
+                }
+                seq += 1;
+                let beat = pb::CoordinatorMessage {
+                    msg: Some(CoordMsg::Heartbeat(pb::Heartbeat { seq, sent_unix_ms: now_ms() })),
+                };
+                if tx.try_send(beat).is_err() {
+                    return "outbound queue full or closed";
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_picks_the_highest_common_version() {
+        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(1, 9), Some(PROTOCOL_VERSION));
+        assert_eq!(negotiate(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3), None);
+        assert_eq!(negotiate(0, 0), None);
+        assert_eq!(negotiate(3, 1), None);
+    }
+
+    #[test]
+    fn node_names_are_restricted() {
+        assert!(valid_node_name("node-1.zone_a"));
+        assert!(!valid_node_name(""));
+        assert!(!valid_node_name("../etc"));
+        assert!(!valid_node_name("a b"));
+    }
+}

@@ -1,0 +1,401 @@
+//! The coordinator's durable state behind a [`Store`] trait: rollouts, their event history, and
+//! the node registry. [`RedbStore`] keeps it in one redb file; [`MemoryStore`] serves tests and
+//! simulations that want no disk.
+//!
+//! Values are JSON so a record can grow fields without a migration.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Millis, Record};
+
+const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("store: corrupt record {key}: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("store: cannot encode record: {0}")]
+    Encode(serde_json::Error),
+    #[error("store: cannot create {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+macro_rules! db_err {
+    ($e:expr) => {
+        $e.map_err(|e| StoreError::Db(e.into()))
+    };
+}
+
+/// Everything the coordinator keeps about one rollout besides its event history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub id: String,
+    pub epoch: u64,
+    pub created_ms: Millis,
+    pub script_name: String,
+    pub script_source: String,
+    pub artifacts: Vec<ArtifactBinding>,
+    pub targets: Vec<String>,
+    /// The latest status, rewritten as the rollout moves.
+    pub status: RolloutSnapshot,
+}
+
+/// An artifact name of the script bound to the digest the operator uploaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactBinding {
+    pub name: String,
+    pub digest: String,
+    pub size: u64,
+    pub mode: u32,
+    pub unpack: bool,
+}
+
+/// A rollout's status as `status`, `list` and `watch` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutSnapshot {
+    pub id: String,
+    pub state: crate::engine::RolloutState,
+    pub app: String,
+    pub from: String,
+    pub to: String,
+    pub failures: u32,
+    pub max_failures: u32,
+    pub current_wave: u32,
+    pub waves: u32,
+    pub steps_total: u32,
+    pub nodes: Vec<crate::engine::NodeView>,
+    pub barrier: Option<crate::engine::BarrierView>,
+    pub error: Option<String>,
+    pub created_ms: Millis,
+    pub finished_ms: Option<Millis>,
+}
+
+/// One entry in a rollout's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    /// 1-based position in the rollout's history.
+    pub seq: u64,
+    pub at_ms: Millis,
+    pub record: Record,
+}
+
+/// What the coordinator remembers about a node between sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NodeRecord {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub apps: BTreeMap<String, AppVersions>,
+    pub boot_generation: u64,
+    pub last_seen_ms: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AppVersions {
+    pub current: String,
+    pub permanent: String,
+}
+
+pub trait Store: Send + Sync + 'static {
+    fn put_rollout(&self, record: &RolloutRecord) -> Result<(), StoreError>;
+    fn get_rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError>;
+    /// Every rollout, newest first.
+    fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
+    /// Append to a rollout's history; `event.seq` must be the next position.
+    fn append_events(&self, rollout: &str, events: &[StoredEvent]) -> Result<(), StoreError>;
+    /// The rollout's history from `from_seq` on (inclusive).
+    fn events(&self, rollout: &str, from_seq: u64) -> Result<Vec<StoredEvent>, StoreError>;
+    fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError>;
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(StoreError::Encode)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// The durable store: one redb file. Every write is committed (fsynced) before it returns, so a
+/// state change is durable before any command that depends on it is sent.
+pub struct RedbStore {
+    db: redb::Database,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore").finish_non_exhaustive()
+    }
+}
+
+impl RedbStore {
+    /// Open (or create) `<data_dir>/coordinator.redb`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Io {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+        let db = db_err!(redb::Database::create(data_dir.join("coordinator.redb")))?;
+        // Create the tables up front so readers never see "table does not exist".
+        let tx = db_err!(db.begin_write())?;
+        {
+            db_err!(tx.open_table(ROLLOUTS))?;
+            db_err!(tx.open_table(EVENTS))?;
+            db_err!(tx.open_table(NODES))?;
+        }
+        db_err!(tx.commit())?;
+        Ok(Self { db })
+    }
+}
+
+impl Store for RedbStore {
+    fn put_rollout(&self, record: &RolloutRecord) -> Result<(), StoreError> {
+        let bytes = encode(record)?;
+        let tx = db_err!(self.db.begin_write())?;
+        {
+            let mut table = db_err!(tx.open_table(ROLLOUTS))?;
+            db_err!(table.insert(record.id.as_str(), bytes.as_slice()))?;
+        }
+        db_err!(tx.commit())
+    }
+
+    fn get_rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError> {
+        let tx = db_err!(self.db.begin_read())?;
+        let table = db_err!(tx.open_table(ROLLOUTS))?;
+        match db_err!(table.get(id))? {
+            Some(value) => Ok(Some(decode(id, value.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+        let tx = db_err!(self.db.begin_read())?;
+        let table = db_err!(tx.open_table(ROLLOUTS))?;
+        let mut out = Vec::new();
+        for entry in db_err!(table.iter())? {
+            let (key, value) = db_err!(entry)?;
+            out.push(decode::<RolloutRecord>(key.value(), value.value())?);
+        }
+        // uuid v7 ids sort by creation time.
+        out.sort_by(|a, b| b.id.cmp(&a.id));
+        Ok(out)
+    }
+
+    fn append_events(&self, rollout: &str, events: &[StoredEvent]) -> Result<(), StoreError> {
+        let tx = db_err!(self.db.begin_write())?;
+        {
+            let mut table = db_err!(tx.open_table(EVENTS))?;
+            for event in events {
+                let bytes = encode(event)?;
+                db_err!(table.insert((rollout, event.seq), bytes.as_slice()))?;
+            }
+        }
+        db_err!(tx.commit())
+    }
+
+    fn events(&self, rollout: &str, from_seq: u64) -> Result<Vec<StoredEvent>, StoreError> {
+        let tx = db_err!(self.db.begin_read())?;
+        let table = db_err!(tx.open_table(EVENTS))?;
+        let mut out = Vec::new();
+        for entry in db_err!(table.range((rollout, from_seq)..=(rollout, u64::MAX)))? {
+            let (_, value) = db_err!(entry)?;
+            out.push(decode::<StoredEvent>(rollout, value.value())?);
+        }
+        Ok(out)
+    }
+
+    fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
+        let bytes = encode(node)?;
+        let tx = db_err!(self.db.begin_write())?;
+        {
+            let mut table = db_err!(tx.open_table(NODES))?;
+            db_err!(table.insert(node.name.as_str(), bytes.as_slice()))?;
+        }
+        db_err!(tx.commit())
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let tx = db_err!(self.db.begin_read())?;
+        let table = db_err!(tx.open_table(NODES))?;
+        let mut out = Vec::new();
+        for entry in db_err!(table.iter())? {
+            let (key, value) = db_err!(entry)?;
+            out.push(decode::<NodeRecord>(key.value(), value.value())?);
+        }
+        Ok(out)
+    }
+}
+
+/// A store that keeps everything in memory: for tests and simulations.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<MemoryInner>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    rollouts: BTreeMap<String, RolloutRecord>,
+    events: BTreeMap<(String, u64), StoredEvent>,
+    nodes: BTreeMap<String, NodeRecord>,
+}
+
+impl MemoryStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
+        // A panic while holding the lock cannot leave a half-written record (every write is one
+        // insert), so a poisoned lock is still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Store for MemoryStore {
+    fn put_rollout(&self, record: &RolloutRecord) -> Result<(), StoreError> {
+        self.lock()
+            .rollouts
+            .insert(record.id.clone(), record.clone());
+        Ok(())
+    }
+
+    fn get_rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError> {
+        Ok(self.lock().rollouts.get(id).cloned())
+    }
+
+    fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+        Ok(self.lock().rollouts.values().rev().cloned().collect())
+    }
+
+    fn append_events(&self, rollout: &str, events: &[StoredEvent]) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        for event in events {
+            inner
+                .events
+                .insert((rollout.to_string(), event.seq), event.clone());
+        }
+        Ok(())
+    }
+
+    fn events(&self, rollout: &str, from_seq: u64) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(self
+            .lock()
+            .events
+            .range((rollout.to_string(), from_seq)..=(rollout.to_string(), u64::MAX))
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+
+    fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
+        self.lock().nodes.insert(node.name.clone(), node.clone());
+        Ok(())
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        Ok(self.lock().nodes.values().cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{RolloutState, StepPhase};
+
+    fn record(id: &str) -> RolloutRecord {
+        RolloutRecord {
+            id: id.to_string(),
+            epoch: 1,
+            created_ms: 1,
+            script_name: "s.toml".into(),
+            script_source: "app = 'x'".into(),
+            artifacts: vec![],
+            targets: vec!["n1".into()],
+            status: RolloutSnapshot {
+                id: id.to_string(),
+                state: RolloutState::Preparing,
+                app: "x".into(),
+                from: "1".into(),
+                to: "2".into(),
+                failures: 0,
+                max_failures: 0,
+                current_wave: 0,
+                waves: 1,
+                steps_total: 3,
+                nodes: vec![],
+                barrier: None,
+                error: None,
+                created_ms: 1,
+                finished_ms: None,
+            },
+        }
+    }
+
+    fn exercise(store: &dyn Store) {
+        store.put_rollout(&record("a")).unwrap();
+        store.put_rollout(&record("b")).unwrap();
+        let ids: Vec<_> = store
+            .list_rollouts()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, vec!["b", "a"]);
+        let events: Vec<_> = (1..=3)
+            .map(|seq| StoredEvent {
+                seq,
+                at_ms: seq * 10,
+                record: Record::Step {
+                    node: "n1".into(),
+                    step: seq as u32,
+                    phase: StepPhase::Started,
+                    error: None,
+                },
+            })
+            .collect();
+        store.append_events("a", &events).unwrap();
+        store.append_events("b", &events[..1]).unwrap();
+        assert_eq!(store.events("a", 0).unwrap(), events);
+        assert_eq!(store.events("a", 2).unwrap(), events[1..].to_vec());
+        assert_eq!(store.events("b", 0).unwrap().len(), 1);
+        assert!(store.get_rollout("zzz").unwrap().is_none());
+        store
+            .put_node(&NodeRecord {
+                name: "n1".into(),
+                ..NodeRecord::default()
+            })
+            .unwrap();
+        assert_eq!(store.nodes().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn memory_store_keeps_rollouts_events_and_nodes() {
+        exercise(&MemoryStore::default());
+    }
+
+    #[test]
+    fn redb_store_keeps_state_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            exercise(&store);
+        }
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(store.list_rollouts().unwrap().len(), 2);
+        assert_eq!(store.events("a", 0).unwrap().len(), 3);
+        assert_eq!(store.get_rollout("a").unwrap().unwrap(), record("a"));
+    }
+}
