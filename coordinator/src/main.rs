@@ -1,1 +1,70 @@
-fn main() {}
+//! `hotroll`: the coordinator daemon and the operator's command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hotroll_coordinator::cli::{self, check, nodes, rollout, serve};
+
+/// hotroll coordinates upgrades across a fleet: it pushes upgrade scripts to the agents, holds
+/// them at sync_nodes barriers and at the point of no return until the fleet is ready, and rolls
+/// back any node that fails.
+#[derive(Debug, Parser)]
+#[command(name = "hotroll", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the coordinator.
+    Serve(serve::ServeArgs),
+    /// Validate an upgrade script and print its plan (exit 0 valid, 2 invalid, 1 unreadable).
+    Check(check::CheckArgs),
+    /// List the nodes the coordinator knows, connected or not.
+    Nodes(nodes::NodesArgs),
+    /// Start, inspect and steer rollouts.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Check(args) = &cli.command {
+        return check::run(args);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(cli::exit::ERROR);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => {
+                init_tracing();
+                serve::serve(args).await.map(|()| cli::exit::OK)
+            }
+            Command::Nodes(args) => nodes::run(args).await.map(|()| cli::exit::OK),
+            Command::Rollout(command) => rollout::run(command).await,
+            Command::Check(_) => Ok(cli::exit::OK),
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(cli::exit::ERROR)
+        }
+    }
+}

@@ -10,6 +10,7 @@
 //! Nothing in this crate does I/O.
 
 pub mod diagnostic;
+pub mod duration;
 pub mod model;
 mod parse;
 pub mod plan;

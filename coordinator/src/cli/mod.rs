@@ -1,3 +1,30 @@
-//! The `hotroll` command line.
+//! The `hotroll` command line. Each subcommand is a module with an `Args` struct and a `run`
+//! function returning the process exit code; `main` only parses and dispatches.
 
 pub mod check;
+pub mod client;
+pub mod nodes;
+pub mod rollout;
+pub mod serve;
+
+/// Exit codes shared by every client command.
+pub mod exit {
+    /// Success; for `--wait`: the rollout succeeded.
+    pub const OK: u8 = 0;
+    /// Any error (unreachable coordinator, unreadable file, refused request).
+    pub const ERROR: u8 = 1;
+    /// The script is invalid.
+    pub const INVALID: u8 = 2;
+    /// `--wait`: the rollout ended aborted, rolled back, partially rolled back or halted.
+    pub const NOT_SUCCEEDED: u8 = 3;
+}
+
+/// How a command prints its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Output {
+    /// Human-readable text (tables).
+    #[default]
+    Text,
+    /// JSON (one document, or one event per line for streams).
+    Json,
+}

@@ -1,0 +1,410 @@
+//! `hotroll rollout ...`: start, inspect and steer rollouts.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use hotroll_proto::v1 as pb;
+use serde::Serialize;
+
+use super::client::{CoordinatorArgs, connect, status_error, upload_artifacts};
+use super::{Output, exit};
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum RolloutCommand {
+    /// Upload a script's artifacts and start a rollout; prints the rollout id.
+    Start(StartArgs),
+    /// Show where a rollout and each of its nodes stand.
+    Status(IdArgs),
+    /// Recent rollouts, newest first.
+    List(ListArgs),
+    /// Abort a rollout: before the point of no return every node discards what it staged;
+    /// after it every node that committed rolls back.
+    Abort(IdArgs),
+    /// Hold the rollout before its next wave starts.
+    Pause(IdArgs),
+    /// Continue a paused rollout.
+    Resume(IdArgs),
+    /// Continue after the canary wave of a rollout with `pause_after_canary`.
+    Promote(IdArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StartArgs {
+    /// The upgrade script (TOML).
+    pub file: PathBuf,
+    /// Node selector that replaces the script's `rollout.select`, e.g. `role=web,zone=a`.
+    #[arg(long, value_parser = parse_selector)]
+    pub select: Option<HashMap<String, String>>,
+    /// Block until the rollout reaches a final state; exit 0 if it succeeded, 3 if it ended
+    /// aborted, rolled back, partially rolled back or halted, 1 on any other error.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up (exit 1) after this long.
+    #[arg(long, default_value = "1h", value_parser = super::serve::parse_duration)]
+    pub wait_timeout: Duration,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct IdArgs {
+    /// Rollout id (as printed by `hotroll rollout start`).
+    pub id: String,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListArgs {
+    /// How many rollouts to show.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+fn parse_selector(text: &str) -> Result<HashMap<String, String>, String> {
+    text.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("`{pair}` is not key=value"))?;
+            let (k, v) = (k.trim(), v.trim());
+            if k.is_empty() {
+                return Err(format!("`{pair}` has an empty key"));
+            }
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+pub fn rollout_state_name(state: i32) -> &'static str {
+    match pb::RolloutState::try_from(state).unwrap_or(pb::RolloutState::Unspecified) {
+        pb::RolloutState::Unspecified => "unknown",
+        pb::RolloutState::Pending => "pending",
+        pb::RolloutState::Preparing => "preparing",
+        pb::RolloutState::Committing => "committing",
+        pb::RolloutState::Paused => "paused",
+        pb::RolloutState::Succeeded => "succeeded",
+        pb::RolloutState::Aborted => "aborted",
+        pb::RolloutState::RolledBack => "rolled_back",
+        pb::RolloutState::PartiallyRolledBack => "partially_rolled_back",
+        pb::RolloutState::Halted => "halted",
+        pb::RolloutState::Failed => "failed",
+    }
+}
+
+pub fn node_state_name(state: i32) -> &'static str {
+    match pb::NodeState::try_from(state).unwrap_or(pb::NodeState::Unspecified) {
+        pb::NodeState::Unspecified => "unknown",
+        pb::NodeState::Pending => "pending",
+        pb::NodeState::Preparing => "preparing",
+        pb::NodeState::Prepared => "prepared",
+        pb::NodeState::Committing => "committing",
+        pb::NodeState::Committed => "committed",
+        pb::NodeState::Aborted => "aborted",
+        pb::NodeState::RollingBack => "rolling_back",
+        pb::NodeState::RolledBack => "rolled_back",
+        pb::NodeState::Failed => "failed",
+        pb::NodeState::Permanent => "permanent",
+    }
+}
+
+fn is_final(state: i32) -> bool {
+    matches!(
+        rollout_state_name(state),
+        "succeeded" | "aborted" | "rolled_back" | "partially_rolled_back" | "halted" | "failed"
+    )
+}
+
+/// The exit code `--wait` gives for a final state.
+pub fn wait_exit_code(state: i32) -> u8 {
+    match rollout_state_name(state) {
+        "succeeded" => exit::OK,
+        "aborted" | "rolled_back" | "partially_rolled_back" | "halted" => exit::NOT_SUCCEEDED,
+        _ => exit::ERROR,
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusJson {
+    pub id: String,
+    pub state: &'static str,
+    pub app: String,
+    pub from: String,
+    pub to: String,
+    pub failures: u32,
+    pub max_failures: u32,
+    pub wave: u32,
+    pub waves: u32,
+    pub error: Option<String>,
+    pub nodes: Vec<NodeStatusJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeStatusJson {
+    pub name: String,
+    pub wave: u32,
+    pub state: &'static str,
+    pub step: Option<i32>,
+    pub instruction: Option<String>,
+    pub error: Option<String>,
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+pub fn status_json(status: &pb::RolloutStatus) -> StatusJson {
+    StatusJson {
+        id: status.id.clone(),
+        state: rollout_state_name(status.state),
+        app: status.app.clone(),
+        from: status.from.clone(),
+        to: status.to.clone(),
+        failures: status.failures,
+        max_failures: status.max_failures,
+        wave: status.current_wave,
+        waves: status.waves,
+        error: non_empty(&status.error),
+        nodes: status
+            .nodes
+            .iter()
+            .map(|n| NodeStatusJson {
+                name: n.name.clone(),
+                wave: n.wave,
+                state: node_state_name(n.state),
+                step: (n.step >= 0).then_some(n.step),
+                instruction: non_empty(&n.instruction),
+                error: non_empty(&n.error),
+            })
+            .collect(),
+    }
+}
+
+fn print_status(status: &pb::RolloutStatus, output: Output) -> anyhow::Result<()> {
+    let json = status_json(status);
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),
+        Output::Text => {
+            println!(
+                "rollout {}  {} {} -> {}  state: {}  wave {}/{}  failures {}/{}",
+                json.id, json.app, json.from, json.to, json.state, json.wave, json.waves, json.failures, json.max_failures
+            );
+            if let Some(b) = &status.barrier {
+                println!("waiting at barrier `{}`: {}/{} arrived", b.id, b.arrived, b.expected);
+            }
+            if let Some(e) = &json.error {
+                println!("error: {e}");
+            }
+            let mut table = comfy_table::Table::new();
+            table.load_preset(comfy_table::presets::NOTHING);
+            table.set_header(["NODE", "WAVE", "STATE", "STEP", "ERROR"]);
+            for node in &json.nodes {
+                let step = match (node.step, &node.instruction) {
+                    (Some(i), Some(name)) => format!("{}/{} {name}", i + 1, status.nodes.first().map_or(0, |n| n.steps_total)),
+                    _ => "-".to_string(),
+                };
+                table.add_row([
+                    node.name.clone(),
+                    node.wave.to_string(),
+                    node.state.to_string(),
+                    step,
+                    node.error.clone().unwrap_or_default(),
+                ]);
+            }
+            println!("{table}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(command: RolloutCommand) -> anyhow::Result<u8> {
+    match command {
+        RolloutCommand::Start(args) => start(args).await,
+        RolloutCommand::Status(args) => {
+            let mut client = connect(&args.coordinator).await?;
+            let status = client
+                .get_rollout(pb::GetRolloutRequest { rollout_id: args.id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_status(&status, args.output)?;
+            Ok(exit::OK)
+        }
+        RolloutCommand::List(args) => list(args).await,
+        RolloutCommand::Abort(args) => control(args, "abort").await,
+        RolloutCommand::Pause(args) => control(args, "pause").await,
+        RolloutCommand::Resume(args) => control(args, "resume").await,
+        RolloutCommand::Promote(args) => control(args, "promote").await,
+    }
+}
+
+async fn control(args: IdArgs, action: &str) -> anyhow::Result<u8> {
+    let mut client = connect(&args.coordinator).await?;
+    let request = pb::RolloutControlRequest {
+        rollout_id: args.id.clone(),
+        reason: String::new(),
+    };
+    let result = match action {
+        "abort" => client.abort_rollout(request).await,
+        "pause" => client.pause_rollout(request).await,
+        "resume" => client.resume_rollout(request).await,
+        _ => client.promote_rollout(request).await,
+    };
+    let status = result.map_err(status_error)?.into_inner();
+    match args.output {
+        Output::Json => print_status(&status, Output::Json)?,
+        Output::Text => println!("rollout {}: {}", status.id, rollout_state_name(status.state)),
+    }
+    Ok(exit::OK)
+}
+
+async fn list(args: ListArgs) -> anyhow::Result<u8> {
+    let mut client = connect(&args.coordinator).await?;
+    let rollouts = client
+        .list_rollouts(pb::ListRolloutsRequest { limit: args.limit })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .rollouts;
+    #[derive(Serialize)]
+    struct Row {
+        id: String,
+        state: &'static str,
+        app: String,
+        from: String,
+        to: String,
+        nodes: u32,
+        created_unix_ms: u64,
+        duration_ms: Option<u64>,
+    }
+    let rows: Vec<Row> = rollouts
+        .iter()
+        .map(|r| Row {
+            id: r.id.clone(),
+            state: rollout_state_name(r.state),
+            app: r.app.clone(),
+            from: r.from.clone(),
+            to: r.to.clone(),
+            nodes: r.nodes,
+            created_unix_ms: r.created_unix_ms,
+            duration_ms: (r.finished_unix_ms > 0).then(|| r.finished_unix_ms.saturating_sub(r.created_unix_ms)),
+        })
+        .collect();
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Output::Text => {
+            let mut table = comfy_table::Table::new();
+            table.load_preset(comfy_table::presets::NOTHING);
+            table.set_header(["ID", "STATE", "APP", "FROM", "TO", "NODES", "DURATION"]);
+            for r in rows {
+                table.add_row([
+                    r.id,
+                    r.state.to_string(),
+                    r.app,
+                    r.from,
+                    r.to,
+                    r.nodes.to_string(),
+                    r.duration_ms.map_or("-".to_string(), |ms| format!("{:.1}s", ms as f64 / 1000.0)),
+                ]);
+            }
+            println!("{table}");
+        }
+    }
+    Ok(exit::OK)
+}
+
+async fn start(args: StartArgs) -> anyhow::Result<u8> {
+    let source = match std::fs::read_to_string(&args.file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", args.file.display());
+            return Ok(exit::ERROR);
+        }
+    };
+    let name = args.file.display().to_string();
+    let parsed = match hotroll_script::parse(&name, &source) {
+        Ok(p) => p,
+        Err(diagnostics) => {
+            use std::io::IsTerminal;
+            eprintln!("{}", diagnostics.render(std::io::stderr().is_terminal()));
+            return Ok(exit::INVALID);
+        }
+    };
+    let script_dir = args
+        .file
+        .parent()
+        .map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() })
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut client = connect(&args.coordinator).await?;
+    let artifacts = upload_artifacts(&mut client, &parsed.script, &script_dir).await?;
+    let started = client
+        .start_rollout(pb::StartRolloutRequest {
+            script_name: args
+                .file
+                .file_name()
+                .map_or_else(|| name.clone(), |n| n.to_string_lossy().into_owned()),
+            script_source: source,
+            select: args.select.clone().unwrap_or_default(),
+            artifacts,
+        })
+        .await
+        .map_err(status_error)
+        .context("the coordinator refused the rollout")?
+        .into_inner();
+    if !args.wait {
+        match args.output {
+            Output::Json => println!(
+                "{}",
+                serde_json::json!({ "id": started.rollout_id, "nodes": started.nodes })
+            ),
+            Output::Text => println!("{}", started.rollout_id),
+        }
+        return Ok(exit::OK);
+    }
+    if args.output == Output::Text {
+        eprintln!("rollout {} started on {} node(s): {}", started.rollout_id, started.nodes.len(), started.nodes.join(", "));
+    }
+    let status = wait_final(&mut client, &started.rollout_id, args.wait_timeout).await?;
+    match args.output {
+        Output::Text => {
+            println!("{}", started.rollout_id);
+            print_status(&status, Output::Text)?;
+        }
+        Output::Json => print_status(&status, Output::Json)?,
+    }
+    Ok(wait_exit_code(status.state))
+}
+
+/// Poll the rollout until it reaches a final state or `timeout` passes.
+pub async fn wait_final(
+    client: &mut hotroll_proto::v1::control_client::ControlClient<tonic::transport::Channel>,
+    id: &str,
+    timeout: Duration,
+) -> anyhow::Result<pb::RolloutStatus> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let status = client
+            .get_rollout(pb::GetRolloutRequest { rollout_id: id.to_string() })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if is_final(status.state) {
+            return Ok(status);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("rollout {id} is still {} after {timeout:?}", rollout_state_name(status.state));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
