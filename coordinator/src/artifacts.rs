@@ -32,7 +32,11 @@ pub fn digest_hex(digest: &str) -> Result<&str, ArtifactError> {
     let hex = digest
         .strip_prefix("sha256:")
         .ok_or_else(|| ArtifactError::BadDigest(digest.to_string()))?;
-    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(hex)
     } else {
         Err(ArtifactError::BadDigest(digest.to_string()))
@@ -82,10 +86,11 @@ impl ArtifactStore {
                 limit: self.max_size,
             });
         }
-        let tmp = tempfile::NamedTempFile::new_in(&self.root).map_err(|source| ArtifactError::Io {
-            path: self.root.clone(),
-            source,
-        })?;
+        let tmp =
+            tempfile::NamedTempFile::new_in(&self.root).map_err(|source| ArtifactError::Io {
+                path: self.root.clone(),
+                source,
+            })?;
         Ok(Upload {
             digest: digest.to_string(),
             size,

@@ -53,7 +53,11 @@ fn artifact_status(e: ArtifactError) -> Status {
 }
 
 impl ControlService {
-    async fn operate(&self, request: Request<pb::RolloutControlRequest>, action: &str) -> Result<Response<pb::RolloutStatus>, Status> {
+    async fn operate(
+        &self,
+        request: Request<pb::RolloutControlRequest>,
+        action: &str,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
         let request = request.into_inner();
         let event = match action {
             "abort" => Event::OperatorAbort {
@@ -77,7 +81,10 @@ impl ControlService {
             .rollouts
             .status(&request.rollout_id)
             .map_err(rollout_status_error)?;
-        Ok(Response::new(convert::rollout_status(&snapshot, &instruction_namer(&names))))
+        Ok(Response::new(convert::rollout_status(
+            &snapshot,
+            &instruction_namer(&names),
+        )))
     }
 }
 
@@ -96,7 +103,10 @@ impl pb::control_server::Control for ControlService {
             .ok_or_else(|| Status::invalid_argument("empty upload"))??;
         if self.artifacts.contains(&first.digest) {
             // Already stored and verified: drain nothing more, the client may stop sending.
-            let size = self.artifacts.size_of(&first.digest).map_err(artifact_status)?;
+            let size = self
+                .artifacts
+                .size_of(&first.digest)
+                .map_err(artifact_status)?;
             return Ok(Response::new(pb::ArtifactRef {
                 digest: first.digest,
                 size,
@@ -106,10 +116,14 @@ impl pb::control_server::Control for ControlService {
             .artifacts
             .begin(&first.digest, first.total_size)
             .map_err(artifact_status)?;
-        upload.write(first.offset, &first.data).map_err(artifact_status)?;
+        upload
+            .write(first.offset, &first.data)
+            .map_err(artifact_status)?;
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
-            upload.write(chunk.offset, &chunk.data).map_err(artifact_status)?;
+            upload
+                .write(chunk.offset, &chunk.data)
+                .map_err(artifact_status)?;
         }
         let (digest, size) = upload.finish().map_err(|e| {
             tracing::warn!(error = %e, "artifact upload refused");
@@ -148,17 +162,21 @@ impl pb::control_server::Control for ControlService {
         } else {
             request.script_name.clone()
         };
-        let parsed = hotroll_script::parse(&name, &request.script_source).map_err(|diagnostics| {
-            Status::invalid_argument(format!(
-                "the script is not valid:\n{}",
-                diagnostics.to_short_lines().join("\n")
-            ))
-        })?;
+        let parsed =
+            hotroll_script::parse(&name, &request.script_source).map_err(|diagnostics| {
+                Status::invalid_argument(format!(
+                    "the script is not valid:\n{}",
+                    diagnostics.to_short_lines().join("\n")
+                ))
+            })?;
         let script = parsed.script;
 
         // Every declared artifact must be bound to a stored digest.
-        let given: HashMap<&str, &pb::ScriptArtifact> =
-            request.artifacts.iter().map(|a| (a.name.as_str(), a)).collect();
+        let given: HashMap<&str, &pb::ScriptArtifact> = request
+            .artifacts
+            .iter()
+            .map(|a| (a.name.as_str(), a))
+            .collect();
         let mut artifacts = Vec::new();
         for declared in &script.artifacts {
             let name = declared.name.value.as_str();
@@ -171,7 +189,10 @@ impl pb::control_server::Control for ControlService {
                     bound.digest
                 )));
             }
-            let size = self.artifacts.size_of(&bound.digest).map_err(artifact_status)?;
+            let size = self
+                .artifacts
+                .size_of(&bound.digest)
+                .map_err(artifact_status)?;
             artifacts.push(ArtifactBinding {
                 name: name.to_string(),
                 digest: bound.digest.clone(),
@@ -236,7 +257,10 @@ impl pb::control_server::Control for ControlService {
     ) -> Result<Response<pb::RolloutStatus>, Status> {
         let id = request.into_inner().rollout_id;
         let (snapshot, names) = self.rollouts.status(&id).map_err(rollout_status_error)?;
-        Ok(Response::new(convert::rollout_status(&snapshot, &instruction_namer(&names))))
+        Ok(Response::new(convert::rollout_status(
+            &snapshot,
+            &instruction_namer(&names),
+        )))
     }
 
     async fn list_rollouts(
@@ -273,7 +297,11 @@ impl pb::control_server::Control for ControlService {
             let mut last_seq = request.from_seq.saturating_sub(1);
             for event in &past {
                 last_seq = event.seq;
-                if tx.send(Ok(convert::rollout_event(&id, event, &namer))).await.is_err() {
+                if tx
+                    .send(Ok(convert::rollout_event(&id, event, &namer)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 if is_final(&event.record) {
@@ -286,7 +314,11 @@ impl pb::control_server::Control for ControlService {
                     Ok(event) if event.seq <= last_seq => {}
                     Ok(event) => {
                         last_seq = event.seq;
-                        if tx.send(Ok(convert::rollout_event(&id, &event, &namer))).await.is_err() {
+                        if tx
+                            .send(Ok(convert::rollout_event(&id, &event, &namer)))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                         if is_final(&event.record) {
@@ -338,19 +370,31 @@ impl pb::control_server::Control for ControlService {
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
-    async fn abort_rollout(&self, request: Request<pb::RolloutControlRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+    async fn abort_rollout(
+        &self,
+        request: Request<pb::RolloutControlRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
         self.operate(request, "abort").await
     }
 
-    async fn pause_rollout(&self, request: Request<pb::RolloutControlRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+    async fn pause_rollout(
+        &self,
+        request: Request<pb::RolloutControlRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
         self.operate(request, "pause").await
     }
 
-    async fn resume_rollout(&self, request: Request<pb::RolloutControlRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+    async fn resume_rollout(
+        &self,
+        request: Request<pb::RolloutControlRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
         self.operate(request, "resume").await
     }
 
-    async fn promote_rollout(&self, request: Request<pb::RolloutControlRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+    async fn promote_rollout(
+        &self,
+        request: Request<pb::RolloutControlRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
         self.operate(request, "promote").await
     }
 }

@@ -45,12 +45,18 @@ fn step_phase(phase: StepPhase) -> pb::StepPhase {
     }
 }
 
-fn node_status(view: &NodeView, steps_total: u32, instruction: &dyn Fn(u32) -> String) -> pb::NodeStatus {
+fn node_status(
+    view: &NodeView,
+    steps_total: u32,
+    instruction: &dyn Fn(u32) -> String,
+) -> pb::NodeStatus {
     pb::NodeStatus {
         name: view.name.clone(),
         wave: view.wave,
         state: node_state(view.state) as i32,
-        step: view.step.map_or(-1, |s| i32::try_from(s).unwrap_or(i32::MAX)),
+        step: view
+            .step
+            .map_or(-1, |s| i32::try_from(s).unwrap_or(i32::MAX)),
         instruction: view.step.map(instruction).unwrap_or_default(),
         error: view.error.clone().unwrap_or_default(),
         step_started_unix_ms: view.step_started.unwrap_or_default(),
@@ -186,7 +192,11 @@ pub fn rollout_event(
 }
 
 /// The wire message for an engine command addressed to a node, or `None` for records.
-pub fn command_message(rollout_id: &str, epoch: u64, command: &Command) -> Option<(String, pb::CoordinatorMessage)> {
+pub fn command_message(
+    rollout_id: &str,
+    epoch: u64,
+    command: &Command,
+) -> Option<(String, pb::CoordinatorMessage)> {
     use pb::coordinator_message::Msg;
     let rollout_id = rollout_id.to_string();
     let (node, msg) = match command {

@@ -95,11 +95,13 @@ impl Registry {
     ) -> Result<SessionLink, AttachError> {
         let link = {
             let mut nodes = self.lock();
-            let entry = nodes.entry(record.name.clone()).or_insert_with(|| NodeEntry {
-                record: record.clone(),
-                session: None,
-                epoch: 0,
-            });
+            let entry = nodes
+                .entry(record.name.clone())
+                .or_insert_with(|| NodeEntry {
+                    record: record.clone(),
+                    session: None,
+                    epoch: 0,
+                });
             if let Some(existing) = &entry.session
                 && !existing.tx.is_closed()
             {

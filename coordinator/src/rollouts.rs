@@ -13,7 +13,9 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::convert;
 use crate::engine::{Command, Event, Millis, NotApplicable, Rollout, RolloutSpec};
 use crate::registry::Registry;
-use crate::store::{ArtifactBinding, RolloutRecord, RolloutSnapshot, Store, StoreError, StoredEvent};
+use crate::store::{
+    ArtifactBinding, RolloutRecord, RolloutSnapshot, Store, StoreError, StoredEvent,
+};
 
 /// Wall-clock time in milliseconds since the Unix epoch.
 pub fn now_ms() -> Millis {
@@ -43,7 +45,10 @@ pub enum RolloutError {
 
 enum Input {
     Event(Event),
-    Operator(Event, oneshot::Sender<Result<RolloutSnapshot, NotApplicable>>),
+    Operator(
+        Event,
+        oneshot::Sender<Result<RolloutSnapshot, NotApplicable>>,
+    ),
 }
 
 struct Handle {
@@ -90,7 +95,11 @@ pub fn instruction_namer(names: &InstructionNames) -> impl Fn(u32) -> String + '
     }
 }
 
-fn snapshot_of(engine: &Rollout, created_ms: Millis, finished_ms: Option<Millis>) -> RolloutSnapshot {
+fn snapshot_of(
+    engine: &Rollout,
+    created_ms: Millis,
+    finished_ms: Option<Millis>,
+) -> RolloutSnapshot {
     let spec = engine.spec();
     RolloutSnapshot {
         id: spec.id.clone(),
@@ -245,7 +254,11 @@ impl Rollouts {
     }
 
     /// Apply an operator command; answers with the rollout's new status.
-    pub async fn operate(&self, rollout_id: &str, event: Event) -> Result<RolloutSnapshot, RolloutError> {
+    pub async fn operate(
+        &self,
+        rollout_id: &str,
+        event: Event,
+    ) -> Result<RolloutSnapshot, RolloutError> {
         let tx = {
             let handles = self.lock();
             let handle = handles
@@ -260,9 +273,15 @@ impl Rollouts {
     }
 
     /// The rollout's latest status (live, or from the store for one this process did not run).
-    pub fn status(&self, rollout_id: &str) -> Result<(RolloutSnapshot, InstructionNames), RolloutError> {
+    pub fn status(
+        &self,
+        rollout_id: &str,
+    ) -> Result<(RolloutSnapshot, InstructionNames), RolloutError> {
         if let Some(handle) = self.lock().get(rollout_id) {
-            return Ok((handle.snapshot.borrow().clone(), handle.instructions.clone()));
+            return Ok((
+                handle.snapshot.borrow().clone(),
+                handle.instructions.clone(),
+            ));
         }
         let record = self
             .store
@@ -293,8 +312,14 @@ impl Rollouts {
         &self,
         rollout_id: &str,
         from_seq: u64,
-    ) -> Result<(Vec<StoredEvent>, Option<broadcast::Receiver<StoredEvent>>, InstructionNames), RolloutError>
-    {
+    ) -> Result<
+        (
+            Vec<StoredEvent>,
+            Option<broadcast::Receiver<StoredEvent>>,
+            InstructionNames,
+        ),
+        RolloutError,
+    > {
         let (live, names) = match self.lock().get(rollout_id) {
             Some(h) => (Some(h.events.subscribe()), h.instructions.clone()),
             None => {
@@ -432,7 +457,9 @@ impl Driver {
             Command::RunScript { node } => (
                 node.clone(),
                 pb::CoordinatorMessage {
-                    msg: Some(pb::coordinator_message::Msg::RunScript(self.run_script.clone())),
+                    msg: Some(pb::coordinator_message::Msg::RunScript(
+                        self.run_script.clone(),
+                    )),
                 },
             ),
             other => match convert::command_message(&self.record.id, self.engine.epoch(), other) {

@@ -83,7 +83,9 @@ impl pb::agent_server::Agent for AgentService {
                 msg: Some(AgentMsg::Hello(hello)),
             })) => hello,
             Some(Ok(_)) => {
-                return Err(Status::invalid_argument("the first session message must be Hello"));
+                return Err(Status::invalid_argument(
+                    "the first session message must be Hello",
+                ));
             }
             Some(Err(status)) => return Err(status),
             None => return Err(Status::cancelled("stream closed before Hello")),
@@ -95,12 +97,16 @@ impl pb::agent_server::Agent for AgentService {
                 hello.node.escape_debug()
             )));
         }
-        let Some(version) = negotiate(hello.min_protocol_version, hello.max_protocol_version) else {
+        let Some(version) = negotiate(hello.min_protocol_version, hello.max_protocol_version)
+        else {
             tracing::warn!(%peer, node = %hello.node, min = hello.min_protocol_version, max = hello.max_protocol_version, "session refused: protocol version");
             return Err(Status::failed_precondition(format!(
                 "agent speaks protocol versions {}..={}, this coordinator speaks {}..={}; upgrade \
                  the older side",
-                hello.min_protocol_version, hello.max_protocol_version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+                hello.min_protocol_version,
+                hello.max_protocol_version,
+                MIN_PROTOCOL_VERSION,
+                PROTOCOL_VERSION
             )));
         };
 
@@ -151,7 +157,8 @@ impl pb::agent_server::Agent for AgentService {
         let rollouts = self.rollouts.clone();
         let interval = self.heartbeat_interval;
         tokio::spawn(async move {
-            let reason = serve_session(&node, &mut inbound, &tx, &registry, &rollouts, interval).await;
+            let reason =
+                serve_session(&node, &mut inbound, &tx, &registry, &rollouts, interval).await;
             tracing::info!(node = %node, reason, "agent session ended");
             if registry.detach(&node, link.id, now_ms()) {
                 rollouts.session_changed(&node, false);

@@ -1,27 +1,274 @@
-//! `hotroll check FILE`: temporary stand-in until the plan compiler lands (owned by the script work).
+//! `hotroll check FILE [--nodes N] [--output text|json]`: parse and validate an upgrade script,
+//! check its artifact files on disk, and print the compiled plan.
+//!
+//! Exit codes: 0 valid (plan printed), 1 the file cannot be read or the output cannot be
+//! written, 2 the script is invalid (every diagnostic printed).
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use hotroll_script::diagnostic::{DiagnosticRecord, Diagnostics};
+use hotroll_script::plan::{self, Plan};
+use hotroll_script::{Diagnostic, Script, Span};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::exit;
+
+/// How `check` prints its result (the CLI-wide output format).
+pub use super::Output as OutputFormat;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CheckArgs {
     /// The upgrade script to check.
     pub file: PathBuf,
+    /// Number of target nodes to compute the rollout waves for.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Print the plan (or the diagnostics) as text or as one JSON document on stdout.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+}
+
+#[derive(Serialize)]
+struct ValidReport<'a> {
+    valid: bool,
+    plan: &'a Plan,
+    warnings: Vec<DiagnosticRecord>,
+}
+
+#[derive(Serialize)]
+struct InvalidReport {
+    valid: bool,
+    diagnostics: Vec<DiagnosticRecord>,
+}
+
+#[derive(Serialize)]
+struct UnreadableReport {
+    valid: bool,
+    error: String,
 }
 
 pub fn run(args: &CheckArgs) -> ExitCode {
-    let source = match std::fs::read_to_string(&args.file) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot read {}: {e}", args.file.display());
-            return ExitCode::from(1);
+    let name = args.file.display().to_string();
+    let bytes = match std::fs::read(&args.file) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            return unreadable(args, format!("cannot read {name}: {error}"));
         }
     };
-    match hotroll_script::parse(&args.file.display().to_string(), &source) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(d) => {
-            eprintln!("{d}");
-            ExitCode::from(2)
+    let source = match String::from_utf8(bytes) {
+        Ok(source) => source,
+        Err(error) => return invalid(args, &not_utf8(name, &error)),
+    };
+    let parsed = match hotroll_script::parse(&name, &source) {
+        Ok(parsed) => parsed,
+        Err(diagnostics) => return invalid(args, &diagnostics),
+    };
+
+    // The pure validator cannot look at files; the artifacts' sources are checked here.
+    let script_dir = match args.file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut items = parsed.warnings;
+    items.extend(check_artifact_files(&parsed.script, script_dir));
+    items.sort_by_key(|d| (d.span.start, d.span.end));
+    let diagnostics = Diagnostics {
+        name,
+        source,
+        items,
+    };
+    if diagnostics.has_errors() {
+        return invalid(args, &diagnostics);
+    }
+
+    let plan = plan::compile(&parsed.script, args.nodes);
+    match args.output {
+        OutputFormat::Text => {
+            if !diagnostics.items.is_empty() {
+                write_stderr(&format!("{}\n", diagnostics.render(stderr_color())));
+            }
+            write_stdout(&plan.to_string())
         }
+        OutputFormat::Json => write_json(&ValidReport {
+            valid: true,
+            plan: &plan,
+            warnings: diagnostics.to_records(),
+        }),
+    }
+}
+
+/// A script that is not UTF-8: one diagnostic at the first bad byte.
+fn not_utf8(name: String, error: &std::string::FromUtf8Error) -> Diagnostics {
+    let offset = error.utf8_error().valid_up_to();
+    // The lossy text is identical up to `offset`, where U+FFFD replaces the bad byte.
+    let source = String::from_utf8_lossy(error.as_bytes()).into_owned();
+    let end = (offset + char::REPLACEMENT_CHARACTER.len_utf8()).min(source.len());
+    Diagnostics {
+        name,
+        source,
+        items: vec![Diagnostic::error(
+            Span::new(offset, end),
+            "the script is not valid UTF-8",
+        )],
+    }
+}
+
+/// Every artifact's `source` exists (relative to the script's directory), is a file, and matches
+/// its `sha256` when the script gives one.
+pub fn check_artifact_files(script: &Script, script_dir: &Path) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    for artifact in &script.artifacts {
+        let source = &artifact.source;
+        if source.value.is_empty() {
+            continue; // Reported by the validator.
+        }
+        let path = script_dir.join(&source.value);
+        match std::fs::metadata(&path) {
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                out.push(Diagnostic::error(
+                    source.span,
+                    format!(
+                        "artifact source `{}` does not exist (looked for {})",
+                        source.value,
+                        path.display()
+                    ),
+                ));
+                continue;
+            }
+            Err(error) => {
+                out.push(Diagnostic::error(
+                    source.span,
+                    format!("cannot read artifact source `{}`: {error}", source.value),
+                ));
+                continue;
+            }
+            Ok(metadata) if !metadata.is_file() => {
+                out.push(Diagnostic::error(
+                    source.span,
+                    format!(
+                        "artifact source `{}` is not a regular file ({})",
+                        source.value,
+                        path.display()
+                    ),
+                ));
+                continue;
+            }
+            Ok(_) => {}
+        }
+        let Some(expected) = &artifact.sha256 else {
+            continue;
+        };
+        match sha256_of(&path) {
+            Ok(actual) if actual == expected.value => {}
+            Ok(actual) => out.push(
+                Diagnostic::error(
+                    expected.span,
+                    format!(
+                        "`sha256` does not match `{}`: the file's digest is {actual}",
+                        source.value
+                    ),
+                )
+                .with_help("rebuild the artifact or update `sha256`"),
+            ),
+            Err(error) => out.push(Diagnostic::error(
+                source.span,
+                format!("cannot read artifact source `{}`: {error}", source.value),
+            )),
+        }
+    }
+    out
+}
+
+/// Lowercase hex SHA-256 of a file, read in chunks (artifacts can be large).
+fn sha256_of(path: &Path) -> io::Result<String> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn stderr_color() -> bool {
+    io::stderr().is_terminal()
+}
+
+fn invalid(args: &CheckArgs, diagnostics: &Diagnostics) -> ExitCode {
+    let written = match args.output {
+        OutputFormat::Text => {
+            let errors = diagnostics.errors().count();
+            let warnings = diagnostics.items.len() - errors;
+            let mut summary = format!(
+                "error: {} is not a valid upgrade script ({errors} error{}",
+                diagnostics.name,
+                if errors == 1 { "" } else { "s" }
+            );
+            if warnings > 0 {
+                summary.push_str(&format!(
+                    ", {warnings} warning{}",
+                    if warnings == 1 { "" } else { "s" }
+                ));
+            }
+            summary.push(')');
+            write_stderr(&format!(
+                "{}\n{summary}\n",
+                diagnostics.render(stderr_color())
+            ))
+        }
+        OutputFormat::Json => write_json(&InvalidReport {
+            valid: false,
+            diagnostics: diagnostics.to_records(),
+        }),
+    };
+    if written == ExitCode::SUCCESS {
+        ExitCode::from(exit::INVALID)
+    } else {
+        written
+    }
+}
+
+fn unreadable(args: &CheckArgs, message: String) -> ExitCode {
+    write_stderr(&format!("error: {message}\n"));
+    if args.output == OutputFormat::Json {
+        write_json(&UnreadableReport {
+            valid: false,
+            error: message,
+        });
+    }
+    ExitCode::from(exit::ERROR)
+}
+
+fn write_json(report: &impl Serialize) -> ExitCode {
+    match serde_json::to_string_pretty(report) {
+        Ok(json) => write_stdout(&format!("{json}\n")),
+        Err(error) => {
+            write_stderr(&format!(
+                "error: cannot encode the report as JSON: {error}\n"
+            ));
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}
+
+/// Writes to stdout; a closed pipe (`hotroll check … | head`) is not a panic.
+fn write_stdout(text: &str) -> ExitCode {
+    let mut stdout = io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(_) => ExitCode::from(exit::ERROR),
+    }
+}
+
+fn write_stderr(text: &str) -> ExitCode {
+    let mut stderr = io::stderr().lock();
+    match stderr.write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::from(exit::ERROR),
     }
 }

@@ -14,7 +14,12 @@ use tonic::transport::Channel;
 #[derive(Debug, Clone, clap::Args)]
 pub struct CoordinatorArgs {
     /// Address of the coordinator.
-    #[arg(long, env = "HOTROLL_COORDINATOR", default_value = "http://127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "HOTROLL_COORDINATOR",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
     pub coordinator: String,
 }
 
@@ -48,9 +53,13 @@ pub async fn upload_artifacts(
     let mut files = Vec::new();
     for artifact in &script.artifacts {
         let path = script_dir.join(&artifact.source.value);
-        let bytes = tokio::fs::read(&path)
-            .await
-            .with_context(|| format!("artifact `{}`: cannot read {}", artifact.name.value, path.display()))?;
+        let bytes = tokio::fs::read(&path).await.with_context(|| {
+            format!(
+                "artifact `{}`: cannot read {}",
+                artifact.name.value,
+                path.display()
+            )
+        })?;
         let hex = hex::encode(Sha256::digest(&bytes));
         if let Some(expected) = &artifact.sha256
             && !expected.value.eq_ignore_ascii_case(&hex)

@@ -198,10 +198,21 @@ fn print_status(status: &pb::RolloutStatus, output: Output) -> anyhow::Result<()
         Output::Text => {
             println!(
                 "rollout {}  {} {} -> {}  state: {}  wave {}/{}  failures {}/{}",
-                json.id, json.app, json.from, json.to, json.state, json.wave, json.waves, json.failures, json.max_failures
+                json.id,
+                json.app,
+                json.from,
+                json.to,
+                json.state,
+                json.wave,
+                json.waves,
+                json.failures,
+                json.max_failures
             );
             if let Some(b) = &status.barrier {
-                println!("waiting at barrier `{}`: {}/{} arrived", b.id, b.arrived, b.expected);
+                println!(
+                    "waiting at barrier `{}`: {}/{} arrived",
+                    b.id, b.arrived, b.expected
+                );
             }
             if let Some(e) = &json.error {
                 println!("error: {e}");
@@ -211,7 +222,11 @@ fn print_status(status: &pb::RolloutStatus, output: Output) -> anyhow::Result<()
             table.set_header(["NODE", "WAVE", "STATE", "STEP", "ERROR"]);
             for node in &json.nodes {
                 let step = match (node.step, &node.instruction) {
-                    (Some(i), Some(name)) => format!("{}/{} {name}", i + 1, status.nodes.first().map_or(0, |n| n.steps_total)),
+                    (Some(i), Some(name)) => format!(
+                        "{}/{} {name}",
+                        i + 1,
+                        status.nodes.first().map_or(0, |n| n.steps_total)
+                    ),
                     _ => "-".to_string(),
                 };
                 table.add_row([
@@ -234,7 +249,9 @@ pub async fn run(command: RolloutCommand) -> anyhow::Result<u8> {
         RolloutCommand::Status(args) => {
             let mut client = connect(&args.coordinator).await?;
             let status = client
-                .get_rollout(pb::GetRolloutRequest { rollout_id: args.id })
+                .get_rollout(pb::GetRolloutRequest {
+                    rollout_id: args.id,
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -264,7 +281,11 @@ async fn control(args: IdArgs, action: &str) -> anyhow::Result<u8> {
     let status = result.map_err(status_error)?.into_inner();
     match args.output {
         Output::Json => print_status(&status, Output::Json)?,
-        Output::Text => println!("rollout {}: {}", status.id, rollout_state_name(status.state)),
+        Output::Text => println!(
+            "rollout {}: {}",
+            status.id,
+            rollout_state_name(status.state)
+        ),
     }
     Ok(exit::OK)
 }
@@ -298,7 +319,8 @@ async fn list(args: ListArgs) -> anyhow::Result<u8> {
             to: r.to.clone(),
             nodes: r.nodes,
             created_unix_ms: r.created_unix_ms,
-            duration_ms: (r.finished_unix_ms > 0).then(|| r.finished_unix_ms.saturating_sub(r.created_unix_ms)),
+            duration_ms: (r.finished_unix_ms > 0)
+                .then(|| r.finished_unix_ms.saturating_sub(r.created_unix_ms)),
         })
         .collect();
     match args.output {
@@ -315,7 +337,8 @@ async fn list(args: ListArgs) -> anyhow::Result<u8> {
                     r.from,
                     r.to,
                     r.nodes.to_string(),
-                    r.duration_ms.map_or("-".to_string(), |ms| format!("{:.1}s", ms as f64 / 1000.0)),
+                    r.duration_ms
+                        .map_or("-".to_string(), |ms| format!("{:.1}s", ms as f64 / 1000.0)),
                 ]);
             }
             println!("{table}");
@@ -344,7 +367,13 @@ async fn start(args: StartArgs) -> anyhow::Result<u8> {
     let script_dir = args
         .file
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p.to_path_buf()
+            }
+        })
         .unwrap_or_else(|| PathBuf::from("."));
     let mut client = connect(&args.coordinator).await?;
     let artifacts = upload_artifacts(&mut client, &parsed.script, &script_dir).await?;
@@ -373,7 +402,12 @@ async fn start(args: StartArgs) -> anyhow::Result<u8> {
         return Ok(exit::OK);
     }
     if args.output == Output::Text {
-        eprintln!("rollout {} started on {} node(s): {}", started.rollout_id, started.nodes.len(), started.nodes.join(", "));
+        eprintln!(
+            "rollout {} started on {} node(s): {}",
+            started.rollout_id,
+            started.nodes.len(),
+            started.nodes.join(", ")
+        );
     }
     let status = wait_final(&mut client, &started.rollout_id, args.wait_timeout).await?;
     match args.output {
@@ -395,7 +429,9 @@ pub async fn wait_final(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let status = client
-            .get_rollout(pb::GetRolloutRequest { rollout_id: id.to_string() })
+            .get_rollout(pb::GetRolloutRequest {
+                rollout_id: id.to_string(),
+            })
             .await
             .map_err(status_error)?
             .into_inner();
@@ -403,7 +439,10 @@ pub async fn wait_final(
             return Ok(status);
         }
         if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("rollout {id} is still {} after {timeout:?}", rollout_state_name(status.state));
+            anyhow::bail!(
+                "rollout {id} is still {} after {timeout:?}",
+                rollout_state_name(status.state)
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

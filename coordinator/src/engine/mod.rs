@@ -2,6 +2,10 @@
 //! DESIGN §4. It does no I/O and reads no clock: the caller passes `now` with every event, sends
 //! the returned commands, appends the returned records to the store, and calls
 //! [`Rollout::handle`] with [`Event::Tick`] at [`Rollout::next_deadline`].
+//!
+//! The transitions, and the choices the design leaves open (barrier deadline counted from the
+//! first arrival, what a lost or silent node becomes, which final state a mix of outcomes gives),
+//! are documented in `machine.rs`; barrier keying in `barrier.rs`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,6 +15,8 @@ use serde::{Deserialize, Serialize};
 
 mod barrier;
 mod machine;
+#[cfg(test)]
+mod tests;
 
 pub use barrier::BarrierView;
 
@@ -153,22 +159,60 @@ pub enum Outcome {
 pub enum Event {
     /// The rollout was just created: send the script to every target.
     Start,
-    ScriptAccepted { node: String, epoch: u64 },
-    ScriptRefused { node: String, epoch: u64, errors: Vec<String> },
-    StepStarted { node: String, epoch: u64, step: u32 },
-    StepSucceeded { node: String, epoch: u64, step: u32 },
+    ScriptAccepted {
+        node: String,
+        epoch: u64,
+    },
+    ScriptRefused {
+        node: String,
+        epoch: u64,
+        errors: Vec<String>,
+    },
+    StepStarted {
+        node: String,
+        epoch: u64,
+        step: u32,
+    },
+    StepSucceeded {
+        node: String,
+        epoch: u64,
+        step: u32,
+    },
     /// An instruction of `up` failed on the node. The node reports its outcome separately.
-    StepFailed { node: String, epoch: u64, step: u32, error: String },
-    BarrierArrived { node: String, epoch: u64, barrier: String },
-    Prepared { node: String, epoch: u64 },
-    Outcome { node: String, epoch: u64, outcome: Outcome, error: Option<String> },
+    StepFailed {
+        node: String,
+        epoch: u64,
+        step: u32,
+        error: String,
+    },
+    BarrierArrived {
+        node: String,
+        epoch: u64,
+        barrier: String,
+    },
+    Prepared {
+        node: String,
+        epoch: u64,
+    },
+    Outcome {
+        node: String,
+        epoch: u64,
+        outcome: Outcome,
+        error: Option<String>,
+    },
     /// The node's session dropped without Goodbye (or with it: the node is leaving).
-    SessionLost { node: String },
+    SessionLost {
+        node: String,
+    },
     /// The node is connected again.
-    SessionRestored { node: String },
+    SessionRestored {
+        node: String,
+    },
     /// Time passed: check deadlines.
     Tick,
-    OperatorAbort { reason: String },
+    OperatorAbort {
+        reason: String,
+    },
     OperatorPause,
     OperatorResume,
     OperatorPromote,
@@ -178,12 +222,29 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "command")]
 pub enum Command {
-    RunScript { node: String },
-    ReleaseBarrier { node: String, barrier: String, ok: bool, reason: Option<String> },
-    Commit { node: String },
-    Abort { node: String, reason: String },
-    Rollback { node: String, reason: String },
-    MakePermanent { node: String },
+    RunScript {
+        node: String,
+    },
+    ReleaseBarrier {
+        node: String,
+        barrier: String,
+        ok: bool,
+        reason: Option<String>,
+    },
+    Commit {
+        node: String,
+    },
+    Abort {
+        node: String,
+        reason: String,
+    },
+    Rollback {
+        node: String,
+        reason: String,
+    },
+    MakePermanent {
+        node: String,
+    },
     /// Append to the rollout's history (what `watch` and `events` show).
     Record(Record),
 }
@@ -192,14 +253,44 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Record {
-    RolloutState { state: RolloutState, reason: Option<String> },
-    NodeState { node: String, state: NodeState, error: Option<String> },
-    Step { node: String, step: u32, phase: StepPhase, error: Option<String> },
-    BarrierArrived { node: String, barrier: String, arrived: u32, expected: u32 },
-    BarrierReleased { barrier: String, wave: Option<u32> },
-    BarrierFailed { barrier: String, wave: Option<u32>, reason: String },
-    WaveStarted { wave: u32, nodes: Vec<String> },
-    Operator { action: String, reason: Option<String> },
+    RolloutState {
+        state: RolloutState,
+        reason: Option<String>,
+    },
+    NodeState {
+        node: String,
+        state: NodeState,
+        error: Option<String>,
+    },
+    Step {
+        node: String,
+        step: u32,
+        phase: StepPhase,
+        error: Option<String>,
+    },
+    BarrierArrived {
+        node: String,
+        barrier: String,
+        arrived: u32,
+        expected: u32,
+    },
+    BarrierReleased {
+        barrier: String,
+        wave: Option<u32>,
+    },
+    BarrierFailed {
+        barrier: String,
+        wave: Option<u32>,
+        reason: String,
+    },
+    WaveStarted {
+        wave: u32,
+        nodes: Vec<String>,
+    },
+    Operator {
+        action: String,
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
