@@ -1,4 +1,5 @@
 //! The coordinator's gRPC services, driven through a real server on 127.0.0.1 with raw clients:
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns may unwrap too
 //! session handshake rules, liveness, and the artifact store.
 
 use std::sync::Arc;

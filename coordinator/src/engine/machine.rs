@@ -742,10 +742,12 @@ impl Rollout {
             return;
         }
         self.nodes[i].connected = false;
+        // Once told to make the release permanent, a node is only held to the make-permanent
+        // deadline: it may well have done so while away.
         let watched = !matches!(
             self.nodes[i].state,
             NodeState::Aborted | NodeState::RolledBack | NodeState::Failed
-        ) && !self.track[i].permanent;
+        ) && !self.track[i].make_permanent_sent;
         if !self.state.is_final() && watched {
             self.track[i].grace = Some(now.saturating_add(ms(self.spec.session_grace)));
         }
@@ -1273,7 +1275,9 @@ impl Rollout {
         let mut sent = false;
         for i in 0..self.nodes.len() {
             if self.nodes[i].state == NodeState::Committed && !self.track[i].counted {
-                self.track[i].make_permanent_sent = true;
+                let t = &mut self.track[i];
+                t.make_permanent_sent = true;
+                t.grace = None;
                 out.push(Command::MakePermanent {
                     node: self.nodes[i].name.clone(),
                 });
@@ -1449,7 +1453,7 @@ impl Rollout {
 
     fn grace_expired(&mut self, now: Millis, i: usize, out: &mut Vec<Command>) {
         self.track[i].grace = None;
-        if self.nodes[i].connected {
+        if self.nodes[i].connected || self.track[i].make_permanent_sent {
             return;
         }
         let why = format!(
