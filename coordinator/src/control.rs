@@ -287,7 +287,7 @@ impl pb::control_server::Control for ControlService {
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
         let request = request.into_inner();
         let id = request.rollout_id.clone();
-        let (past, live, names) = self
+        let crate::rollouts::WatchStart { past, live, names } = self
             .rollouts
             .watch(&id, request.from_seq)
             .map_err(rollout_status_error)?;

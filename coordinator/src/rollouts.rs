@@ -308,18 +308,7 @@ impl Rollouts {
 
     /// Past events from `from_seq`, then a receiver for the ones that follow. Subscribes before
     /// reading the store so nothing falls between the two (the caller drops duplicates by seq).
-    pub fn watch(
-        &self,
-        rollout_id: &str,
-        from_seq: u64,
-    ) -> Result<
-        (
-            Vec<StoredEvent>,
-            Option<broadcast::Receiver<StoredEvent>>,
-            InstructionNames,
-        ),
-        RolloutError,
-    > {
+    pub fn watch(&self, rollout_id: &str, from_seq: u64) -> Result<WatchStart, RolloutError> {
         let (live, names) = match self.lock().get(rollout_id) {
             Some(h) => (Some(h.events.subscribe()), h.instructions.clone()),
             None => {
@@ -331,8 +320,17 @@ impl Rollouts {
             }
         };
         let past = self.store.events(rollout_id, from_seq)?;
-        Ok((past, live, names))
+        Ok(WatchStart { past, live, names })
     }
+}
+
+/// What a watcher starts from: the stored history, then live events (`None` for a rollout this
+/// process does not run), and the instruction names for display.
+#[derive(Debug)]
+pub struct WatchStart {
+    pub past: Vec<StoredEvent>,
+    pub live: Option<broadcast::Receiver<StoredEvent>>,
+    pub names: InstructionNames,
 }
 
 fn instruction_names_of(record: &RolloutRecord) -> InstructionNames {
@@ -432,10 +430,10 @@ impl Driver {
         };
         let snapshot = snapshot_of(&self.engine, self.record.created_ms, finished);
         let changed = snapshot != *self.snapshot.borrow();
-        if !stored.is_empty() {
-            if let Err(e) = self.store.append_events(&self.record.id, &stored) {
-                tracing::error!(rollout = %self.record.id, error = %e, "cannot store rollout events");
-            }
+        if !stored.is_empty()
+            && let Err(e) = self.store.append_events(&self.record.id, &stored)
+        {
+            tracing::error!(rollout = %self.record.id, error = %e, "cannot store rollout events");
         }
         if changed {
             self.record.status = snapshot.clone();
