@@ -135,6 +135,8 @@ pub struct DiagnosticRecord {
     pub file: String,
     pub line: usize,
     pub column: usize,
+    /// Byte offsets into the source, for editors.
+    pub span: Span,
     pub severity: Severity,
     pub message: String,
     pub label: Option<String>,
@@ -148,6 +150,7 @@ impl DiagnosticRecord {
             file: name.to_string(),
             line,
             column,
+            span: d.span,
             severity: d.severity,
             message: d.message.clone(),
             label: d.label.clone(),
@@ -165,26 +168,52 @@ pub fn render_short(name: &str, source: &str, d: &Diagnostic) -> String {
     format!("{name}:{line}:{col}: {severity}: {}", d.message)
 }
 
-#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+/// One diagnostic as miette sees it. `miette::Diagnostic` is implemented by hand because the
+/// derive cannot take the severity from a field.
+#[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 struct MietteView {
     message: String,
-    #[source_code]
     src: miette::NamedSource<String>,
-    #[label("{}", label.as_deref().unwrap_or("here"))]
     at: miette::SourceSpan,
     label: Option<String>,
-    #[help]
     help: Option<String>,
-    #[diagnostic(severity)]
     severity: miette::Severity,
+}
+
+impl miette::Diagnostic for MietteView {
+    fn severity(&self) -> Option<miette::Severity> {
+        Some(self.severity)
+    }
+
+    fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
+        self.help
+            .as_ref()
+            .map(|h| Box::new(h) as Box<dyn std::fmt::Display + 'a>)
+    }
+
+    fn source_code(&self) -> Option<&dyn miette::SourceCode> {
+        Some(&self.src)
+    }
+
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {
+        let text = self.label.clone().unwrap_or_else(|| "here".to_string());
+        Some(Box::new(std::iter::once(
+            miette::LabeledSpan::new_with_span(Some(text), self.at),
+        )))
+    }
 }
 
 fn render_full(name: &str, source: &str, d: &Diagnostic, color: bool) -> String {
     let view = MietteView {
         message: render_short(name, source, d),
         src: miette::NamedSource::new(name, source.to_string()),
-        at: (d.span.start.min(source.len()), d.span.len()).into(),
+        at: {
+            // Clamp so a span past the end still renders (miette refuses out-of-range spans).
+            let start = d.span.start.min(source.len());
+            let end = d.span.end.clamp(start, source.len());
+            (start, end - start).into()
+        },
         label: d.label.clone(),
         help: d.help.clone(),
         severity: match d.severity {

@@ -41,9 +41,11 @@ impl<T> Located<T> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Runtime {
+    /// Ordinary services supervised by the agent; a script's runtime when it names none.
+    #[default]
     Process,
     Beam,
 }
@@ -158,7 +160,9 @@ pub enum ChangeMode {
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum Instruction {
     /// Stage artifacts (by artifact name) without activating them.
-    LoadObjectCode { artifacts: Vec<Located<String>> },
+    LoadObjectCode {
+        artifacts: Vec<Located<String>>,
+    },
     /// A check that must not change the running system: a declared hook (process) or an
     /// old-code check of modules (beam).
     Check {
@@ -182,7 +186,9 @@ pub enum Instruction {
         timeout: Option<Duration>,
     },
     /// Activate the new release of an app (process) or load modules (beam).
-    Load { targets: Vec<Located<String>> },
+    Load {
+        targets: Vec<Located<String>>,
+    },
     CodeChange {
         targets: Vec<Located<String>>,
         extra: Option<String>,
@@ -190,10 +196,18 @@ pub enum Instruction {
         #[serde(with = "opt_duration_ms")]
         timeout: Option<Duration>,
     },
-    Resume { targets: Vec<Located<String>> },
-    Stop { targets: Vec<Located<String>> },
-    Start { targets: Vec<Located<String>> },
-    Restart { targets: Vec<Located<String>> },
+    Resume {
+        targets: Vec<Located<String>>,
+    },
+    Stop {
+        targets: Vec<Located<String>>,
+    },
+    Start {
+        targets: Vec<Located<String>>,
+    },
+    Restart {
+        targets: Vec<Located<String>>,
+    },
     /// Run a hook declared in the agent config (process) or an allow-listed MFA (beam).
     Apply {
         hook: Located<String>,
@@ -207,7 +221,10 @@ pub enum Instruction {
         timeout: Option<Duration>,
     },
     /// Delete old releases (process) or purge old code of modules (beam).
-    Purge { targets: Vec<Located<String>>, brutal: bool },
+    Purge {
+        targets: Vec<Located<String>>,
+        brutal: bool,
+    },
     RestartNewEmulator,
 }
 

@@ -63,29 +63,27 @@ pub fn run(args: &CheckArgs) -> ExitCode {
         Ok(source) => source,
         Err(error) => return invalid(args, &not_utf8(name, &error)),
     };
-    let parsed = match hotroll_script::parse(&name, &source) {
-        Ok(parsed) => parsed,
-        Err(diagnostics) => return invalid(args, &diagnostics),
+    let (script, mut diagnostics) = hotroll_script::parse_partial(&name, &source);
+    let Some(script) = script else {
+        return invalid(args, &diagnostics);
     };
-
-    // The pure validator cannot look at files; the artifacts' sources are checked here.
+    // The pure validator cannot look at files; the artifacts' sources are checked here, in the
+    // same report as the script's own problems.
     let script_dir = match args.file.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let mut items = parsed.warnings;
-    items.extend(check_artifact_files(&parsed.script, script_dir));
-    items.sort_by_key(|d| (d.span.start, d.span.end));
-    let diagnostics = Diagnostics {
-        name,
-        source,
-        items,
-    };
+    diagnostics
+        .items
+        .extend(check_artifact_files(&script, script_dir));
+    diagnostics
+        .items
+        .sort_by_key(|d| (d.span.start, d.span.end));
     if diagnostics.has_errors() {
         return invalid(args, &diagnostics);
     }
 
-    let plan = plan::compile(&parsed.script, args.nodes);
+    let plan = plan::compile(&script, args.nodes);
     match args.output {
         OutputFormat::Text => {
             if !diagnostics.items.is_empty() {
@@ -159,7 +157,12 @@ pub fn check_artifact_files(script: &Script, script_dir: &Path) -> Vec<Diagnosti
             }
             Ok(_) => {}
         }
-        let Some(expected) = &artifact.sha256 else {
+        // A malformed digest is already reported by the validator.
+        let Some(expected) = artifact
+            .sha256
+            .as_ref()
+            .filter(|d| d.value.len() == 64 && d.value.chars().all(|c| c.is_ascii_hexdigit()))
+        else {
             continue;
         };
         match sha256_of(&path) {
