@@ -1,1 +1,103 @@
-//! agent
+//! hotroll's node agent (DESIGN §5): keeps a session with the coordinator, runs the upgrade
+//! scripts it receives through a [`Runtime`], journals every step, and never executes anything
+//! its own config ([`Config`]) does not declare.
+//!
+//! [`run`] is the one entry point; the binary and the tests call it.
+
+pub mod boot;
+pub mod cancel;
+pub mod config;
+pub mod executor;
+pub mod hooks;
+pub mod journal;
+pub mod outbox;
+pub mod report;
+pub mod runtime;
+mod session;
+mod wire;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use config::{Config, ConfigError, HookConfig, ServiceConfig};
+pub use runtime::{HooksOnlyRuntime, Runtime};
+pub use session::INITIAL_BACKOFF;
+
+use crate::cancel::CancelSource;
+use crate::executor::{Env, Node};
+use crate::journal::Journal;
+use crate::outbox::Outbox;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot create the data directory {}: {error}", path.display())]
+    DataDir {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    BootGeneration(#[from] boot::BootGenerationError),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+}
+
+/// Run the agent with the hooks-only runtime until `shutdown` resolves; then say Goodbye, stop
+/// the running rollout's step (killing its hook) and return.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    run_with_runtime(config, Arc::new(HooksOnlyRuntime), shutdown).await
+}
+
+/// [`run`] with a given runtime.
+pub async fn run_with_runtime(
+    config: Config,
+    runtime: Arc<dyn Runtime>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|error| AgentError::DataDir {
+        path: config.data_dir.clone(),
+        error,
+    })?;
+    // The journal first: redb locks it, so a second agent on the same data_dir stops here
+    // before it touches the boot generation.
+    let journal = Journal::open(&config.data_dir)?;
+    let boot_generation = boot::next_generation(&config.data_dir)?;
+    tracing::info!(
+        node = %config.node,
+        coordinator = %config.coordinator,
+        data_dir = %config.data_dir.display(),
+        boot_generation,
+        runtime = runtime.name(),
+        hooks = ?config.hooks.keys().collect::<Vec<_>>(),
+        "hotroll agent starting"
+    );
+
+    let env = Env {
+        config: Arc::new(config),
+        runtime,
+        journal,
+        outbox: Arc::new(Outbox::default()),
+    };
+    let mut node = Node::new(env.clone());
+    let stop = CancelSource::new();
+    let stop_token = stop.token();
+    let sessions = session::Sessions {
+        env: &env,
+        boot_generation,
+    };
+    // The session loop returns only once `stop` fires, which happens only after `shutdown`
+    // resolved, so joining the two ends.
+    tokio::join!(
+        async {
+            shutdown.await;
+            tracing::info!("shutting down");
+            stop.cancel();
+        },
+        sessions.run(&mut node, &stop_token),
+    );
+    node.shutdown().await;
+    tracing::info!("hotroll agent stopped");
+    Ok(())
+}

@@ -1,1 +1,88 @@
-fn main() {}
+//! `hotroll-agent`: the node agent binary. Parses flags, sets up logging and signals, and calls
+//! [`hotroll_agent::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use hotroll_agent::Config;
+
+/// hotroll node agent.
+///
+/// Keeps a session with the hotroll coordinator, runs the upgrade scripts it sends (staging,
+/// sync_nodes barriers, the point of no return, rollback) and reports every step. The only
+/// commands it ever runs are the hooks declared in its own config file.
+///
+/// Logging goes to stderr and follows RUST_LOG (default: info), e.g. RUST_LOG=hotroll_agent=debug.
+/// SIGTERM or SIGINT shut the agent down cleanly: it says Goodbye to the coordinator and kills
+/// any hook it is running.
+#[derive(Debug, Parser)]
+#[command(name = "hotroll-agent", version, about, long_about)]
+struct Args {
+    /// The agent's config file (node name, coordinator address, data_dir, labels, [hooks]).
+    #[arg(
+        long,
+        short,
+        value_name = "FILE",
+        default_value = "/etc/hotroll/agent.toml"
+    )]
+    config: PathBuf,
+
+    /// Node name, overriding `node` in the config file.
+    #[arg(long, value_name = "NAME")]
+    node: Option<String>,
+
+    /// Coordinator address (http://host:port), overriding `coordinator` in the config file.
+    #[arg(long, value_name = "URL", env = "HOTROLL_COORDINATOR")]
+    coordinator: Option<String>,
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}`: the error and its causes on one line, for an operator (no backtrace).
+            eprintln!("hotroll-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: under systemd the journal would store escape codes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let mut config = Config::load(&args.config)?;
+    config.apply_overrides(args.node, args.coordinator)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = shutdown_signal()?;
+        hotroll_agent::run(config, shutdown).await?;
+        Ok(())
+    })
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}

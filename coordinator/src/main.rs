@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use hotroll_coordinator::cli::{self, check, nodes, rollout, serve};
+use hotroll_coordinator::cli::{self, check, demo, nodes, rollout, serve};
 
 /// hotroll coordinates upgrades across a fleet: it pushes upgrade scripts to the agents, holds
 /// them at sync_nodes barriers and at the point of no return until the fleet is ready, and rolls
@@ -17,6 +17,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a whole local fleet (a coordinator and N agents on 127.0.0.1, in a temp dir) and
+    /// perform a real rollout on it, streaming its events.
+    Demo(demo::DemoArgs),
     /// Run the coordinator.
     Serve(serve::ServeArgs),
     /// Validate an upgrade script and print its plan (exit 0 valid, 2 invalid, 1 unreadable).
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
                 init_tracing();
                 serve::serve(args).await.map(|()| cli::exit::OK)
             }
+            Command::Demo(args) => demo::run_demo(args).await,
             Command::Nodes(args) => nodes::run(args).await.map(|()| cli::exit::OK),
             Command::Rollout(command) => rollout::run(command).await,
             Command::Check(_) => Ok(cli::exit::OK),

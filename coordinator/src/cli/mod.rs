@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod client;
+pub mod demo;
 pub mod nodes;
 pub mod rollout;
 pub mod serve;

@@ -191,7 +191,7 @@ pub fn status_json(status: &pb::RolloutStatus) -> StatusJson {
     }
 }
 
-fn print_status(status: &pb::RolloutStatus, output: Output) -> anyhow::Result<()> {
+pub fn print_status(status: &pb::RolloutStatus, output: Output) -> anyhow::Result<()> {
     let json = status_json(status);
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),

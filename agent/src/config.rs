@@ -1,0 +1,518 @@
+//! `agent.toml`: who this node is, where its coordinator is, and the only commands `apply` and
+//! `check` may ever run on it (DESIGN §5: the agent never executes anything its own config does
+//! not declare).
+//!
+//! ```toml
+//! node = "node-1"                          # unique name; defaults to the host name
+//! coordinator = "http://127.0.0.1:7070"
+//! data_dir = "/var/lib/hotroll"
+//! labels = { role = "miner", zone = "a" }
+//! heartbeat_interval = "5s"                # optional; the coordinator's Welcome usually decides
+//! reconnect_max_backoff = "5s"             # optional
+//!
+//! [hooks]
+//! disk_space = { command = ["sh", "-c", "test -w /"], timeout = "10s" }
+//! migrate    = { command = ["/usr/local/bin/migrate"], timeout = "5m" }
+//!
+//! [[services]]
+//! name = "primes"
+//! app = "primes"
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/hotroll";
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The agent's validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Unique node name; the coordinator refuses a second live session with the same name.
+    pub node: String,
+    /// `http://host:port` of the coordinator's gRPC endpoint.
+    pub coordinator: String,
+    /// Where the journal, the boot generation and (later) releases live; hooks run here.
+    pub data_dir: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    /// The only commands `apply` and `check` may run, by name.
+    pub hooks: BTreeMap<String, HookConfig>,
+    /// Services this node supervises (only names and apps are used so far).
+    pub services: Vec<ServiceConfig>,
+    /// Heartbeat interval used until (and unless) the coordinator's Welcome names one.
+    pub heartbeat_interval: Duration,
+    /// Upper bound of the reconnect backoff.
+    pub reconnect_max_backoff: Duration,
+}
+
+/// A command the agent may run for `apply`/`check`; script args are appended to `command`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookConfig {
+    /// Program and its fixed arguments (no shell unless the operator writes one).
+    pub command: Vec<String>,
+    /// The hook's own bound; the script's step deadline applies too, the shorter wins.
+    pub timeout: Option<Duration>,
+}
+
+/// A `[[services]]` entry. Only `name` and `app` are interpreted yet; every other key is kept in
+/// `rest` for the process runtime that a later issue adds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub app: String,
+    pub rest: toml::Table,
+}
+
+impl Config {
+    /// A config with defaults for everything but the node name, for tests and embedding.
+    pub fn new(node: impl Into<String>, coordinator: impl Into<String>, data_dir: PathBuf) -> Self {
+        Self {
+            node: node.into(),
+            coordinator: coordinator.into(),
+            data_dir,
+            labels: BTreeMap::new(),
+            hooks: BTreeMap::new(),
+            services: Vec::new(),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            reconnect_max_backoff: DEFAULT_RECONNECT_MAX_BACKOFF,
+        }
+    }
+
+    /// Read and validate `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Self::from_toml(path, &text)
+    }
+
+    /// Parse and validate `text`; `path` is only used in error messages.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let at = |span: Option<Range<usize>>, message: String| {
+            ConfigError::invalid(path, text, span.map(|s| s.start), message)
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| at(e.span(), e.message().trim().to_string()))?;
+
+        if let Some(beam) = raw.beam.first() {
+            return Err(at(
+                Some(beam.span()),
+                "`[[beam]]` sections are not supported by this agent yet".to_string(),
+            ));
+        }
+
+        let node = match raw.node {
+            Some(node) => {
+                check_node_name(node.get_ref()).map_err(|m| at(Some(node.span()), m))?;
+                node.into_inner()
+            }
+            None => default_node_name().map_err(|m| at(None, m))?,
+        };
+        let coordinator = match raw.coordinator {
+            Some(c) => {
+                check_coordinator(c.get_ref()).map_err(|m| at(Some(c.span()), m))?;
+                c.into_inner()
+            }
+            None => DEFAULT_COORDINATOR.to_string(),
+        };
+        let data_dir = raw
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+
+        let mut hooks = BTreeMap::new();
+        for (name, hook) in raw.hooks {
+            let span = hook.span();
+            let hook = hook.into_inner();
+            if hook.command.is_empty() || hook.command[0].is_empty() {
+                return Err(at(
+                    Some(span),
+                    format!("hook `{name}`: `command` must name a program"),
+                ));
+            }
+            let timeout = match hook.timeout {
+                Some(t) if t.get_ref().0.is_zero() => {
+                    return Err(at(
+                        Some(t.span()),
+                        format!("hook `{name}`: `timeout` must be greater than zero"),
+                    ));
+                }
+                t => t.map(|t| t.into_inner().0),
+            };
+            hooks.insert(
+                name,
+                HookConfig {
+                    command: hook.command,
+                    timeout,
+                },
+            );
+        }
+
+        let mut services = Vec::with_capacity(raw.services.len());
+        let mut seen = BTreeSet::new();
+        for service in raw.services {
+            let span = service.span();
+            let service = service.into_inner();
+            if service.name.is_empty() {
+                return Err(at(Some(span), "service `name` must not be empty".into()));
+            }
+            if !seen.insert(service.name.clone()) {
+                return Err(at(
+                    Some(span),
+                    format!("service `{}` is declared twice", service.name),
+                ));
+            }
+            services.push(ServiceConfig {
+                name: service.name,
+                app: service.app,
+                rest: service.rest,
+            });
+        }
+
+        let positive = |d: Option<Spanned<HumanDuration>>, key: &str, default: Duration| match d {
+            Some(d) if d.get_ref().0.is_zero() => Err(at(
+                Some(d.span()),
+                format!("`{key}` must be greater than zero"),
+            )),
+            Some(d) => Ok(d.into_inner().0),
+            None => Ok(default),
+        };
+        let heartbeat_interval = positive(
+            raw.heartbeat_interval,
+            "heartbeat_interval",
+            DEFAULT_HEARTBEAT_INTERVAL,
+        )?;
+        let reconnect_max_backoff = positive(
+            raw.reconnect_max_backoff,
+            "reconnect_max_backoff",
+            DEFAULT_RECONNECT_MAX_BACKOFF,
+        )?;
+
+        Ok(Self {
+            node,
+            coordinator,
+            data_dir,
+            labels: raw.labels,
+            hooks,
+            services,
+            heartbeat_interval,
+            reconnect_max_backoff,
+        })
+    }
+
+    /// Apply command-line overrides, validated like the file's values.
+    pub fn apply_overrides(
+        &mut self,
+        node: Option<String>,
+        coordinator: Option<String>,
+    ) -> Result<(), ConfigError> {
+        if let Some(node) = node {
+            check_node_name(&node).map_err(|message| ConfigError::Override {
+                what: "--node",
+                message,
+            })?;
+            self.node = node;
+        }
+        if let Some(coordinator) = coordinator {
+            check_coordinator(&coordinator).map_err(|message| ConfigError::Override {
+                what: "--coordinator",
+                message,
+            })?;
+            self.coordinator = coordinator;
+        }
+        Ok(())
+    }
+
+    /// Names of the declared hooks.
+    pub fn hook_names(&self) -> BTreeSet<String> {
+        self.hooks.keys().cloned().collect()
+    }
+
+    /// Names of the declared services.
+    pub fn service_names(&self) -> BTreeSet<String> {
+        self.services.iter().map(|s| s.name.clone()).collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read agent config {}: {error}", path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    At {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+    #[error("{what}: {message}")]
+    Override { what: &'static str, message: String },
+}
+
+impl ConfigError {
+    fn invalid(path: &Path, text: &str, offset: Option<usize>, message: String) -> Self {
+        match offset {
+            Some(offset) => {
+                let (line, column) = hotroll_script::diagnostic::line_col(text, offset);
+                ConfigError::At {
+                    path: path.to_path_buf(),
+                    line,
+                    column,
+                    message,
+                }
+            }
+            None => ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message,
+            },
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: Option<Spanned<String>>,
+    coordinator: Option<Spanned<String>>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    hooks: BTreeMap<String, Spanned<RawHook>>,
+    heartbeat_interval: Option<Spanned<HumanDuration>>,
+    reconnect_max_backoff: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    services: Vec<Spanned<RawService>>,
+    /// Accepted by the grammar so the error can say "not yet" rather than "unknown key".
+    #[serde(default)]
+    beam: Vec<Spanned<toml::Table>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    command: Vec<String>,
+    timeout: Option<Spanned<HumanDuration>>,
+}
+
+// No deny_unknown_fields: serde cannot combine it with `flatten`, and the keys a later issue
+// defines for services land in `rest` until then.
+#[derive(Deserialize)]
+struct RawService {
+    name: String,
+    app: String,
+    #[serde(flatten)]
+    rest: toml::Table,
+}
+
+/// A duration written as `"500ms"`, `"30s"`, `"5m"` or `"1h"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HumanDuration(Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parse `"500ms"`, `"30s"`, `"5m"`, `"1h"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!(
+            "invalid duration `{text}`: write a whole number and a unit, e.g. \"500ms\", \"30s\", \"5m\", \"1h\""
+        )
+    };
+    let text_trimmed = text.trim();
+    let split = text_trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(bad)?;
+    let (number, unit) = text_trimmed.split_at(split);
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let millis_per_unit: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("duration `{text}` is too large"))
+}
+
+fn check_node_name(node: &str) -> Result<(), String> {
+    if node.is_empty() {
+        return Err("`node` must not be empty".into());
+    }
+    if node.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "node name `{node}` must not contain whitespace or control characters"
+        ));
+    }
+    Ok(())
+}
+
+fn check_coordinator(address: &str) -> Result<(), String> {
+    let rest = address.strip_prefix("http://").ok_or_else(|| {
+        format!(
+            "coordinator address `{address}` must start with http:// (TLS is not supported yet)"
+        )
+    })?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!(
+            "coordinator address `{address}` names no host, e.g. http://10.0.0.1:7070"
+        ));
+    }
+    tonic::transport::Endpoint::from_shared(address.to_string())
+        .map(|_| ())
+        .map_err(|e| format!("coordinator address `{address}` is not a valid URI: {e}"))
+}
+
+fn default_node_name() -> Result<String, String> {
+    let host = nix::unistd::gethostname()
+        .map_err(|e| format!("`node` is not set and the host name cannot be read: {e}"))?;
+    let host = host
+        .into_string()
+        .map_err(|_| "`node` is not set and the host name is not UTF-8".to_string())?;
+    check_node_name(&host)
+        .map_err(|e| format!("`node` is not set and the host name is unusable: {e}"))?;
+    Ok(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(Path::new("/etc/hotroll/agent.toml"), text)
+    }
+
+    #[test]
+    fn parses_the_documented_example() -> Result<(), ConfigError> {
+        let config = parse(
+            r#"
+node = "node-1"
+coordinator = "http://127.0.0.1:7070"
+data_dir = "/var/lib/hotroll"
+labels = { role = "miner", zone = "a" }
+
+[hooks]
+disk_space = { command = ["sh", "-c", "test $(df --output=avail -k / | tail -1) -gt 1000000"], timeout = "10s" }
+migrate    = { command = ["/usr/local/bin/migrate"], timeout = "5m" }
+
+[[services]]
+name = "primes"
+app = "primes"
+command = "bin/primes"
+"#,
+        )?;
+        assert_eq!(config.node, "node-1");
+        assert_eq!(config.labels.get("role").map(String::as_str), Some("miner"));
+        assert_eq!(
+            config.hooks.get("migrate").and_then(|h| h.timeout),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(
+            config.hooks.get("disk_space").map(|h| h.command.len()),
+            Some(3)
+        );
+        assert_eq!(config.services.len(), 1);
+        assert!(config.services[0].rest.contains_key("command"));
+        assert_eq!(config.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+        Ok(())
+    }
+
+    #[test]
+    fn defaults_apply() -> Result<(), ConfigError> {
+        let config = parse("")?;
+        assert!(!config.node.is_empty());
+        assert_eq!(config.coordinator, DEFAULT_COORDINATOR);
+        assert_eq!(config.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_position() {
+        let err = parse("node = \"a\"\ncoordinatr = \"http://x:1\"\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("/etc/hotroll/agent.toml:2:1: "), "{err}");
+        assert!(err.contains("coordinatr"), "{err}");
+
+        let err = parse("[hooks]\nx = { command = [\"true\"], tmeout = \"1s\" }\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("tmeout"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_checked() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("3d").is_err());
+
+        let err = parse("heartbeat_interval = \"5 parsecs\"\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains(":1:") && err.contains("invalid duration"),
+            "{err}"
+        );
+        assert!(parse("reconnect_max_backoff = \"0s\"\n").is_err());
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(parse("coordinator = \"127.0.0.1:7070\"\n").is_err());
+        assert!(parse("coordinator = \"https://c:7070\"\n").is_err());
+        assert!(parse("node = \"\"\n").is_err());
+        assert!(parse("node = \"a b\"\n").is_err());
+        assert!(parse("[hooks]\nx = { command = [] }\n").is_err());
+        assert!(
+            parse(
+                "[[services]]\nname = \"a\"\napp = \"a\"\n[[services]]\nname = \"a\"\napp = \"b\"\n"
+            )
+            .is_err()
+        );
+        let err = parse("[[beam]]\nnode = \"x@y\"\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("not supported by this agent yet"), "{err}");
+    }
+
+    #[test]
+    fn overrides_are_validated() -> Result<(), ConfigError> {
+        let mut config = parse("node = \"a\"\n")?;
+        config.apply_overrides(Some("b".into()), Some("http://c:1".into()))?;
+        assert_eq!(
+            (config.node.as_str(), config.coordinator.as_str()),
+            ("b", "http://c:1")
+        );
+        assert!(config.apply_overrides(Some(String::new()), None).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,267 @@
+//! Runtimes: how the instructions that change a node (DESIGN §3) are carried out. The executor
+//! runs `sync_nodes`, `point_of_no_return`, and the hook forms of `check` and `apply` itself;
+//! everything else goes through a [`Runtime`]. The process runtime (releases, services, handover)
+//! and the BEAM runtime plug in here.
+//!
+//! The trait returns boxed futures so that it stays object safe (`Arc<dyn Runtime>`) without
+//! `async_trait`.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use hotroll_script::{ChangeMode, Located};
+
+use crate::cancel::CancelToken;
+use crate::report::StepList;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a runtime operation produced: captured output for the step report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepOutput {
+    pub output: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RuntimeError {
+    /// The script was validated against [`Runtime::supported_instructions`], so this only shows
+    /// up if a runtime lists an instruction it does not implement.
+    #[error("instruction `{0}` is not supported by this agent yet")]
+    Unsupported(&'static str),
+    #[error("{message}")]
+    Failed { message: String, output: String },
+}
+
+impl RuntimeError {
+    pub fn failed(message: impl Into<String>) -> Self {
+        RuntimeError::Failed {
+            message: message.into(),
+            output: String::new(),
+        }
+    }
+
+    pub fn output(&self) -> &str {
+        match self {
+            RuntimeError::Unsupported(_) => "",
+            RuntimeError::Failed { output, .. } => output,
+        }
+    }
+}
+
+pub type StepResult = Result<StepOutput, RuntimeError>;
+
+/// An artifact of the rollout, as RunScript names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactRef {
+    pub name: String,
+    pub digest: String,
+    pub size: u64,
+    pub mode: u32,
+    pub unpack: bool,
+}
+
+/// The rollout a runtime operation belongs to.
+#[derive(Debug, Clone)]
+pub struct RolloutContext {
+    pub rollout_id: String,
+    pub epoch: u64,
+    pub node: String,
+    pub app: String,
+    pub from: String,
+    pub to: String,
+    pub artifacts: Vec<ArtifactRef>,
+    pub data_dir: PathBuf,
+}
+
+/// One instruction being run.
+#[derive(Debug, Clone)]
+pub struct StepContext<'a> {
+    pub rollout: &'a RolloutContext,
+    pub list: StepList,
+    /// Index into `list`.
+    pub step: usize,
+    /// The instruction's deadline. The executor enforces it too (cancel, then a short grace);
+    /// a runtime uses it to bound its own waits.
+    pub deadline: Duration,
+    /// Fired on abort, rollback, shutdown or deadline: stop, clean up, return.
+    pub cancel: CancelToken,
+}
+
+/// An app and its releases on this node, for Hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppStatus {
+    pub app: String,
+    /// Version `current` names; empty when the node never had the app.
+    pub current: String,
+    pub permanent: String,
+}
+
+fn unsupported<'a>(name: &'static str) -> BoxFuture<'a, StepResult> {
+    Box::pin(async move { Err(RuntimeError::Unsupported(name)) })
+}
+
+/// The operations of a runtime. Every instruction method defaults to "not supported"; a runtime
+/// overrides the ones it implements and lists them in [`Runtime::supported_instructions`], which
+/// the agent uses to refuse a script before anything runs.
+pub trait Runtime: Send + Sync + 'static {
+    /// For logs.
+    fn name(&self) -> &'static str;
+
+    /// Names (as in scripts) of the instructions this runtime carries out.
+    fn supported_instructions(&self) -> BTreeSet<&'static str>;
+
+    /// Whether `check` with `modules` (an old-code check) is supported.
+    fn supports_module_checks(&self) -> bool {
+        false
+    }
+
+    /// Apps on this node with their current and permanent versions.
+    fn apps(&self) -> Vec<AppStatus>;
+
+    fn load_object_code<'a>(
+        &'a self,
+        _ctx: &'a StepContext<'a>,
+        _artifacts: &'a [Located<String>],
+    ) -> BoxFuture<'a, StepResult> {
+        unsupported("load_object_code")
+    }
+
+    fn check_modules<'a>(
+        &'a self,
+        _ctx: &'a StepContext<'a>,
+        _modules: &'a [Located<String>],
+    ) -> BoxFuture<'a, StepResult> {
+        unsupported("check")
+    }
+
+    fn suspend<'a>(
+        &'a self,
+        _ctx: &'a StepContext<'a>,
+        _targets: &'a [Located<String>],
+    ) -> BoxFuture<'a, StepResult> {
+        unsupported("suspend")
+    }
+
+    fn load<'a>(
+        &'a self,
+        _ctx: &'a StepContext<'a>,
+        _targets: &'a [Located<String>],
+    ) -> BoxFuture<'a, StepResult> {
+        unsupported("load")
+    }
+
+    fn code_change<'a>(
+        &'a self,
+        _ctx: &'a StepContext<'a>,
+        _targets: &'a [Located<String>],
+        _extra: Option<&'a str>,
+        _mode: ChangeMode,
+    ) -> BoxFuture<'a, StepResult> {
+        unsupported("code_change")
+    }
+
+    fn resume<'a>(
+        &'a self,
+        _ctx: &'a StepContext<'a>,
+        _targets: &'a [Located<String>],
+    ) -> BoxFuture<'a, StepResult> {
+        unsupported("resume")
+    }
+
+    fn stop<'a>(
+        &'a self,
+        _ctx: &'a StepContext<'a>,
+        _targets: &'a [Located<String>],
+    ) -> BoxFuture<'a, StepResult> {
+        unsupported("stop")
+    }
+
+    fn start<'a>(
+        &'a self,
+        _ctx: &'a StepContext<'a>,
+        _targets: &'a [Located<String>],
+    ) -> BoxFuture<'a, StepResult> {
+        unsupported("start")
+    }
+
+    fn restart<'a>(
+        &'a self,
+        _ctx: &'a StepContext<'a>,
+        _targets: &'a [Located<String>],
+    ) -> BoxFuture<'a, StepResult> {
+        unsupported("restart")
+    }
+
+    fn health<'a>(
+        &'a self,
+        _ctx: &'a StepContext<'a>,
+        _service: &'a Located<String>,
+    ) -> BoxFuture<'a, StepResult> {
+        unsupported("health")
+    }
+
+    fn purge<'a>(
+        &'a self,
+        _ctx: &'a StepContext<'a>,
+        _targets: &'a [Located<String>],
+        _brutal: bool,
+    ) -> BoxFuture<'a, StepResult> {
+        unsupported("purge")
+    }
+
+    fn restart_new_emulator<'a>(&'a self, _ctx: &'a StepContext<'a>) -> BoxFuture<'a, StepResult> {
+        unsupported("restart_new_emulator")
+    }
+
+    /// After MakePermanent: the new release becomes the one a rollback or a restart returns to;
+    /// deferred purges run.
+    fn make_permanent<'a>(
+        &'a self,
+        ctx: &'a RolloutContext,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>>;
+
+    /// After a failure or Abort before the point of no return: drop whatever was staged.
+    fn discard<'a>(&'a self, ctx: &'a RolloutContext) -> BoxFuture<'a, Result<(), RuntimeError>>;
+
+    /// After the point of no return, for a script without a `down` list: make the permanent
+    /// release current again and restart the app's services on it.
+    fn default_rollback<'a>(&'a self, ctx: &'a StepContext<'a>) -> BoxFuture<'a, StepResult>;
+}
+
+/// The runtime of an agent that can only run hooks: it supports no runtime instruction, so a
+/// script using one is refused before anything runs; with nothing staged or activated, the
+/// lifecycle operations have nothing to do and succeed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HooksOnlyRuntime;
+
+impl Runtime for HooksOnlyRuntime {
+    fn name(&self) -> &'static str {
+        "hooks-only"
+    }
+
+    fn supported_instructions(&self) -> BTreeSet<&'static str> {
+        BTreeSet::new()
+    }
+
+    fn apps(&self) -> Vec<AppStatus> {
+        Vec::new()
+    }
+
+    fn make_permanent<'a>(
+        &'a self,
+        _ctx: &'a RolloutContext,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn discard<'a>(&'a self, _ctx: &'a RolloutContext) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn default_rollback<'a>(&'a self, _ctx: &'a StepContext<'a>) -> BoxFuture<'a, StepResult> {
+        Box::pin(async { Ok(StepOutput::default()) })
+    }
+}
