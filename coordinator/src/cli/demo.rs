@@ -68,7 +68,7 @@ fn agent_config(dir: &Path, url: &str, index: u32, journal: &Path) -> hotroll_ag
     config.labels.insert("role".into(), "demo".into());
     config.labels.insert(
         "zone".into(),
-        if index % 2 == 0 { "b" } else { "a" }.to_string(),
+        if index.is_multiple_of(2) { "b" } else { "a" }.to_string(),
     );
     config.hooks.insert(
         "preflight".into(),
