@@ -14,6 +14,8 @@ pub mod outbox;
 pub mod report;
 pub mod runtime;
 mod session;
+
+pub use session::{Dialer, tcp_dialer};
 mod wire;
 
 use std::future::Future;
@@ -56,6 +58,16 @@ pub async fn run_with_runtime(
     runtime: Arc<dyn Runtime>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    run_with(config, runtime, tcp_dialer(), shutdown).await
+}
+
+/// [`run`] with a given runtime and a given way to reach the coordinator (network simulations).
+pub async fn run_with(
+    config: Config,
+    runtime: Arc<dyn Runtime>,
+    dialer: Dialer,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|error| AgentError::DataDir {
         path: config.data_dir.clone(),
         error,
@@ -86,6 +98,7 @@ pub async fn run_with_runtime(
     let sessions = session::Sessions {
         env: &env,
         boot_generation,
+        dialer,
     };
     // The session loop returns only once `stop` fires, which happens only after `shutdown`
     // resolved, so joining the two ends.

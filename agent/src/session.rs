@@ -40,10 +40,31 @@ const SILENT_INTERVALS: u32 = 3;
 const MIN_HEARTBEAT: Duration = Duration::from_millis(50);
 const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
 
+/// How the agent opens a connection to the coordinator. The default dials TCP; a network
+/// simulation (turmoil) passes its own.
+pub type Dialer = std::sync::Arc<
+    dyn Fn(
+            Endpoint,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Result<tonic::transport::Channel, tonic::transport::Error>,
+                    > + Send,
+            >,
+        > + Send
+        + Sync,
+>;
+
+/// The dialer of real deployments: TCP to the endpoint's address.
+pub fn tcp_dialer() -> Dialer {
+    std::sync::Arc::new(|endpoint: Endpoint| Box::pin(async move { endpoint.connect().await }))
+}
+
 /// The session loop's fixed inputs.
 pub struct Sessions<'a> {
     pub env: &'a Env,
     pub boot_generation: u64,
+    pub dialer: Dialer,
 }
 
 /// How one session ended.
@@ -171,7 +192,7 @@ impl Sessions<'_> {
             Err(e) => return lost(format!("invalid coordinator address: {}", chain(&e))),
         };
         let channel = tokio::select! {
-            connected = endpoint.connect() => match connected {
+            connected = (self.dialer)(endpoint) => match connected {
                 Ok(channel) => channel,
                 Err(e) => return lost(format!("cannot connect: {}", chain(&e))),
             },

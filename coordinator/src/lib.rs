@@ -19,4 +19,4 @@ pub mod server;
 pub mod session;
 pub mod store;
 
-pub use server::{ServerConfig, run};
+pub use server::{ServerConfig, run, serve};

@@ -60,6 +60,30 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "coordinator listening");
+    }
+    serve(TcpListenerStream::new(listener), store, config, shutdown).await
+}
+
+/// [`run`] over any stream of connections: what network simulations (turmoil) call.
+pub async fn serve<I, IO, IE>(
+    incoming: I,
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError>
+where
+    I: futures::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let registry = Arc::new(Registry::load(store.clone())?);
     let rollouts = Arc::new(Rollouts::new(
         store.clone(),
@@ -82,9 +106,6 @@ pub async fn run(
         rollouts,
         artifacts,
     };
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "coordinator listening");
-    }
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.heartbeat_interval))
         .http2_keepalive_timeout(Some(config.heartbeat_interval * 3))
@@ -99,7 +120,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

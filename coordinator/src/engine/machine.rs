@@ -663,19 +663,22 @@ impl Rollout {
             }
             Outcome::Aborted => {
                 let ok = match state {
-                    NodeState::Pending | NodeState::Preparing | NodeState::Prepared => true,
+                    NodeState::Pending | NodeState::Preparing | NodeState::Prepared => !committed,
+                    // Told to roll back before the Commit reached it: it never crossed the point
+                    // of no return, so it discards its staging instead — the same end.
+                    NodeState::Committing | NodeState::RollingBack => committed && told_rollback,
                     // A node given up on (lost, silent) that comes back and aborts.
                     NodeState::Failed => !self.track[i].confirmed,
                     _ => false,
                 };
-                if committed || !ok {
+                if !ok {
                     return;
                 }
                 let t = &mut self.track[i];
                 t.confirmed = true;
                 t.deadline = None;
                 self.set_node_state(i, NodeState::Aborted, error, out);
-                if !is_final && !told_abort {
+                if !is_final && !told_abort && !told_rollback {
                     let reason = format!("node {name} aborted{detail}");
                     self.fail_node(now, i, reason, How::Reported, out);
                 }
@@ -1354,6 +1357,15 @@ impl Rollout {
             t.grace = None;
         }
         self.close_barriers(None, out);
+        // A node that is away when the rollout ends cannot say where it stands: show it failed
+        // rather than forever "preparing". It is told again when it returns, and its late
+        // outcome (aborted, rolled back) still replaces this.
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].connected && !self.nodes[i].state.is_settled() {
+                let error = Some("unreachable when the rollout ended".to_string());
+                self.set_node_state(i, NodeState::Failed, error, out);
+            }
+        }
         self.set_rollout_state(state, reason, out);
     }
 

@@ -2128,3 +2128,54 @@ mod random {
         Ok(())
     }
 }
+
+#[test]
+fn a_node_away_when_the_rollout_aborts_is_shown_failed_until_it_reports() {
+    let mut h = H::started(spec(&["a", "b", "c"], one_wave(), vec![pre()]));
+    h.at(1_000);
+    h.arrive("a", "pre");
+    h.arrive("b", "pre");
+    h.started_step("c", 0);
+    h.at(10_000);
+    h.step_ok("c", 0);
+    h.started_step("c", 1);
+    // c drops off just before the barrier deadline, which comes before its grace ends.
+    h.at(1_000 + BARRIER - 100);
+    h.lost("c");
+    h.tick(1_000 + BARRIER);
+    assert_eq!(h.r.state(), R::Aborted);
+    assert_eq!(
+        h.state_of("c"),
+        NodeState::Failed,
+        "not forever `preparing`"
+    );
+    let error = h.node("c").error.clone().unwrap_or_default();
+    assert!(error.contains("unreachable"), "{error}");
+    // Back, it hears the abort again and its confirmation replaces the guess.
+    assert_eq!(aborts(&h.restored("c")), s(&["c"]));
+    h.outcome("c", Outcome::Aborted);
+    assert_eq!(h.state_of("c"), NodeState::Aborted);
+    assert_eq!(h.r.state(), R::Aborted);
+}
+
+#[test]
+fn a_node_told_to_roll_back_before_its_commit_arrived_may_answer_aborted() {
+    let mut h = H::started(spec(
+        &["a", "b"],
+        policy(OnFailure::RollbackNode, 0, 0, 1),
+        vec![],
+    ));
+    h.prepare_all();
+    // Commit went out to both; b's connection died with it and b stays away past the grace.
+    h.at(1_000);
+    h.lost("b");
+    h.commit("a");
+    let out = h.tick(1_000 + GRACE);
+    assert_eq!(rollbacks(&out), s(&["b"]));
+    assert_eq!(h.state_of("b"), NodeState::Failed);
+    // b comes back still prepared: it never crossed the point of no return, so it aborts.
+    h.restored("b");
+    h.outcome("b", Outcome::Aborted);
+    assert_eq!(h.state_of("b"), NodeState::Aborted);
+    assert_eq!(h.r.failures(), 1, "counted once");
+}
