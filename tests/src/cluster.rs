@@ -1,0 +1,797 @@
+//! A local cluster: one coordinator (`hotroll serve`) and N agents (`hotroll-agent`), each a real
+//! process, in one temp dir, on 127.0.0.1 with a free port.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::bins::{Binaries, binaries};
+use crate::hooks::{Hook, Mark, read_marks};
+use crate::poll::poll;
+use crate::process::Process;
+use crate::status;
+
+/// How a cluster is set up. Build it with the methods; `Default` is what the e2e tests use.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// `hotroll serve --heartbeat-interval`.
+    pub heartbeat_interval: String,
+    /// `hotroll serve --session-grace`.
+    pub session_grace: String,
+    /// `hotroll serve --step-slack`.
+    pub step_slack: String,
+    /// More arguments for `hotroll serve`.
+    pub coordinator_args: Vec<String>,
+    /// Hooks every agent declares.
+    pub hooks: BTreeMap<String, Hook>,
+    /// Per node (1-based): hooks that replace or add to [`ClusterOptions::hooks`].
+    pub node_hooks: BTreeMap<usize, BTreeMap<String, Hook>>,
+    /// Labels every agent has.
+    pub labels: BTreeMap<String, String>,
+    /// Per node (1-based): labels that replace or add to [`ClusterOptions::labels`].
+    pub node_labels: BTreeMap<usize, BTreeMap<String, String>>,
+    /// Raw TOML appended to every `agent.toml` (top-level keys must come before `[hooks]`, so
+    /// this is for further tables).
+    pub agent_toml_extra: String,
+    /// Environment for every process (coordinator and agents). `RUST_LOG` defaults to the
+    /// test's own `RUST_LOG`, else `info`.
+    pub env: Vec<(String, String)>,
+    /// How long `start` waits for the coordinator to listen and every agent to connect.
+    pub ready_timeout: Duration,
+    /// Whether `start` waits for every agent to show as connected.
+    pub wait_connected: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: "500ms".into(),
+            session_grace: "3s".into(),
+            step_slack: "5s".into(),
+            coordinator_args: Vec::new(),
+            hooks: BTreeMap::new(),
+            node_hooks: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            node_labels: BTreeMap::new(),
+            agent_toml_extra: String::new(),
+            env: Vec::new(),
+            ready_timeout: Duration::from_secs(20),
+            wait_connected: true,
+        }
+    }
+}
+
+impl ClusterOptions {
+    pub fn heartbeat_interval(mut self, d: &str) -> Self {
+        self.heartbeat_interval = d.into();
+        self
+    }
+
+    pub fn session_grace(mut self, d: &str) -> Self {
+        self.session_grace = d.into();
+        self
+    }
+
+    pub fn step_slack(mut self, d: &str) -> Self {
+        self.step_slack = d.into();
+        self
+    }
+
+    pub fn coordinator_arg(mut self, arg: &str) -> Self {
+        self.coordinator_args.push(arg.into());
+        self
+    }
+
+    /// Declare `name` on every agent.
+    pub fn hook(mut self, name: &str, hook: Hook) -> Self {
+        self.hooks.insert(name.into(), hook);
+        self
+    }
+
+    /// Declare `name` on node `node` (1-based) only, or override the common one there.
+    pub fn node_hook(mut self, node: usize, name: &str, hook: Hook) -> Self {
+        self.node_hooks
+            .entry(node)
+            .or_default()
+            .insert(name.into(), hook);
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// A label of node `node` (1-based) only.
+    pub fn node_label(mut self, node: usize, key: &str, value: &str) -> Self {
+        self.node_labels
+            .entry(node)
+            .or_default()
+            .insert(key.into(), value.into());
+        self
+    }
+
+    pub fn agent_toml_extra(mut self, toml: &str) -> Self {
+        self.agent_toml_extra.push_str(toml);
+        self.agent_toml_extra.push('\n');
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    pub fn wait_connected(mut self, wait: bool) -> Self {
+        self.wait_connected = wait;
+        self
+    }
+}
+
+/// One agent of a cluster.
+#[derive(Debug)]
+pub struct Agent {
+    /// `node-<i>`.
+    pub name: String,
+    /// The node's directory (config, data dir, marker file).
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    /// The marker file the [`Hook::mark`] hooks append to.
+    pub marks: PathBuf,
+    pub process: Process,
+}
+
+/// What a `hotroll` client command did.
+#[derive(Debug, Clone)]
+pub struct CmdOutput {
+    /// Exit code; `None` when it was killed by a signal.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOutput {
+    /// The stdout parsed as JSON.
+    pub fn json(&self) -> anyhow::Result<Value> {
+        serde_json::from_str(&self.stdout).with_context(|| {
+            format!(
+                "output is not JSON (exit {:?})\nstdout: {}\nstderr: {}",
+                self.code, self.stdout, self.stderr
+            )
+        })
+    }
+
+    /// Fail unless the command exited 0.
+    pub fn ok(self) -> anyhow::Result<Self> {
+        if self.code != Some(0) {
+            bail!(
+                "command exited {:?}\nstdout: {}\nstderr: {}",
+                self.code,
+                self.stdout,
+                self.stderr
+            );
+        }
+        Ok(self)
+    }
+}
+
+/// The outcome of `hotroll rollout start FILE --wait --output json`.
+#[derive(Debug, Clone)]
+pub struct WaitedRollout {
+    pub id: String,
+    /// Exit code of the CLI (0 succeeded, 3 not succeeded, 1 error).
+    pub code: Option<i32>,
+    /// The final status the CLI printed.
+    pub status: Value,
+    pub output: CmdOutput,
+}
+
+/// A running cluster. Dropping it kills every process; when the thread is panicking (a failed
+/// test) it first prints the tail of every process's log. Set `HOTROLL_KEEP_TEMP=1` to keep the
+/// temp dir (its path is printed).
+#[derive(Debug)]
+pub struct Cluster {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+    port: u16,
+    url: String,
+    bins: Binaries,
+    coordinator: Process,
+    agents: Vec<Agent>,
+    options: ClusterOptions,
+}
+
+/// Default timeout of a client command.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Cluster {
+    /// Start a coordinator and `agents` agents named `node-1` ... `node-<agents>`, and wait until
+    /// the coordinator lists all of them as connected.
+    pub fn start(agents: usize, options: ClusterOptions) -> anyhow::Result<Self> {
+        let bins = binaries()?.clone();
+        let dir = tempfile::Builder::new()
+            .prefix("hotroll-e2e-")
+            .tempdir()
+            .context("cannot create a temp dir")?;
+        let path = dir.path().to_path_buf();
+        for sub in ["logs", "scripts", "coordinator"] {
+            std::fs::create_dir_all(path.join(sub))?;
+        }
+        let placeholder = Process::new(
+            "coordinator",
+            &bins.hotroll,
+            Vec::<String>::new(),
+            &path,
+            path.join("logs/coordinator.log"),
+        );
+        let mut cluster = Self {
+            dir: Some(dir),
+            path,
+            port: 0,
+            url: String::new(),
+            bins,
+            coordinator: placeholder,
+            agents: Vec::new(),
+            options,
+        };
+        if let Err(e) = cluster.boot(agents) {
+            let logs = cluster.log_tails(40);
+            return Err(e.context(format!("the cluster did not start; logs:\n{logs}")));
+        }
+        Ok(cluster)
+    }
+
+    fn boot(&mut self, agents: usize) -> anyhow::Result<()> {
+        self.start_coordinator()?;
+        for i in 1..=agents {
+            let agent = self.make_agent(i)?;
+            self.agents.push(agent);
+            let agent = self.agents.last_mut().context("no agent")?;
+            agent.process.start()?;
+        }
+        if self.options.wait_connected {
+            self.wait_ready(self.options.ready_timeout)?;
+        }
+        Ok(())
+    }
+
+    /// Wait until every agent shows as connected; fails at once if one of them exits.
+    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let names = self.node_names();
+        let deadline = Instant::now() + timeout;
+        loop {
+            for agent in &mut self.agents {
+                if let Some(status) = agent.process.exit_status() {
+                    bail!("agent {} exited: {status}", agent.name);
+                }
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let step = remaining.min(Duration::from_millis(500));
+            match self.wait_connected(&names, step) {
+                Ok(()) => return Ok(()),
+                Err(e) if remaining <= step => {
+                    return Err(e.context(format!("agents not connected after {timeout:?}")));
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Pick a free port, start `hotroll serve` on it and wait until it accepts connections;
+    /// on a lost race for the port, try another one.
+    fn start_coordinator(&mut self) -> anyhow::Result<()> {
+        let data_dir = self.path.join("coordinator/data");
+        let mut last_error = None;
+        for _attempt in 0..5 {
+            let port = free_port()?;
+            let listen = format!("127.0.0.1:{port}");
+            let mut args = vec![
+                "serve".to_string(),
+                "--listen".into(),
+                listen,
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+                "--heartbeat-interval".into(),
+                self.options.heartbeat_interval.clone(),
+                "--session-grace".into(),
+                self.options.session_grace.clone(),
+                "--step-slack".into(),
+                self.options.step_slack.clone(),
+            ];
+            args.extend(self.options.coordinator_args.iter().cloned());
+            let mut process = Process::new(
+                "coordinator",
+                &self.bins.hotroll,
+                args,
+                &self.path,
+                self.path.join("logs/coordinator.log"),
+            );
+            self.apply_env(&mut process);
+            process.start()?;
+            self.port = port;
+            self.url = format!("http://127.0.0.1:{port}");
+            self.coordinator = process;
+            match self.wait_listening(self.options.ready_timeout) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let log = self.coordinator.log_tail(20);
+                    let lost_race =
+                        log.contains("cannot listen") || log.contains("Address already in use");
+                    self.coordinator.kill()?;
+                    if !lost_race {
+                        return Err(e.context(format!("coordinator log:\n{log}")));
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no free port")))
+            .context("cannot start the coordinator")
+    }
+
+    /// Wait until the coordinator's port accepts TCP connections; fails at once if the
+    /// coordinator exits.
+    pub fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.coordinator.exit_status() {
+                bail!("the coordinator exited: {status}");
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                // A connection to someone else's listener would be followed by our exit.
+                std::thread::sleep(Duration::from_millis(20));
+                if let Some(status) = self.coordinator.exit_status() {
+                    bail!("the coordinator exited: {status}");
+                }
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("the coordinator does not listen on {addr} after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn apply_env(&self, process: &mut Process) {
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        process.env("RUST_LOG", rust_log);
+        process.env("NO_COLOR", "1");
+        for (k, v) in &self.options.env {
+            process.env(k, v);
+        }
+    }
+
+    fn make_agent(&self, index: usize) -> anyhow::Result<Agent> {
+        let name = node_name(index);
+        let dir = self.path.join(&name);
+        let data_dir = dir.join("data");
+        std::fs::create_dir_all(&data_dir)?;
+        let config = dir.join("agent.toml");
+        let marks = dir.join("marks");
+        let vars = [
+            ("{marks}", marks.display().to_string()),
+            ("{node}", name.clone()),
+            ("{node_dir}", dir.display().to_string()),
+            ("{cluster_dir}", self.path.display().to_string()),
+        ];
+        let mut labels = self.options.labels.clone();
+        if let Some(extra) = self.options.node_labels.get(&index) {
+            labels.extend(extra.clone());
+        }
+        let mut hooks = self.options.hooks.clone();
+        if let Some(extra) = self.options.node_hooks.get(&index) {
+            hooks.extend(extra.clone());
+        }
+        let mut doc = toml::Table::new();
+        doc.insert("node".into(), name.clone().into());
+        doc.insert("coordinator".into(), self.url.clone().into());
+        doc.insert("data_dir".into(), data_dir.display().to_string().into());
+        doc.insert(
+            "labels".into(),
+            toml::Value::Table(
+                labels
+                    .into_iter()
+                    .map(|(k, v)| (k, toml::Value::String(v)))
+                    .collect(),
+            ),
+        );
+        doc.insert(
+            "hooks".into(),
+            toml::Value::Table(
+                hooks
+                    .iter()
+                    .map(|(k, h)| (k.clone(), h.to_toml(&vars)))
+                    .collect(),
+            ),
+        );
+        let mut text = toml::to_string(&doc).context("cannot render agent.toml")?;
+        if !self.options.agent_toml_extra.is_empty() {
+            text.push('\n');
+            text.push_str(&self.options.agent_toml_extra);
+        }
+        std::fs::write(&config, text)
+            .with_context(|| format!("cannot write {}", config.display()))?;
+        let mut process = Process::new(
+            name.clone(),
+            &self.bins.agent,
+            ["--config".to_string(), config.display().to_string()],
+            &dir,
+            self.path.join(format!("logs/{name}.log")),
+        );
+        self.apply_env(&mut process);
+        Ok(Agent {
+            name,
+            dir,
+            config,
+            data_dir,
+            marks,
+            process,
+        })
+    }
+
+    /// The cluster's temp dir.
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn binaries(&self) -> &Binaries {
+        &self.bins
+    }
+
+    /// SIGKILL the coordinator, start it again on the same port and data dir, and wait until
+    /// it listens (agents reconnect on their own; see [`Cluster::wait_all_connected`]).
+    pub fn restart_coordinator(&mut self) -> anyhow::Result<()> {
+        self.coordinator.restart()?;
+        self.wait_listening(self.options.ready_timeout)
+    }
+
+    /// The coordinator process.
+    pub fn coordinator(&mut self) -> &mut Process {
+        &mut self.coordinator
+    }
+
+    /// Number of agents.
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+
+    /// The names of every node, `node-1` first.
+    pub fn node_names(&self) -> Vec<String> {
+        self.agents.iter().map(|a| a.name.clone()).collect()
+    }
+
+    /// Agent `i` (1-based, matching `node-<i>`).
+    pub fn agent_info(&self, i: usize) -> &Agent {
+        assert!(
+            (1..=self.agents.len()).contains(&i),
+            "agent {i} does not exist (agents are 1..={})",
+            self.agents.len()
+        );
+        &self.agents[i - 1]
+    }
+
+    /// The process of agent `i` (1-based).
+    pub fn agent(&mut self, i: usize) -> &mut Process {
+        let _ = self.agent_info(i);
+        &mut self.agents[i - 1].process
+    }
+
+    /// Marks of node `i` (1-based), in the order they were written.
+    pub fn marks(&self, i: usize) -> anyhow::Result<Vec<Mark>> {
+        read_marks(&self.agent_info(i).marks)
+    }
+
+    /// The time (ns) of node `i`'s first mark labelled `label`.
+    pub fn mark_time(&self, i: usize, label: &str) -> anyhow::Result<Option<u128>> {
+        Ok(self
+            .marks(i)?
+            .into_iter()
+            .find(|m| m.label == label)
+            .map(|m| m.ns))
+    }
+
+    /// Write `text` to `scripts/<name>` in the cluster's dir and return its path.
+    pub fn write_script(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+        let path = self.path.join("scripts").join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Run `hotroll ARGS` against this cluster's coordinator (`--coordinator` is added for the
+    /// `nodes` and `rollout` commands, and `HOTROLL_COORDINATOR` is set for all).
+    pub fn hotroll(&self, args: &[&str]) -> anyhow::Result<CmdOutput> {
+        self.hotroll_timeout(args, CLI_TIMEOUT)
+    }
+
+    /// [`Cluster::hotroll`] with an explicit timeout (the command is killed after it).
+    pub fn hotroll_timeout(&self, args: &[&str], timeout: Duration) -> anyhow::Result<CmdOutput> {
+        let mut command = Command::new(&self.bins.hotroll);
+        command.args(args);
+        if matches!(args.first(), Some(&"nodes") | Some(&"rollout")) {
+            command.args(["--coordinator", &self.url]);
+        }
+        command
+            .env("HOTROLL_COORDINATOR", &self.url)
+            .env("NO_COLOR", "1")
+            .current_dir(&self.path);
+        run_command(command, timeout).with_context(|| format!("hotroll {}", args.join(" ")))
+    }
+
+    /// `hotroll nodes --output json`.
+    pub fn nodes(&self) -> anyhow::Result<Value> {
+        self.hotroll(&["nodes", "--output", "json"])?.ok()?.json()
+    }
+
+    /// Wait until the named nodes are listed as connected.
+    pub fn wait_connected(&self, names: &[String], timeout: Duration) -> anyhow::Result<()> {
+        poll(
+            &format!("{} to be connected", names.join(", ")),
+            timeout,
+            Duration::from_millis(100),
+            || {
+                let nodes = self.nodes()?;
+                let connected = names.iter().all(|name| {
+                    nodes.as_array().is_some_and(|all| {
+                        all.iter()
+                            .any(|n| n["name"] == name.as_str() && n["connected"] == true)
+                    })
+                });
+                Ok(connected.then_some(()))
+            },
+        )
+    }
+
+    /// Wait until every agent of the cluster is listed as connected.
+    pub fn wait_all_connected(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_connected(&self.node_names(), timeout)
+    }
+
+    /// `hotroll rollout start SCRIPT EXTRA.. --output json` (no wait): the rollout id.
+    pub fn start_rollout(&self, script: &Path, extra: &[&str]) -> anyhow::Result<String> {
+        let script = script.display().to_string();
+        let mut args = vec!["rollout", "start", script.as_str(), "--output", "json"];
+        args.extend_from_slice(extra);
+        let output = self.hotroll(&args)?.ok()?;
+        let json = output.json()?;
+        json["id"]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("no `id` in {json}"))
+    }
+
+    /// `hotroll rollout start SCRIPT EXTRA.. --wait --output json`, killed after `timeout`.
+    pub fn run_rollout(
+        &self,
+        script: &Path,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<WaitedRollout> {
+        let script = script.display().to_string();
+        let wait_timeout = format!("{}s", timeout.as_secs().max(1));
+        let mut args = vec![
+            "rollout",
+            "start",
+            script.as_str(),
+            "--wait",
+            "--wait-timeout",
+            wait_timeout.as_str(),
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let output = self.hotroll_timeout(&args, timeout + Duration::from_secs(10))?;
+        let status = output.json()?;
+        let id = status["id"]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("no `id` in {status}"))?;
+        Ok(WaitedRollout {
+            id,
+            code: output.code,
+            status,
+            output,
+        })
+    }
+
+    /// `hotroll rollout status ID --output json`.
+    pub fn status(&self, id: &str) -> anyhow::Result<Value> {
+        self.hotroll(&["rollout", "status", id, "--output", "json"])?
+            .ok()?
+            .json()
+    }
+
+    /// Poll the status until the rollout is in a final state; returns that status.
+    pub fn wait_final(&self, id: &str, timeout: Duration) -> anyhow::Result<Value> {
+        let mut last = Value::Null;
+        poll(
+            &format!("rollout {id} to reach a final state"),
+            timeout,
+            Duration::from_millis(100),
+            || {
+                let status = self.status(id)?;
+                let done = status::is_final(status::rollout_state(&status)?);
+                last = status.clone();
+                Ok(done.then_some(status))
+            },
+        )
+        .with_context(|| format!("last status: {last}"))
+    }
+
+    /// Poll the status until `done(status)` holds; returns that status.
+    pub fn wait_status(
+        &self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let mut last = Value::Null;
+        poll(what, timeout, Duration::from_millis(100), || {
+            let status = self.status(id)?;
+            let ok = done(&status);
+            last = status.clone();
+            Ok(ok.then_some(status))
+        })
+        .with_context(|| format!("last status: {last}"))
+    }
+
+    /// Run a test body against the cluster. When it fails, print the tail of every log (the
+    /// test runner shows it with the failure) and name the cluster's dir in the error, then
+    /// stop the cluster. Panics are covered by `Drop` already; this covers `Err` returns,
+    /// after which the cluster would otherwise be dropped silently.
+    pub fn run<T>(
+        mut self,
+        body: impl FnOnce(&mut Cluster) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let result = body(&mut self);
+        if result.is_err() {
+            self.dump_logs(60);
+        }
+        result.with_context(|| {
+            format!(
+                "in cluster {} (HOTROLL_KEEP_TEMP=1 keeps it)",
+                self.path.display()
+            )
+        })
+    }
+
+    /// The tail of every process's log (and every marker file), as one text.
+    pub fn log_tails(&self, lines: usize) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(out, "===== cluster in {}", self.path.display());
+        let _ = writeln!(
+            out,
+            "----- coordinator ({}) -----\n{}",
+            self.coordinator.log_path().display(),
+            self.coordinator.log_tail(lines)
+        );
+        for agent in &self.agents {
+            let _ = writeln!(
+                out,
+                "----- {} ({}) -----\n{}",
+                agent.name,
+                agent.process.log_path().display(),
+                agent.process.log_tail(lines)
+            );
+            if let Ok(marks) = std::fs::read_to_string(&agent.marks) {
+                let _ = writeln!(out, "----- {} marks -----\n{marks}", agent.name);
+            }
+        }
+        out
+    }
+
+    /// Print [`Cluster::log_tails`] to stderr (shown by the test runner on failure).
+    pub fn dump_logs(&self, lines: usize) {
+        eprintln!("{}", self.log_tails(lines));
+    }
+
+    /// SIGCONT, SIGKILL and reap every process (agents first).
+    pub fn shutdown(&mut self) {
+        for agent in &mut self.agents {
+            if agent.process.is_stopped() {
+                let _ = agent.process.cont();
+            }
+            let _ = agent.process.kill();
+        }
+        if self.coordinator.is_stopped() {
+            let _ = self.coordinator.cont();
+        }
+        let _ = self.coordinator.kill();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs(60);
+        }
+        self.shutdown();
+        if std::env::var_os("HOTROLL_KEEP_TEMP").is_some()
+            && let Some(dir) = self.dir.take()
+        {
+            let path = dir.keep();
+            eprintln!("kept cluster dir {}", path.display());
+        }
+    }
+}
+
+/// `node-<i>`.
+pub fn node_name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind a port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Run a command to completion with captured output, killing it after `timeout`.
+pub fn run_command(mut command: Command, timeout: Duration) -> anyhow::Result<CmdOutput> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().context("cannot start the command")?;
+    let mut out = child.stdout.take().context("no stdout pipe")?;
+    let mut err = child.stderr.take().context("no stderr pipe")?;
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err.read_to_end(&mut buf);
+        buf
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
+    let Some(status) = status else {
+        bail!("timed out after {timeout:?}\nstdout: {stdout}\nstderr: {stderr}");
+    };
+    Ok(CmdOutput {
+        code: status.code(),
+        stdout,
+        stderr,
+    })
+}
