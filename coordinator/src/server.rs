@@ -8,6 +8,7 @@ use std::time::Duration;
 use hotroll_proto::v1::agent_server::AgentServer;
 use hotroll_proto::v1::control_server::ControlServer;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::artifacts::{ArtifactError, ArtifactStore};
@@ -63,7 +64,18 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "coordinator listening");
     }
-    serve(TcpListenerStream::new(listener), store, config, shutdown).await
+    // Accepted sockets need TCP_NODELAY set here: the builder's option only reaches sockets
+    // tonic accepts itself. Without it a barrier release can sit ~40 ms behind Nagle and
+    // delayed ACKs.
+    let incoming = TcpListenerStream::new(listener).map(|accepted| {
+        if let Ok(stream) = &accepted
+            && let Err(e) = stream.set_nodelay(true)
+        {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        accepted
+    });
+    serve(incoming, store, config, shutdown).await
 }
 
 /// [`run`] over any stream of connections: what network simulations (turmoil) call.
