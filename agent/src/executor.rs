@@ -157,10 +157,10 @@ impl Node {
         self.current.as_ref().is_some_and(|c| !c.task.is_finished())
     }
 
-    /// What this node allows scripts to use.
-    pub fn declared(&self) -> Declared {
+    /// What this node allows scripts of `runtime` (process or beam) to use.
+    pub fn declared(&self, runtime: hotroll_script::Runtime) -> Declared {
         let mut supported: BTreeSet<&'static str> = EXECUTOR_INSTRUCTIONS.into_iter().collect();
-        supported.extend(self.env.runtime.supported_instructions());
+        supported.extend(self.env.runtime.supported_for(runtime));
         Declared {
             hooks: self.env.config.hook_names(),
             services: self.env.config.service_names(),
@@ -314,6 +314,7 @@ impl Node {
             script.rollout.barrier_timeout = t;
         }
         let rollout = RolloutContext {
+            runtime: script.runtime,
             rollout_id: rollout_id.clone(),
             epoch,
             node: self.env.config.node.clone(),
@@ -361,7 +362,7 @@ impl Node {
 
     /// Every error that forbids running `script` here, as `FILE:LINE:COL: error: message`.
     fn check_script(&self, script: &Script, name: &str, source: &str) -> Vec<String> {
-        let declared = self.declared();
+        let declared = self.declared(script.runtime);
         let mut diagnostics: Vec<Diagnostic> = hotroll_script::validate_against(script, &declared)
             .into_iter()
             .filter(Diagnostic::is_error)
@@ -618,6 +619,7 @@ impl Run {
             state,
             error: error.to_string(),
             step: self.last_up_step,
+            apps: self.env.runtime.apps(),
         }
     }
 

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use config::{Config, ConfigError, HookConfig, ServiceConfig};
-pub use runtime::{HooksOnlyRuntime, Runtime};
+pub use runtime::{HooksOnlyRuntime, Runtime, RuntimeSet};
 pub use session::INITIAL_BACKOFF;
 
 use crate::cancel::CancelSource;
@@ -49,7 +49,7 @@ pub enum AgentError {
 /// Run the agent with the hooks-only runtime until `shutdown` resolves; then say Goodbye, stop
 /// the running rollout's step (killing its hook) and return.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
-    run_with_runtime(config, Arc::new(HooksOnlyRuntime), shutdown).await
+    run_with_runtime(config, Arc::new(RuntimeSet::default()), shutdown).await
 }
 
 /// [`run`] with a given runtime.

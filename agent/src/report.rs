@@ -110,6 +110,8 @@ pub enum Report {
         state: NodeState,
         error: String,
         step: u32,
+        /// The node's apps after this change; empty = unchanged.
+        apps: Vec<crate::runtime::AppStatus>,
     },
 }
 

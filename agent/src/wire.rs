@@ -134,12 +134,14 @@ pub fn report(report: Report) -> pb::AgentMessage {
             state,
             error,
             step,
+            apps,
         } => Out::Outcome(pb::NodeOutcome {
             rollout_id,
             epoch,
             state: node_state(state) as i32,
             error,
             step,
+            apps: apps.into_iter().map(app_state).collect(),
         }),
     })
 }

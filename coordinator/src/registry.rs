@@ -148,6 +148,24 @@ impl Registry {
         true
     }
 
+    /// Replace what the coordinator knows of a node's apps (reported with each outcome).
+    pub fn update_apps(&self, node: &str, apps: BTreeMap<String, crate::store::AppVersions>) {
+        let record = {
+            let mut nodes = self.lock();
+            let Some(entry) = nodes.get_mut(node) else {
+                return;
+            };
+            if entry.record.apps == apps {
+                return;
+            }
+            entry.record.apps = apps;
+            entry.record.clone()
+        };
+        if let Err(e) = self.store.put_node(&record) {
+            tracing::error!(node, error = %e, "cannot persist node record");
+        }
+    }
+
     pub fn touch(&self, node: &str, now: Millis) {
         if let Some(entry) = self.lock().get_mut(node) {
             entry.record.last_seen_ms = now;

@@ -115,19 +115,7 @@ impl pb::agent_server::Agent for AgentService {
         let record = NodeRecord {
             name: node.clone(),
             labels: hello.labels.clone().into_iter().collect::<BTreeMap<_, _>>(),
-            apps: hello
-                .apps
-                .iter()
-                .map(|a| {
-                    (
-                        a.app.clone(),
-                        AppVersions {
-                            current: a.current.clone(),
-                            permanent: a.permanent.clone(),
-                        },
-                    )
-                })
-                .collect(),
+            apps: app_versions(&hello.apps),
             boot_generation: hello.boot_generation,
             last_seen_ms: now_ms(),
         };
@@ -225,6 +213,20 @@ impl pb::agent_server::Agent for AgentService {
     }
 }
 
+fn app_versions(apps: &[pb::AppState]) -> BTreeMap<String, AppVersions> {
+    apps.iter()
+        .map(|a| {
+            (
+                a.app.clone(),
+                AppVersions {
+                    current: a.current.clone(),
+                    permanent: a.permanent.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
 /// Pump one session until it ends; returns why it ended.
 async fn serve_session(
     node: &str,
@@ -259,6 +261,12 @@ async fn serve_session(
                     }
                     AgentMsg::Heartbeat(_) => {}
                     AgentMsg::Hello(_) => tracing::warn!(node, "second Hello on one session ignored"),
+                    AgentMsg::Outcome(outcome) if !outcome.apps.is_empty() => {
+                        registry.update_apps(node, app_versions(&outcome.apps));
+                        if let Some((rollout_id, event)) = convert::agent_event(node, &message) {
+                            rollouts.deliver(&rollout_id, event);
+                        }
+                    }
                     other => match convert::agent_event(node, other) {
                         Some((rollout_id, event)) => rollouts.deliver(&rollout_id, event),
                         None => tracing::debug!(node, ?other, "agent message not about a rollout"),

@@ -17,6 +17,9 @@ use hotroll_script::{ChangeMode, Located};
 use crate::cancel::CancelToken;
 use crate::report::StepList;
 
+mod set;
+pub use set::RuntimeSet;
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What a runtime operation produced: captured output for the step report.
@@ -66,6 +69,8 @@ pub struct ArtifactRef {
 /// The rollout a runtime operation belongs to.
 #[derive(Debug, Clone)]
 pub struct RolloutContext {
+    /// Which runtime the script targets (process or beam).
+    pub runtime: hotroll_script::Runtime,
     pub rollout_id: String,
     pub epoch: u64,
     pub node: String,
@@ -114,6 +119,12 @@ pub trait Runtime: Send + Sync + 'static {
     fn supported_instructions(&self) -> BTreeSet<&'static str>;
 
     /// Whether `check` with `modules` (an old-code check) is supported.
+    /// The instructions this runtime can run for a script of `runtime`. A runtime that serves
+    /// one kind of app supports nothing for the other.
+    fn supported_for(&self, _runtime: hotroll_script::Runtime) -> BTreeSet<&'static str> {
+        self.supported_instructions()
+    }
+
     fn supports_module_checks(&self) -> bool {
         false
     }
