@@ -9,6 +9,7 @@
 //! labels = { role = "miner", zone = "a" }
 //! heartbeat_interval = "5s"                # optional; the coordinator's Welcome usually decides
 //! reconnect_max_backoff = "5s"             # optional
+//! keep_releases = 3                        # optional: releases per app kept by make-permanent
 //!
 //! [hooks]
 //! disk_space = { command = ["sh", "-c", "test -w /"], timeout = "10s" }
@@ -17,6 +18,14 @@
 //! [[services]]
 //! name = "primes"
 //! app = "primes"
+//!
+//! [[beam]]                                 # an Erlang node whose app hotroll upgrades in place
+//! app = "counter"
+//! node = "counter@myhost"
+//! cookie_file = "/var/lib/counter/.erlang.cookie"
+//! code_dir = "/opt/counter/ebin"
+//! start = ["/opt/counter/bin/counter", "start"]
+//! mfa_allow = ["counter_admin:drain/0"]
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,6 +40,7 @@ pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/hotroll";
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub use crate::runtime::process::DEFAULT_KEEP_RELEASES;
 
 /// The agent's validated configuration.
 #[derive(Debug, Clone)]
@@ -46,10 +56,14 @@ pub struct Config {
     pub hooks: BTreeMap<String, HookConfig>,
     /// Services this node supervises (only names and apps are used so far).
     pub services: Vec<ServiceConfig>,
+    /// Erlang apps (BEAM runtime), by app name.
+    pub beam: BTreeMap<String, BeamConfig>,
     /// Heartbeat interval used until (and unless) the coordinator's Welcome names one.
     pub heartbeat_interval: Duration,
     /// Upper bound of the reconnect backoff.
     pub reconnect_max_backoff: Duration,
+    /// Releases per app that make-permanent keeps (current and permanent always stay).
+    pub keep_releases: usize,
 }
 
 /// A command the agent may run for `apply`/`check`; script args are appended to `command`.
@@ -61,13 +75,33 @@ pub struct HookConfig {
     pub timeout: Option<Duration>,
 }
 
-/// A `[[services]]` entry. Only `name` and `app` are interpreted yet; every other key is kept in
-/// `rest` for the process runtime that a later issue adds.
+/// A `[[services]]` entry: `name` and `app`; the process runtime's keys (command, env, listen,
+/// ready, stop_signal, stop_timeout, drain, undrain, handover) stay in `rest` and are read by
+/// `runtime::process::ServiceSpec` (checked when the config loads).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
     pub app: String,
     pub rest: toml::Table,
+}
+
+/// A `[[beam]]` entry: an app running in a local Erlang node that `runtime = "beam"` scripts
+/// upgrade in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BeamConfig {
+    pub app: String,
+    /// The node to drive, `name@host` (a node started with `-name` or `-sname`).
+    pub node: String,
+    /// The node's distribution cookie (read when the agent connects).
+    pub cookie_file: PathBuf,
+    /// Where the app's permanent `.beam` files live: the node loads them when it (re)starts,
+    /// the agent writes the new release there when it is made permanent.
+    pub code_dir: PathBuf,
+    /// Program and arguments that start the node (for `restart_new_emulator` and a rollback by
+    /// restart).
+    pub start: Vec<String>,
+    /// The only `module:function/arity` an `apply` may call.
+    pub mfa_allow: BTreeSet<String>,
 }
 
 impl Config {
@@ -80,8 +114,10 @@ impl Config {
             labels: BTreeMap::new(),
             hooks: BTreeMap::new(),
             services: Vec::new(),
+            beam: BTreeMap::new(),
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             reconnect_max_backoff: DEFAULT_RECONNECT_MAX_BACKOFF,
+            keep_releases: DEFAULT_KEEP_RELEASES,
         }
     }
 
@@ -102,11 +138,17 @@ impl Config {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| at(e.span(), e.message().trim().to_string()))?;
 
-        if let Some(beam) = raw.beam.first() {
-            return Err(at(
-                Some(beam.span()),
-                "`[[beam]]` sections are not supported by this agent yet".to_string(),
-            ));
+        let mut beam = BTreeMap::new();
+        for entry in raw.beam {
+            let span = entry.span();
+            let entry = check_beam(entry.into_inner()).map_err(|m| at(Some(span.clone()), m))?;
+            if beam.contains_key(&entry.app) {
+                return Err(at(
+                    Some(span),
+                    format!("beam app `{}` is declared twice", entry.app),
+                ));
+            }
+            beam.insert(entry.app.clone(), entry);
         }
 
         let node = match raw.node {
@@ -169,12 +211,28 @@ impl Config {
                     format!("service `{}` is declared twice", service.name),
                 ));
             }
-            services.push(ServiceConfig {
+            let service = ServiceConfig {
                 name: service.name,
                 app: service.app,
                 rest: service.rest,
-            });
+            };
+            // The process runtime's keys (command, listen, ready, …): checked here so that a
+            // bad entry stops the agent with its position.
+            let hook_names: BTreeSet<String> = hooks.keys().cloned().collect();
+            crate::runtime::process::ServiceSpec::from_config(&service, &hook_names)
+                .map_err(|m| at(Some(span), format!("service `{}`: {m}", service.name)))?;
+            services.push(service);
         }
+        let keep_releases = match raw.keep_releases {
+            Some(n) if *n.get_ref() < 1 => {
+                return Err(at(
+                    Some(n.span()),
+                    "`keep_releases` must be at least 1".to_string(),
+                ));
+            }
+            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+            None => DEFAULT_KEEP_RELEASES,
+        };
 
         let positive = |d: Option<Spanned<HumanDuration>>, key: &str, default: Duration| match d {
             Some(d) if d.get_ref().0.is_zero() => Err(at(
@@ -202,8 +260,10 @@ impl Config {
             labels: raw.labels,
             hooks,
             services,
+            beam,
             heartbeat_interval,
             reconnect_max_backoff,
+            keep_releases,
         })
     }
 
@@ -238,6 +298,14 @@ impl Config {
     /// Names of the declared services.
     pub fn service_names(&self) -> BTreeSet<String> {
         self.services.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Every MFA some `[[beam]]` entry allows `apply` to call.
+    pub fn mfa_names(&self) -> BTreeSet<String> {
+        self.beam
+            .values()
+            .flat_map(|b| b.mfa_allow.iter().cloned())
+            .collect()
     }
 }
 
@@ -293,11 +361,101 @@ struct RawConfig {
     hooks: BTreeMap<String, Spanned<RawHook>>,
     heartbeat_interval: Option<Spanned<HumanDuration>>,
     reconnect_max_backoff: Option<Spanned<HumanDuration>>,
+    keep_releases: Option<Spanned<i64>>,
     #[serde(default)]
     services: Vec<Spanned<RawService>>,
-    /// Accepted by the grammar so the error can say "not yet" rather than "unknown key".
     #[serde(default)]
-    beam: Vec<Spanned<toml::Table>>,
+    beam: Vec<Spanned<RawBeam>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBeam {
+    app: String,
+    node: String,
+    cookie_file: PathBuf,
+    code_dir: PathBuf,
+    start: Vec<String>,
+    #[serde(default)]
+    mfa_allow: Vec<String>,
+}
+
+fn check_beam(raw: RawBeam) -> Result<BeamConfig, String> {
+    let app = raw.app;
+    if app.is_empty()
+        || app == "."
+        || app == ".."
+        || app.contains(['/', '\\'])
+        || app.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "beam `app` = `{app}` must be a non-empty name without path separators"
+        ));
+    }
+    match raw.node.split_once('@') {
+        Some((name, host))
+            if !name.is_empty()
+                && !host.is_empty()
+                && !raw
+                    .node
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control()) => {}
+        _ => {
+            return Err(format!(
+                "beam app `{app}`: `node` = `{}` must be an Erlang node name, name@host",
+                raw.node
+            ));
+        }
+    }
+    if raw.cookie_file.as_os_str().is_empty() {
+        return Err(format!("beam app `{app}`: `cookie_file` must not be empty"));
+    }
+    if raw.code_dir.as_os_str().is_empty() {
+        return Err(format!("beam app `{app}`: `code_dir` must not be empty"));
+    }
+    if raw.start.first().is_none_or(String::is_empty) {
+        return Err(format!(
+            "beam app `{app}`: `start` must name a program that starts the node"
+        ));
+    }
+    let mut mfa_allow = BTreeSet::new();
+    for mfa in raw.mfa_allow {
+        if !is_mfa(&mfa) {
+            return Err(format!(
+                "beam app `{app}`: `mfa_allow` entry `{mfa}` is not module:function/arity \
+                 (unquoted atoms)"
+            ));
+        }
+        mfa_allow.insert(mfa);
+    }
+    Ok(BeamConfig {
+        app,
+        node: raw.node,
+        cookie_file: raw.cookie_file,
+        code_dir: raw.code_dir,
+        start: raw.start,
+        mfa_allow,
+    })
+}
+
+/// `module:function/arity` with unquoted atoms (the form `apply` scripts use).
+pub fn is_mfa(text: &str) -> bool {
+    text.split_once(':')
+        .and_then(|(module, rest)| {
+            let (function, arity) = rest.split_once('/')?;
+            let arity_ok =
+                !arity.is_empty() && arity.len() <= 3 && arity.chars().all(|c| c.is_ascii_digit());
+            Some(is_atom(module) && is_atom(function) && arity_ok)
+        })
+        .unwrap_or(false)
+}
+
+/// An unquoted Erlang atom: a lowercase letter, then letters, digits, `_` or `@`.
+pub fn is_atom(text: &str) -> bool {
+    let mut chars = text.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '@')
+        && text.len() <= 255
 }
 
 #[derive(Deserialize)]
@@ -501,7 +659,43 @@ command = "bin/primes"
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(err.contains("not supported by this agent yet"), "{err}");
+        assert!(err.contains("missing field"), "{err}");
+    }
+
+    #[test]
+    fn beam_apps_are_parsed_and_checked() -> Result<(), ConfigError> {
+        let config = parse(
+            r#"
+[[beam]]
+app = "counter"
+node = "counter@127.0.0.1"
+cookie_file = "/var/lib/counter/.erlang.cookie"
+code_dir = "/opt/counter/ebin"
+start = ["/opt/counter/bin/counter", "start"]
+mfa_allow = ["counter_admin:drain/0"]
+"#,
+        )?;
+        let beam = config.beam.get("counter");
+        assert_eq!(beam.map(|b| b.node.as_str()), Some("counter@127.0.0.1"));
+        assert!(config.mfa_names().contains("counter_admin:drain/0"));
+
+        let base = "app = \"c\"\nnode = \"c@h\"\ncookie_file = \"/c\"\ncode_dir = \"/e\"\nstart = [\"x\"]\n";
+        assert!(parse(&format!("[[beam]]\n{base}")).is_ok());
+        for (bad, what) in [
+            ("mfa_allow = [\"os:cmd\"]\n", "mfa_allow"),
+            ("mfa_allow = [\"'os':cmd/1\"]\n", "mfa_allow"),
+            ("extra = 1\n", "extra"),
+        ] {
+            let err = parse(&format!("[[beam]]\n{base}{bad}"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(what), "{bad}: {err}");
+        }
+        assert!(parse("[[beam]]\napp = \"c\"\nnode = \"nohost\"\ncookie_file = \"/c\"\ncode_dir = \"/e\"\nstart = [\"x\"]\n").is_err());
+        assert!(parse(&format!("[[beam]]\n{base}[[beam]]\n{base}")).is_err());
+        assert!(is_mfa("counter_admin:drain/0") && !is_mfa("a:b/") && !is_mfa("A:b/1"));
+        Ok(())
     }
 
     #[test]

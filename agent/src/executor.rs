@@ -164,7 +164,7 @@ impl Node {
         Declared {
             hooks: self.env.config.hook_names(),
             services: self.env.config.service_names(),
-            mfas: BTreeSet::new(),
+            mfas: self.env.config.mfa_names(),
             supported_instructions: supported,
         }
     }
@@ -420,7 +420,19 @@ pub fn preflight(script: &Script, declared: &Declared, runtime: &dyn Runtime) ->
             ));
             continue;
         }
+        let beam = script.runtime == hotroll_script::Runtime::Beam;
         match &step.instruction {
+            // In the beam runtime `apply` names an MFA from the agent's `mfa_allow`.
+            Instruction::Apply { hook: mfa, .. } if beam && !declared.mfas.contains(&mfa.value) => {
+                errors.push(Diagnostic::error(
+                    mfa.span,
+                    format!(
+                        "MFA `{}` is not in this agent's allow-list (mfa_allow of its [[beam]] apps)",
+                        mfa.value
+                    ),
+                ));
+            }
+            Instruction::Apply { .. } if beam => {}
             Instruction::Apply { hook, .. }
             | Instruction::Check {
                 hook: Some(hook), ..
@@ -1172,6 +1184,10 @@ async fn execute(
     let runtime = env.runtime.as_ref();
     let name = step.instruction.name();
     let work: BoxFuture<'_, Result<StepOutput, RuntimeError>> = match &step.instruction {
+        // Beam: an allow-listed MFA called in the node by the runtime, never a hook.
+        Instruction::Apply {
+            hook: mfa, args, ..
+        } if rollout.runtime == hotroll_script::Runtime::Beam => runtime.apply(&ctx, mfa, args),
         Instruction::Apply { hook, args, .. }
         | Instruction::Check {
             hook: Some(hook),

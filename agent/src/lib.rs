@@ -4,6 +4,7 @@
 //!
 //! [`run`] is the one entry point; the binary and the tests call it.
 
+pub mod artifacts;
 pub mod boot;
 pub mod cancel;
 pub mod config;
@@ -44,12 +45,47 @@ pub enum AgentError {
     BootGeneration(#[from] boot::BootGenerationError),
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    #[error(transparent)]
+    Process(#[from] runtime::process::ProcessError),
+    #[error("cannot start the runtime: {0}")]
+    RuntimeBoot(runtime::RuntimeError),
 }
 
-/// Run the agent with the hooks-only runtime until `shutdown` resolves; then say Goodbye, stop
+/// Run the agent (the process runtime for `[[services]]`, the BEAM runtime for `[[beam]]`) until
+/// `shutdown` resolves; then say Goodbye, stop
 /// the running rollout's step (killing its hook) and return.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
-    run_with_runtime(config, Arc::new(RuntimeSet::default()), shutdown).await
+    let mut runtimes = RuntimeSet {
+        process: Arc::new(runtime::process::ProcessRuntime::new(
+            &config,
+            tcp_dialer(),
+        )?),
+        ..RuntimeSet::default()
+    };
+    if let Some(beam) = beam_runtime(&config).await {
+        runtimes.beam = beam;
+    }
+    run_with_runtime(config, Arc::new(runtimes), shutdown).await
+}
+
+/// The BEAM runtime for the `[[beam]]` apps of `config` (none declared: `None`). An upgrade an
+/// earlier agent process left unfinished is rolled back first (DESIGN §5).
+pub async fn beam_runtime(config: &Config) -> Option<Arc<dyn Runtime>> {
+    use runtime::beam::{BeamRuntime, fetch::StoreArtifacts};
+    if config.beam.is_empty() {
+        return None;
+    }
+    let artifacts = Arc::new(StoreArtifacts {
+        fetcher: artifacts::Fetcher::new(
+            artifacts::ArtifactStore::new(&config.data_dir),
+            config.coordinator.clone(),
+            config.node.clone(),
+            tcp_dialer(),
+        ),
+    });
+    let beam = BeamRuntime::new(config, artifacts);
+    beam.recover().await;
+    Some(Arc::new(beam))
 }
 
 /// [`run`] with a given runtime.
@@ -86,6 +122,9 @@ pub async fn run_with(
         "hotroll agent starting"
     );
 
+    // Only now that this agent owns the data dir may the runtimes start services in it.
+    runtime.boot().await.map_err(AgentError::RuntimeBoot)?;
+
     let env = Env {
         config: Arc::new(config),
         runtime,
@@ -111,6 +150,8 @@ pub async fn run_with(
         sessions.run(&mut node, &stop_token),
     );
     node.shutdown().await;
+    // Services the agent supervises stop with it (see `runtime::process`).
+    env.runtime.shutdown().await;
     tracing::info!("hotroll agent stopped");
     Ok(())
 }

@@ -11,16 +11,18 @@ use hotroll_agent::Config;
 /// hotroll node agent.
 ///
 /// Keeps a session with the hotroll coordinator, runs the upgrade scripts it sends (staging,
-/// sync_nodes barriers, the point of no return, rollback) and reports every step. The only
-/// commands it ever runs are the hooks declared in its own config file.
+/// sync_nodes barriers, the point of no return, rollback) and reports every step. It supervises
+/// the services its config declares ([[services]]: releases, held listening sockets, restarts).
+/// The only commands it ever runs are the hooks and services declared in its own config file.
 ///
 /// Logging goes to stderr and follows RUST_LOG (default: info), e.g. RUST_LOG=hotroll_agent=debug.
-/// SIGTERM or SIGINT shut the agent down cleanly: it says Goodbye to the coordinator and kills
-/// any hook it is running.
+/// SIGTERM or SIGINT shut the agent down cleanly: it says Goodbye to the coordinator, kills any
+/// hook it is running and stops its services (stop signal, then SIGKILL after stop_timeout).
 #[derive(Debug, Parser)]
 #[command(name = "hotroll-agent", version, about, long_about)]
 struct Args {
-    /// The agent's config file (node name, coordinator address, data_dir, labels, [hooks]).
+    /// The agent's config file (node name, coordinator address, data_dir, labels, [hooks],
+    /// [[services]]).
     #[arg(
         long,
         short,
@@ -36,6 +38,18 @@ struct Args {
     /// Coordinator address (http://host:port), overriding `coordinator` in the config file.
     #[arg(long, value_name = "URL", env = "HOTROLL_COORDINATOR")]
     coordinator: Option<String>,
+
+    /// Log format on stderr: `text` (human-readable; colours on a terminal) or `json` (one
+    /// object per line, for log shippers and the journal).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -50,15 +64,23 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match args.log_format {
         // Colours only on a terminal: under systemd the journal would store escape codes.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(false)
+            .flatten_event(true)
+            .init(),
+    }
 
     let mut config = Config::load(&args.config)?;
     config.apply_overrides(args.node, args.coordinator)?;

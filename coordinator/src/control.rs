@@ -21,10 +21,25 @@ use crate::store::ArtifactBinding;
 /// Largest script source accepted.
 pub const MAX_SCRIPT_BYTES: usize = 1 << 20;
 
+/// Response metadata of `WatchRollout`: the seq of the last event stored when the watch began
+/// (0 when the rollout had none at or after `from_seq`). A client that wants the history up to
+/// now, not the events that follow (`hotroll rollout events`), stops once it has this one.
+pub const HISTORY_SEQ_HEADER: &str = "hotroll-history-seq";
+
+/// Events queued per watch stream between the replay/broadcast task and gRPC.
+const WATCH_QUEUE: usize = 256;
+
+/// How long a watch stream lets live events gather before it forwards them. Events come in
+/// bursts (one engine step records several); forwarding a burst at once costs every watcher
+/// one wake-up, one gRPC frame and one write instead of one per event, which keeps fifty
+/// watchers from competing with the rollout's own traffic for the CPU. Invisible to a person.
+const WATCH_BATCH_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
+
 pub struct ControlService {
     pub registry: Arc<Registry>,
     pub rollouts: Arc<Rollouts>,
     pub artifacts: ArtifactStore,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for ControlService {
@@ -287,58 +302,30 @@ impl pb::control_server::Control for ControlService {
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
         let request = request.into_inner();
         let id = request.rollout_id.clone();
-        let crate::rollouts::WatchStart { past, live, names } = self
-            .rollouts
-            .watch(&id, request.from_seq)
-            .map_err(rollout_status_error)?;
-        let (tx, rx) = mpsc::channel(256);
+        // Reading the history is blocking store I/O: keep it off the runtime's workers, so that
+        // many watchers (re)connecting at once cannot delay the rollout drivers and sessions.
+        let rollouts = self.rollouts.clone();
+        let from_seq = request.from_seq;
+        let lookup = id.clone();
+        let crate::rollouts::WatchStart { past, live, names } =
+            tokio::task::spawn_blocking(move || rollouts.watch(&lookup, from_seq))
+                .await
+                .map_err(|e| Status::internal(format!("watch task failed: {e}")))?
+                .map_err(rollout_status_error)?;
+        let history_seq = past
+            .last()
+            .map_or(from_seq.saturating_sub(1), |event| event.seq);
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let guard = self.metrics.watch_stream();
         tokio::spawn(async move {
-            let namer = instruction_namer(&names);
-            let mut last_seq = request.from_seq.saturating_sub(1);
-            for event in &past {
-                last_seq = event.seq;
-                if tx
-                    .send(Ok(convert::rollout_event(&id, event, &namer)))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                if is_final(&event.record) {
-                    return;
-                }
-            }
-            let Some(mut live) = live else { return };
-            loop {
-                match live.recv().await {
-                    Ok(event) if event.seq <= last_seq => {}
-                    Ok(event) => {
-                        last_seq = event.seq;
-                        if tx
-                            .send(Ok(convert::rollout_event(&id, &event, &namer)))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        if is_final(&event.record) {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(Status::data_loss(format!(
-                                "watcher fell {n} events behind; reconnect with from_seq {}",
-                                last_seq + 1
-                            ))))
-                            .await;
-                        return;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
+            let _guard = guard;
+            forward_watch(id, from_seq, past, live, names, tx).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut response = Response::new(Box::pin(ReceiverStream::new(rx)) as BoxStream<_>);
+        if let Ok(value) = history_seq.to_string().parse() {
+            response.metadata_mut().insert(HISTORY_SEQ_HEADER, value);
+        }
+        Ok(response)
     }
 
     async fn list_nodes(
@@ -396,6 +383,80 @@ impl pb::control_server::Control for ControlService {
         request: Request<pb::RolloutControlRequest>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
         self.operate(request, "promote").await
+    }
+}
+
+/// Send the stored history, then live events, to one watcher until the rollout's final state.
+/// A watcher that falls more than the broadcast buffer behind gets `DATA_LOSS` naming the seq
+/// to reconnect from; the rollout's driver never waits for a watcher.
+async fn forward_watch(
+    id: String,
+    from_seq: u64,
+    past: Vec<crate::store::StoredEvent>,
+    live: Option<broadcast::Receiver<crate::store::StoredEvent>>,
+    names: crate::rollouts::InstructionNames,
+    tx: mpsc::Sender<Result<pb::RolloutEvent, Status>>,
+) {
+    let namer = instruction_namer(&names);
+    let mut last_seq = from_seq.saturating_sub(1);
+    for event in &past {
+        last_seq = event.seq;
+        if tx
+            .send(Ok(convert::rollout_event(&id, event, &namer)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if is_final(&event.record) {
+            return;
+        }
+    }
+    let Some(mut live) = live else { return };
+    loop {
+        let mut batch = Vec::new();
+        let first = live.recv().await;
+        let lagged = match first {
+            Ok(event) => {
+                batch.push(event);
+                tokio::time::sleep(WATCH_BATCH_DELAY).await;
+                loop {
+                    match live.try_recv() {
+                        Ok(event) => batch.push(event),
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => break Some(n),
+                        Err(_) => break None,
+                    }
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(n),
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        // What arrived before a lag is still good: send it, then say where to resume.
+        for event in batch {
+            if event.seq <= last_seq {
+                continue;
+            }
+            last_seq = event.seq;
+            if tx
+                .send(Ok(convert::rollout_event(&id, &event, &namer)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if is_final(&event.record) {
+                return;
+            }
+        }
+        if let Some(n) = lagged {
+            let _ = tx
+                .send(Err(Status::data_loss(format!(
+                    "watcher fell {n} events behind; reconnect with from_seq {}",
+                    last_seq + 1
+                ))))
+                .await;
+            return;
+        }
     }
 }
 

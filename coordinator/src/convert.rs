@@ -141,12 +141,14 @@ pub fn rollout_event(
             step,
             phase,
             error,
+            duration_ms,
         } => {
             out.kind = "step".into();
             out.node = node.clone();
             out.step = i32::try_from(*step).unwrap_or(i32::MAX);
             out.instruction = instruction(*step);
             out.step_phase = step_phase(*phase) as i32;
+            out.duration_ms = duration_ms.unwrap_or_default();
             out.error = error.clone().unwrap_or_default();
         }
         Record::BarrierArrived {
@@ -294,12 +296,14 @@ pub fn agent_event(node: &str, message: &pb::agent_message::Msg) -> Option<(Stri
                     node,
                     epoch: m.epoch,
                     step: m.step,
+                    duration_ms: Some(m.duration_ms),
                 },
                 pb::StepPhase::Failed => Event::StepFailed {
                     node,
                     epoch: m.epoch,
                     step: m.step,
                     error: m.error.clone(),
+                    duration_ms: Some(m.duration_ms),
                 },
                 pb::StepPhase::Unspecified => return None,
             };

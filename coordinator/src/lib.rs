@@ -5,6 +5,7 @@
 //! * [`session`]: the `Agent` gRPC service (node sessions, artifact download).
 //! * [`control`]: the `Control` gRPC service (what the CLI calls).
 //! * [`registry`], [`store`], [`artifacts`]: nodes, durable state, content store.
+//! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! * [`server::run`]: the daemon's one entry point.
 //! * [`cli`]: the `hotroll` command line.
 
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod control;
 pub mod convert;
 pub mod engine;
+pub mod metrics;
 pub mod registry;
 pub mod rollouts;
 pub mod server;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use hotroll_coordinator::cli::{self, check, demo, nodes, rollout, serve};
+use hotroll_coordinator::cli::{self, check, demo, nodes, plan, rollout, serve};
 
 /// hotroll coordinates upgrades across a fleet: it pushes upgrade scripts to the agents, holds
 /// them at sync_nodes barriers and at the point of no return until the fleet is ready, and rolls
@@ -29,21 +29,24 @@ enum Command {
     /// Start, inspect and steer rollouts.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
-}
-
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    /// Write an upgrade script from two builds (`plan beam --from OLD_EBIN --to NEW_EBIN`).
+    #[command(subcommand)]
+    Plan(plan::PlanCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Check(args) = &cli.command {
         return check::run(args);
+    }
+    if let Command::Plan(command) = &cli.command {
+        return match plan::run(command) {
+            Ok(()) => ExitCode::from(cli::exit::OK),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(cli::exit::ERROR)
+            }
+        };
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -55,13 +58,13 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => {
-                init_tracing();
+                serve::init_tracing(args.log_format);
                 serve::serve(args).await.map(|()| cli::exit::OK)
             }
             Command::Demo(args) => demo::run_demo(args).await,
             Command::Nodes(args) => nodes::run(args).await.map(|()| cli::exit::OK),
             Command::Rollout(command) => rollout::run(command).await,
-            Command::Check(_) => Ok(cli::exit::OK),
+            Command::Check(_) | Command::Plan(_) => Ok(cli::exit::OK),
         }
     });
     match result {

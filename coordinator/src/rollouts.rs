@@ -11,7 +11,11 @@ use hotroll_script::Script;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::convert;
-use crate::engine::{Command, Event, Millis, NotApplicable, Rollout, RolloutSpec};
+use crate::engine::{
+    Command, Event, Millis, NodeState, NotApplicable, Record, Rollout, RolloutSpec, RolloutState,
+    StepPhase,
+};
+use crate::metrics::{BarrierOutcome, Metrics, StepOutcome};
 use crate::registry::Registry;
 use crate::store::{
     ArtifactBinding, RolloutRecord, RolloutSnapshot, Store, StoreError, StoredEvent,
@@ -83,6 +87,8 @@ pub struct Rollouts {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     timing: RolloutTiming,
+    metrics: Arc<Metrics>,
+    watch_buffer: usize,
 }
 
 impl std::fmt::Debug for Rollouts {
@@ -135,7 +141,22 @@ impl Rollouts {
             store,
             registry,
             timing,
+            metrics: Arc::new(Metrics::new()),
+            watch_buffer: crate::server::DEFAULT_WATCH_BUFFER,
         }
+    }
+
+    /// Report into `metrics` (by default a private set nobody reads).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Events buffered per rollout for live watchers (at least 1); see
+    /// [`crate::ServerConfig::watch_buffer`].
+    pub fn with_watch_buffer(mut self, events: usize) -> Self {
+        self.watch_buffer = events.max(1);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
@@ -185,7 +206,7 @@ impl Rollouts {
         );
         let (tx, rx) = mpsc::unbounded_channel();
         let (snapshot_tx, snapshot_rx) = watch::channel(snapshot.clone());
-        let (events_tx, _) = broadcast::channel(1024);
+        let (events_tx, _) = broadcast::channel(self.watch_buffer);
         let run_script = pb::RunScript {
             rollout_id: id.clone(),
             epoch,
@@ -215,7 +236,13 @@ impl Rollouts {
             next_seq: 1,
             run_script,
             last_sent: HashMap::new(),
+            metrics: self.metrics.clone(),
+            instructions: instructions.clone(),
+            barrier_first_arrival: HashMap::new(),
+            last_state: snapshot.state,
         };
+        self.metrics.rollout_started();
+        self.metrics.rollout_state_changed(None, snapshot.state);
         self.lock().insert(
             id,
             Handle {
@@ -370,6 +397,12 @@ struct Driver {
     /// The last command sent to each node, re-sent when its session comes back: a command sent
     /// while the node was away is lost with the old stream, and agents treat repeats as no-ops.
     last_sent: HashMap<String, pb::CoordinatorMessage>,
+    metrics: Arc<Metrics>,
+    instructions: InstructionNames,
+    /// When the first participant arrived at each open barrier, for the wait histogram.
+    barrier_first_arrival: HashMap<String, Millis>,
+    /// The rollout state last reported to the metrics.
+    last_state: RolloutState,
 }
 
 impl Driver {
@@ -450,11 +483,68 @@ impl Driver {
             }
             self.snapshot.send_replace(snapshot);
         }
+        for event in &stored {
+            self.observe(event);
+        }
+        let state = self.engine.state();
+        if state != self.last_state {
+            self.metrics
+                .rollout_state_changed(Some(self.last_state), state);
+            self.last_state = state;
+        }
+        // Never blocks: a watcher that falls more than the buffer behind is told so and
+        // reconnects from the store.
         for event in stored {
             let _ = self.events.send(event);
         }
         for command in &commands {
             self.send(command);
+        }
+    }
+
+    /// Feed one history record to the metrics.
+    fn observe(&mut self, event: &StoredEvent) {
+        match &event.record {
+            Record::Step {
+                step,
+                phase,
+                duration_ms: Some(ms),
+                ..
+            } => {
+                let outcome = match phase {
+                    StepPhase::Succeeded => StepOutcome::Succeeded,
+                    StepPhase::Failed => StepOutcome::Failed,
+                    StepPhase::Started => return,
+                };
+                let name = self
+                    .instructions
+                    .get(usize::try_from(*step).unwrap_or(usize::MAX))
+                    .map_or("unknown", String::as_str);
+                self.metrics
+                    .observe_instruction(name, outcome, Duration::from_millis(*ms));
+            }
+            Record::BarrierArrived { barrier, .. } => {
+                self.barrier_first_arrival
+                    .entry(barrier.clone())
+                    .or_insert(event.at_ms);
+            }
+            Record::BarrierReleased { barrier, .. } | Record::BarrierFailed { barrier, .. } => {
+                let outcome = if matches!(event.record, Record::BarrierReleased { .. }) {
+                    BarrierOutcome::Released
+                } else {
+                    BarrierOutcome::Failed
+                };
+                if let Some(first) = self.barrier_first_arrival.remove(barrier) {
+                    let waited = event.at_ms.saturating_sub(first);
+                    self.metrics
+                        .observe_barrier_wait(outcome, Duration::from_millis(waited));
+                }
+            }
+            Record::NodeState {
+                state: NodeState::RolledBack,
+                ..
+            } => self.metrics.rollback_confirmed(),
+            _ => {}
         }
     }
 

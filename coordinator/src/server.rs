@@ -1,6 +1,7 @@
 //! The coordinator daemon: one [`run`] entry point that `main`, the tests and simulations call.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::control::ControlService;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::rollouts::{RolloutTiming, Rollouts};
 use crate::session::AgentService;
@@ -20,6 +22,9 @@ use crate::store::{Store, StoreError};
 
 /// Limit on one decoded gRPC message; artifacts travel in 256 KiB chunks, scripts are <= 1 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// Default of [`ServerConfig::watch_buffer`].
+pub const DEFAULT_WATCH_BUFFER: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -31,6 +36,11 @@ pub struct ServerConfig {
     pub session_grace: Duration,
     /// Time granted over an instruction's own deadline before a silent node counts as failed.
     pub step_slack: Duration,
+    /// Where to serve Prometheus metrics on `/metrics` (HTTP); `None`: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Events buffered per rollout for live watchers. A watcher that falls further behind is
+    /// told so (`DATA_LOSS`) and reconnects from its last event; the rollout never waits for it.
+    pub watch_buffer: usize,
 }
 
 impl ServerConfig {
@@ -40,6 +50,8 @@ impl ServerConfig {
             heartbeat_interval: Duration::from_secs(2),
             session_grace: Duration::from_secs(10),
             step_slack: Duration::from_secs(10),
+            metrics_listen: None,
+            watch_buffer: DEFAULT_WATCH_BUFFER,
         }
     }
 }
@@ -52,6 +64,11 @@ pub enum ServerError {
     Artifacts(#[from] ArtifactError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Serve the Agent and Control services on `listener` until `shutdown` resolves.
@@ -78,7 +95,8 @@ pub async fn run(
     serve(incoming, store, config, shutdown).await
 }
 
-/// [`run`] over any stream of connections: what network simulations (turmoil) call.
+/// [`run`] over any stream of connections: what network simulations (turmoil) call. The metrics
+/// endpoint, when configured, listens on a real socket of its own and stops with the server.
 pub async fn serve<I, IO, IE>(
     incoming: I,
     store: Arc<dyn Store>,
@@ -97,14 +115,22 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let registry = Arc::new(Registry::load(store.clone())?);
-    let rollouts = Arc::new(Rollouts::new(
-        store.clone(),
-        registry.clone(),
-        RolloutTiming {
-            session_grace: config.session_grace,
-            step_slack: config.step_slack,
-        },
-    ));
+    let metrics = Arc::new(Metrics::new());
+    for rollout in store.list_rollouts()? {
+        metrics.rollout_state_changed(None, rollout.status.state);
+    }
+    let rollouts = Arc::new(
+        Rollouts::new(
+            store.clone(),
+            registry.clone(),
+            RolloutTiming {
+                session_grace: config.session_grace,
+                step_slack: config.step_slack,
+            },
+        )
+        .with_metrics(metrics.clone())
+        .with_watch_buffer(config.watch_buffer),
+    );
     let artifacts = ArtifactStore::new(&config.data_dir)?;
     let agent = AgentService {
         registry: registry.clone(),
@@ -112,13 +138,34 @@ where
         artifacts: artifacts.clone(),
         heartbeat_interval: config.heartbeat_interval,
         coordinator_id: uuid::Uuid::now_v7().to_string(),
+        metrics: metrics.clone(),
     };
     let control = ControlService {
-        registry,
+        registry: registry.clone(),
         rollouts,
         artifacts,
+        metrics: metrics.clone(),
     };
-    tonic::transport::Server::builder()
+
+    // The metrics endpoint stops when the gRPC server does, whichever way that ends.
+    let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Metrics { addr, source })?;
+            let mut stopped = metrics_stopped;
+            let stop = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            Some(tokio::spawn(crate::metrics::serve(
+                listener, metrics, registry, stop,
+            )))
+        }
+        None => None,
+    };
+
+    let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.heartbeat_interval))
         .http2_keepalive_timeout(Some(config.heartbeat_interval * 3))
         .tcp_nodelay(true)
@@ -133,6 +180,15 @@ where
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .await;
+    let _ = stop_metrics.send(true);
+    if let Some(task) = metrics_server {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "metrics server failed"),
+            Err(e) => tracing::warn!(error = %e, "metrics server task failed"),
+        }
+    }
+    result?;
     Ok(())
 }

@@ -36,6 +36,7 @@ pub struct AgentService {
     pub artifacts: ArtifactStore,
     pub heartbeat_interval: Duration,
     pub coordinator_id: String,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -184,6 +185,7 @@ impl pb::agent_server::Agent for AgentService {
             .map_err(|e| Status::internal(e.to_string()))?;
         let (tx, rx) = mpsc::channel(4);
         let digest = request.digest.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let mut offset = request.offset;
             let mut buf = vec![0u8; hotroll_proto::ARTIFACT_CHUNK_SIZE];
@@ -201,6 +203,7 @@ impl pb::agent_server::Agent for AgentService {
                         if tx.send(Ok(chunk)).await.is_err() {
                             return;
                         }
+                        metrics.artifact_bytes_sent(n as u64);
                     }
                     Err(e) => {
                         let _ = tx.send(Err(Status::internal(e.to_string()))).await;

@@ -363,6 +363,7 @@ mod tests {
                     step: seq as u32,
                     phase: StepPhase::Started,
                     error: None,
+                    duration_ms: None,
                 },
             })
             .collect();

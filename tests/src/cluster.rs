@@ -37,8 +37,11 @@ pub struct ClusterOptions {
     /// Per node (1-based): labels that replace or add to [`ClusterOptions::labels`].
     pub node_labels: BTreeMap<usize, BTreeMap<String, String>>,
     /// Raw TOML appended to every `agent.toml` (top-level keys must come before `[hooks]`, so
-    /// this is for further tables).
+    /// this is for further tables). `{node}`, `{node_dir}`, `{cluster_dir}` and `{marks}` are
+    /// replaced per node.
     pub agent_toml_extra: String,
+    /// Per node (1-based): raw TOML appended after [`ClusterOptions::agent_toml_extra`].
+    pub node_agent_toml_extra: BTreeMap<usize, String>,
     /// Environment for every process (coordinator and agents). `RUST_LOG` defaults to the
     /// test's own `RUST_LOG`, else `info`.
     pub env: Vec<(String, String)>,
@@ -60,6 +63,7 @@ impl Default for ClusterOptions {
             labels: BTreeMap::new(),
             node_labels: BTreeMap::new(),
             agent_toml_extra: String::new(),
+            node_agent_toml_extra: BTreeMap::new(),
             env: Vec::new(),
             ready_timeout: Duration::from_secs(20),
             wait_connected: true,
@@ -120,6 +124,15 @@ impl ClusterOptions {
     pub fn agent_toml_extra(mut self, toml: &str) -> Self {
         self.agent_toml_extra.push_str(toml);
         self.agent_toml_extra.push('\n');
+        self
+    }
+
+    /// Raw TOML appended to node `node`'s (1-based) `agent.toml` only, e.g. a `[[services]]`
+    /// entry with a port of its own.
+    pub fn node_agent_toml_extra(mut self, node: usize, toml: &str) -> Self {
+        let extra = self.node_agent_toml_extra.entry(node).or_default();
+        extra.push_str(toml);
+        extra.push('\n');
         self
     }
 
@@ -419,8 +432,16 @@ impl Cluster {
         );
         let mut text = toml::to_string(&doc).context("cannot render agent.toml")?;
         if !self.options.agent_toml_extra.is_empty() {
+            let mut extra = self.options.agent_toml_extra.clone();
+            for (var, value) in &vars {
+                extra = extra.replace(var, value);
+            }
             text.push('\n');
-            text.push_str(&self.options.agent_toml_extra);
+            text.push_str(&extra);
+        }
+        if let Some(extra) = self.options.node_agent_toml_extra.get(&index) {
+            text.push('\n');
+            text.push_str(extra);
         }
         std::fs::write(&config, text)
             .with_context(|| format!("cannot write {}", config.display()))?;
@@ -712,13 +733,15 @@ impl Cluster {
         eprintln!("{}", self.log_tails(lines));
     }
 
-    /// SIGCONT, SIGKILL and reap every process (agents first).
+    /// SIGCONT, SIGKILL and reap every process (agents first, then the services they left).
     pub fn shutdown(&mut self) {
         for agent in &mut self.agents {
             if agent.process.is_stopped() {
                 let _ = agent.process.cont();
             }
             let _ = agent.process.kill();
+            // The services a SIGKILLed agent supervised (process runtime) keep running.
+            crate::services::kill_leftover_services(&agent.data_dir);
         }
         if self.coordinator.is_stopped() {
             let _ = self.coordinator.cont();

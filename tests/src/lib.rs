@@ -46,18 +46,28 @@
 //! cargo test -p hotroll-tests            # or: cargo nextest run -p hotroll-tests
 //! cargo build --workspace --bins && cargo nextest run --workspace --no-fail-fast
 //! cargo run --release -p hotroll-tests --bin barrier-bench -- --agents 3 --rounds 20
+//! cargo run --release -p hotroll-tests --bin artifact-bench -- --agents 3 --size-mib 100
 //! ```
 //!
 //! `HOTROLL_BIN_DIR=DIR` uses prebuilt binaries from `DIR` (nothing is built),
 //! `HOTROLL_NO_BUILD=1` skips the build and uses the binaries next to the test executable,
 //! `HOTROLL_KEEP_TEMP=1` keeps every cluster's temp dir, `RUST_LOG` is passed to the daemons.
 
+pub mod background;
 pub mod bins;
 pub mod cluster;
+pub mod erlang;
+pub mod golden;
 pub mod hooks;
+pub mod metrics;
 pub mod poll;
 pub mod process;
+pub mod proxy;
+pub mod scripts;
+pub mod services;
 pub mod status;
+pub mod terminal;
+pub mod timed;
 
 pub use bins::{Binaries, binaries};
 pub use cluster::{

@@ -17,6 +17,8 @@ use hotroll_script::{ChangeMode, Located};
 use crate::cancel::CancelToken;
 use crate::report::StepList;
 
+pub mod beam;
+pub mod process;
 mod set;
 pub use set::RuntimeSet;
 
@@ -132,6 +134,17 @@ pub trait Runtime: Send + Sync + 'static {
     /// Apps on this node with their current and permanent versions.
     fn apps(&self) -> Vec<AppStatus>;
 
+    /// Once, when the agent starts: after it holds its data dir (the journal lock), before the
+    /// first session. The process runtime starts the services it supervises here.
+    fn boot(&self) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Once, on a clean shutdown, after the running rollout stopped: stop what `boot` started.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
     fn load_object_code<'a>(
         &'a self,
         _ctx: &'a StepContext<'a>,
@@ -225,6 +238,18 @@ pub trait Runtime: Send + Sync + 'static {
 
     fn restart_new_emulator<'a>(&'a self, _ctx: &'a StepContext<'a>) -> BoxFuture<'a, StepResult> {
         unsupported("restart_new_emulator")
+    }
+
+    /// `apply` of a runtime that calls functions rather than hooks (beam: an allow-listed
+    /// `module:function/arity`, each arg passed as a binary). The process runtime's `apply` runs
+    /// a declared hook in the executor and never comes here.
+    fn apply<'a>(
+        &'a self,
+        _ctx: &'a StepContext<'a>,
+        _mfa: &'a Located<String>,
+        _args: &'a [String],
+    ) -> BoxFuture<'a, StepResult> {
+        unsupported("apply")
     }
 
     /// After MakePermanent: the new release becomes the one a rollback or a restart returns to;

@@ -73,6 +73,19 @@ impl Runtime for RuntimeSet {
         apps
     }
 
+    fn boot(&self) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            self.process.boot().await?;
+            self.beam.boot().await
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            futures::join!(self.process.shutdown(), self.beam.shutdown());
+        })
+    }
+
     fn load_object_code<'a>(
         &'a self,
         ctx: &'a StepContext<'a>,
@@ -166,6 +179,15 @@ impl Runtime for RuntimeSet {
 
     fn restart_new_emulator<'a>(&'a self, ctx: &'a StepContext<'a>) -> BoxFuture<'a, StepResult> {
         self.of(ctx.rollout).restart_new_emulator(ctx)
+    }
+
+    fn apply<'a>(
+        &'a self,
+        ctx: &'a StepContext<'a>,
+        mfa: &'a Located<String>,
+        args: &'a [String],
+    ) -> BoxFuture<'a, StepResult> {
+        self.of(ctx.rollout).apply(ctx, mfa, args)
     }
 
     fn make_permanent<'a>(

@@ -10,12 +10,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hotroll_proto::v1 as pb;
-use tokio::sync::watch;
-use tokio_stream::StreamExt;
+use tokio::sync::watch as signal;
 
-use super::Output;
 use super::client::{CoordinatorArgs, connect, status_error, upload_artifacts};
-use super::rollout::{node_state_name, print_status, rollout_state_name, wait_exit_code};
+use super::rollout::print_status;
+use super::{Output, watch};
 use crate::server::{ServerConfig, run};
 use crate::store::RedbStore;
 
@@ -108,11 +107,11 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<u8> {
         .await
         .context("cannot listen on 127.0.0.1")?;
     let url = format!("http://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = signal::channel(false);
     let store = RedbStore::open(&root.join("coordinator"))?;
     let mut config = ServerConfig::new(root.join("coordinator"));
     config.heartbeat_interval = Duration::from_millis(500);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
+    let stopped = |mut rx: signal::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let coordinator = tokio::spawn(run(
@@ -200,29 +199,17 @@ async fn drive(url: &str, root: &Path, nodes: u32, output: Output) -> anyhow::Re
         );
     }
 
-    let mut events = client
-        .watch_rollout(pb::WatchRolloutRequest {
-            rollout_id: started.rollout_id.clone(),
-            from_seq: 0,
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let started_at = tokio::time::Instant::now();
-    while let Some(event) = tokio::time::timeout(Duration::from_secs(120), events.next())
-        .await
-        .context("no rollout event for 120s")?
-    {
-        let event = event.map_err(status_error)?;
-        match output {
-            Output::Json => println!("{}", event_json(&event)),
-            Output::Text => println!(
-                "{:>7.3}s  {}",
-                started_at.elapsed().as_secs_f64(),
-                describe(&event)
-            ),
-        }
-    }
+    // The same view as `hotroll rollout watch`: live on a terminal, one line per event in a
+    // pipe, JSON events with --output json.
+    let mode = watch::Mode::detect(output);
+    let code = watch::watch(
+        &mut client,
+        &started.rollout_id,
+        mode,
+        0,
+        Some(Duration::from_secs(120)),
+    )
+    .await?;
     let status = client
         .get_rollout(pb::GetRolloutRequest {
             rollout_id: started.rollout_id,
@@ -231,8 +218,11 @@ async fn drive(url: &str, root: &Path, nodes: u32, output: Output) -> anyhow::Re
         .map_err(status_error)?
         .into_inner();
     if output == Output::Text {
-        println!();
-        print_status(&status, Output::Text)?;
+        if mode == watch::Mode::Lines {
+            // The final status of every node (on a terminal the live view's last frame has it).
+            println!();
+            print_status(&status, Output::Text)?;
+        }
         if let Ok(log) = std::fs::read_to_string(root.join("journal.log")) {
             println!("what the hooks recorded on the nodes:");
             for line in log.lines() {
@@ -240,64 +230,5 @@ async fn drive(url: &str, root: &Path, nodes: u32, output: Output) -> anyhow::Re
             }
         }
     }
-    Ok(wait_exit_code(status.state))
-}
-
-/// One line for a rollout event, as `watch` prints it in a pipe.
-pub fn describe(event: &pb::RolloutEvent) -> String {
-    let who = if event.node.is_empty() {
-        "rollout".to_string()
-    } else {
-        event.node.clone()
-    };
-    let what = match event.kind.as_str() {
-        "rollout_state" => format!("state {}", rollout_state_name(event.rollout_state)),
-        "node_state" => format!("node {}", node_state_name(event.node_state)),
-        "step" => {
-            let phase = match pb::StepPhase::try_from(event.step_phase) {
-                Ok(pb::StepPhase::Started) => "started",
-                Ok(pb::StepPhase::Succeeded) => "ok",
-                Ok(pb::StepPhase::Failed) => "FAILED",
-                _ => "?",
-            };
-            format!("step {} {} {phase}", event.step + 1, event.instruction)
-        }
-        "barrier_arrived" => format!(
-            "arrived at barrier `{}` ({})",
-            event.barrier_id, event.message
-        ),
-        "barrier_released" => format!("barrier `{}` released", event.barrier_id),
-        "barrier_failed" => format!("barrier `{}` FAILED", event.barrier_id),
-        "wave_started" => format!(
-            "wave {} crosses the point of no return: {}",
-            event.wave, event.message
-        ),
-        "operator" => format!("operator: {}", event.message),
-        other => other.to_string(),
-    };
-    let mut line = format!("{who:<10} {what}");
-    if !event.error.is_empty() {
-        line.push_str(&format!(" — {}", event.error));
-    } else if !event.message.is_empty() && event.kind == "rollout_state" {
-        line.push_str(&format!(" — {}", event.message));
-    }
-    line
-}
-
-/// A rollout event as one JSON object.
-pub fn event_json(event: &pb::RolloutEvent) -> serde_json::Value {
-    serde_json::json!({
-        "seq": event.seq,
-        "at_unix_ms": event.at_unix_ms,
-        "kind": event.kind,
-        "node": (!event.node.is_empty()).then_some(&event.node),
-        "rollout_state": (event.kind == "rollout_state").then(|| rollout_state_name(event.rollout_state)),
-        "node_state": (event.kind == "node_state").then(|| node_state_name(event.node_state)),
-        "step": (event.step >= 0).then_some(event.step),
-        "instruction": (!event.instruction.is_empty()).then_some(&event.instruction),
-        "barrier": (!event.barrier_id.is_empty()).then_some(&event.barrier_id),
-        "wave": (event.wave > 0).then_some(event.wave),
-        "error": (!event.error.is_empty()).then_some(&event.error),
-        "message": (!event.message.is_empty()).then_some(&event.message),
-    })
+    Ok(code)
 }

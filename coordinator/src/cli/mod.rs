@@ -5,8 +5,10 @@ pub mod check;
 pub mod client;
 pub mod demo;
 pub mod nodes;
+pub mod plan;
 pub mod rollout;
 pub mod serve;
+pub mod watch;
 
 /// Exit codes shared by every client command.
 pub mod exit {

@@ -17,14 +17,32 @@ pub enum RolloutCommand {
     Start(StartArgs),
     /// Show where a rollout and each of its nodes stand.
     Status(IdArgs),
-    /// Recent rollouts, newest first.
+    /// Follow a rollout live until it ends.
+    ///
+    /// On a terminal: a view redrawn in place (app and versions, state, elapsed time, wave,
+    /// failures, the barrier being waited at, one row per node with its wave, state, current
+    /// instruction, time in it and last error, and a progress bar). Elsewhere (a pipe, a file):
+    /// one plain line per event, no escape codes. `--output json`: one JSON object per event.
+    /// A watcher that started late or lost its stream still sees every event once.
+    ///
+    /// Exits like `start --wait`: 0 succeeded; 3 aborted, rolled back, partially rolled back
+    /// or halted; 1 otherwise.
+    Watch(super::watch::WatchArgs),
+    /// A rollout's history so far: time, node, instruction, outcome, duration, error.
+    Events(super::watch::EventsArgs),
+    /// Recent rollouts, newest first: state, app, versions, node count, duration.
     List(ListArgs),
-    /// Abort a rollout: before the point of no return every node discards what it staged;
-    /// after it every node that committed rolls back.
+    /// Abort a rollout; prints its state once the nodes have confirmed (up to 60 s).
+    ///
+    /// Before the point of no return every node discards what it staged; after it every node
+    /// that committed rolls back and the others abort.
     Abort(IdArgs),
-    /// Hold the rollout before its next wave starts.
+    /// Hold the rollout before its next wave starts; prints its state.
+    ///
+    /// The pause takes effect at the next wave boundary, never inside a barrier or between
+    /// suspend and resume; until then the state stays `preparing` or `committing`.
     Pause(IdArgs),
-    /// Continue a paused rollout.
+    /// Continue a paused rollout, or cancel a pause that has not taken effect yet.
     Resume(IdArgs),
     /// Continue after the canary wave of a rollout with `pause_after_canary`.
     Promote(IdArgs),
@@ -41,7 +59,10 @@ pub struct StartArgs {
     /// aborted, rolled back, partially rolled back or halted, 1 on any other error.
     #[arg(long)]
     pub wait: bool,
-    /// With --wait: give up (exit 1) after this long.
+    /// Follow the rollout like `hotroll rollout watch` until it ends (exit codes of --wait).
+    #[arg(long, conflicts_with = "wait")]
+    pub watch: bool,
+    /// With --wait or --watch: give up (exit 1) after this long.
     #[arg(long, default_value = "1h", value_parser = super::serve::parse_duration)]
     pub wait_timeout: Duration,
     #[arg(long, value_enum, default_value_t)]
@@ -119,7 +140,8 @@ pub fn node_state_name(state: i32) -> &'static str {
     }
 }
 
-fn is_final(state: i32) -> bool {
+/// Whether a rollout state is final.
+pub fn is_final(state: i32) -> bool {
     matches!(
         rollout_state_name(state),
         "succeeded" | "aborted" | "rolled_back" | "partially_rolled_back" | "halted" | "failed"
@@ -258,6 +280,8 @@ pub async fn run(command: RolloutCommand) -> anyhow::Result<u8> {
             print_status(&status, args.output)?;
             Ok(exit::OK)
         }
+        RolloutCommand::Watch(args) => super::watch::run_watch(args).await,
+        RolloutCommand::Events(args) => super::watch::run_events(args).await,
         RolloutCommand::List(args) => list(args).await,
         RolloutCommand::Abort(args) => control(args, "abort").await,
         RolloutCommand::Pause(args) => control(args, "pause").await,
@@ -265,6 +289,9 @@ pub async fn run(command: RolloutCommand) -> anyhow::Result<u8> {
         RolloutCommand::Promote(args) => control(args, "promote").await,
     }
 }
+
+/// How long `abort` waits for the nodes to confirm before it answers with the state so far.
+const ABORT_WAIT: Duration = Duration::from_secs(60);
 
 async fn control(args: IdArgs, action: &str) -> anyhow::Result<u8> {
     let mut client = connect(&args.coordinator).await?;
@@ -278,14 +305,39 @@ async fn control(args: IdArgs, action: &str) -> anyhow::Result<u8> {
         "resume" => client.resume_rollout(request).await,
         _ => client.promote_rollout(request).await,
     };
-    let status = result.map_err(status_error)?.into_inner();
+    // The coordinator's refusals say what and why ("cannot pause rollout in state paused: the
+    // rollout is already paused").
+    let mut status = result.map_err(status_error)?.into_inner();
+    if action == "abort" && !is_final(status.state) {
+        // An abort is done when the fleet says so: wait (bounded) for the nodes to confirm
+        // that they discarded or rolled back, so the answer is the rollout's final state.
+        if let Ok(done) = wait_final(&mut client, &args.id, ABORT_WAIT).await {
+            status = done;
+        }
+    }
     match args.output {
         Output::Json => print_status(&status, Output::Json)?,
-        Output::Text => println!(
-            "rollout {}: {}",
-            status.id,
-            rollout_state_name(status.state)
-        ),
+        Output::Text => {
+            println!(
+                "rollout {}: {}",
+                status.id,
+                rollout_state_name(status.state)
+            );
+            let state = rollout_state_name(status.state);
+            if action == "pause" && state != "paused" {
+                println!(
+                    "pause requested: the rollout holds before its next wave starts \
+                     (`hotroll rollout resume {}` cancels it)",
+                    status.id
+                );
+            } else if action == "abort" && !is_final(status.state) {
+                println!(
+                    "every node that committed rolls back, the others abort; \
+                     `hotroll rollout watch {}` follows it",
+                    status.id
+                );
+            }
+        }
     }
     Ok(exit::OK)
 }
@@ -326,19 +378,30 @@ async fn list(args: ListArgs) -> anyhow::Result<u8> {
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         Output::Text => {
+            use super::watch::text::{format_duration_ms, format_unix_ms};
+            let now = crate::rollouts::now_ms();
             let mut table = comfy_table::Table::new();
             table.load_preset(comfy_table::presets::NOTHING);
-            table.set_header(["ID", "STATE", "APP", "FROM", "TO", "NODES", "DURATION"]);
+            table.set_header([
+                "ID", "CREATED", "STATE", "APP", "FROM", "TO", "NODES", "DURATION",
+            ]);
             for r in rows {
+                let duration = match r.duration_ms {
+                    Some(ms) => format_duration_ms(ms),
+                    None => format!(
+                        "{} so far",
+                        format_duration_ms(now.saturating_sub(r.created_unix_ms))
+                    ),
+                };
                 table.add_row([
                     r.id,
+                    format_unix_ms(r.created_unix_ms),
                     r.state.to_string(),
                     r.app,
                     r.from,
                     r.to,
                     r.nodes.to_string(),
-                    r.duration_ms
-                        .map_or("-".to_string(), |ms| format!("{:.1}s", ms as f64 / 1000.0)),
+                    duration,
                 ]);
             }
             println!("{table}");
@@ -391,6 +454,24 @@ async fn start(args: StartArgs) -> anyhow::Result<u8> {
         .map_err(status_error)
         .context("the coordinator refused the rollout")?
         .into_inner();
+    if args.watch {
+        if args.output == Output::Text {
+            eprintln!(
+                "rollout {} started on {} node(s): {}",
+                started.rollout_id,
+                started.nodes.len(),
+                started.nodes.join(", ")
+            );
+        }
+        return super::watch::watch(
+            &mut client,
+            &started.rollout_id,
+            super::watch::Mode::detect(args.output),
+            0,
+            Some(args.wait_timeout),
+        )
+        .await;
+    }
     if !args.wait {
         match args.output {
             Output::Json => println!(
@@ -420,30 +501,12 @@ async fn start(args: StartArgs) -> anyhow::Result<u8> {
     Ok(wait_exit_code(status.state))
 }
 
-/// Poll the rollout until it reaches a final state or `timeout` passes.
+/// Wait until the rollout reaches a final state or `timeout` passes (follows its event
+/// stream; polls if the stream breaks).
 pub async fn wait_final(
     client: &mut hotroll_proto::v1::control_client::ControlClient<tonic::transport::Channel>,
     id: &str,
     timeout: Duration,
 ) -> anyhow::Result<pb::RolloutStatus> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let status = client
-            .get_rollout(pb::GetRolloutRequest {
-                rollout_id: id.to_string(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        if is_final(status.state) {
-            return Ok(status);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!(
-                "rollout {id} is still {} after {timeout:?}",
-                rollout_state_name(status.state)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    super::watch::wait_final(client, id, timeout).await
 }

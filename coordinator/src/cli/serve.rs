@@ -1,5 +1,6 @@
 //! `hotroll serve`: run the coordinator.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,47 @@ pub struct ServeArgs {
     /// Time granted over an instruction's own timeout before a silent node counts as failed.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub step_slack: Duration,
+    /// Serve Prometheus metrics (OpenMetrics text) over HTTP on this address, path /metrics:
+    /// connected agents, rollouts by state, instruction durations, barrier waits, rollbacks,
+    /// artifact bytes sent. Not served unless given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Events buffered per rollout for live watchers; a watcher that falls further behind is
+    /// told to reconnect from its last event (the CLI does so on its own). The rollout never
+    /// waits for a watcher.
+    #[arg(long, default_value_t = crate::server::DEFAULT_WATCH_BUFFER, value_name = "EVENTS",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub watch_buffer: usize,
+    /// Log format on stderr: `text` (human-readable; colours on a terminal) or `json` (one
+    /// object per line, for log shippers). The level follows RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format` of the daemons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Log through `tracing` to stderr in `format`, at the level RUST_LOG says (default: info).
+pub fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(false)
+            .flatten_event(true)
+            .init(),
+    }
 }
 
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -42,6 +84,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.heartbeat_interval = args.heartbeat_interval;
     config.session_grace = args.session_grace;
     config.step_slack = args.step_slack;
+    config.metrics_listen = args.metrics_listen;
+    config.watch_buffer = args.watch_buffer;
     run(listener, Arc::new(store), config, shutdown_signal()).await?;
     tracing::info!("coordinator stopped");
     Ok(())

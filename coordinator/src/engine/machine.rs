@@ -68,6 +68,10 @@ pub(super) enum Mode {
     RollingBackAll,
     /// `MakePermanent` was sent; waiting for the confirmations.
     MakingPermanent,
+    /// Before the point of no return every node was told to abort; the rollout ends `aborted`
+    /// once the reachable ones confirm (or their confirmation deadline passes), so `aborted`
+    /// means the fleet is back where it was, not merely that the decision was taken.
+    Aborting,
 }
 
 /// What a node's deadline guards.
@@ -104,6 +108,24 @@ enum How {
     Missed,
     /// Lost past the grace period or silent past its deadline: marked failed at once.
     Dead,
+}
+
+/// What a node reported about one instruction.
+#[derive(Debug, Clone)]
+struct Reported {
+    phase: StepPhase,
+    error: Option<String>,
+    duration_ms: Option<u64>,
+}
+
+impl Reported {
+    fn started() -> Self {
+        Self {
+            phase: StepPhase::Started,
+            error: None,
+            duration_ms: None,
+        }
+    }
 }
 
 /// What the engine keeps about a node besides its [`NodeView`].
@@ -257,12 +279,22 @@ impl Rollout {
             }
             Event::StepStarted { node, epoch, step } => {
                 if let Some(i) = self.node_of(&node, epoch) {
-                    self.step(now, i, step, StepPhase::Started, None, &mut out);
+                    self.step(now, i, step, Reported::started(), &mut out);
                 }
             }
-            Event::StepSucceeded { node, epoch, step } => {
+            Event::StepSucceeded {
+                node,
+                epoch,
+                step,
+                duration_ms,
+            } => {
                 if let Some(i) = self.node_of(&node, epoch) {
-                    self.step(now, i, step, StepPhase::Succeeded, None, &mut out);
+                    let report = Reported {
+                        phase: StepPhase::Succeeded,
+                        error: None,
+                        duration_ms,
+                    };
+                    self.step(now, i, step, report, &mut out);
                 }
             }
             Event::StepFailed {
@@ -270,9 +302,15 @@ impl Rollout {
                 epoch,
                 step,
                 error,
+                duration_ms,
             } => {
                 if let Some(i) = self.node_of(&node, epoch) {
-                    self.step(now, i, step, StepPhase::Failed, Some(error), &mut out);
+                    let report = Reported {
+                        phase: StepPhase::Failed,
+                        error: Some(error),
+                        duration_ms,
+                    };
+                    self.step(now, i, step, report, &mut out);
                 }
             }
             Event::BarrierArrived {
@@ -393,6 +431,9 @@ impl Rollout {
             Mode::RollingBackAll => {
                 return Err(self.not_applicable("abort", "every node is already rolling back"));
             }
+            Mode::Aborting => {
+                return Err(self.not_applicable("abort", "the rollout is already aborting"));
+            }
             Mode::MakingPermanent => {
                 return Err(
                     self.not_applicable("abort", "the new release is already being made permanent")
@@ -411,7 +452,7 @@ impl Rollout {
         if self.past_ponr() {
             self.rollback_all(now, why, out);
         } else {
-            self.abort_prepare(None, why, out);
+            self.abort_prepare(now, None, why, out);
         }
         Ok(())
     }
@@ -557,15 +598,12 @@ impl Rollout {
         self.fail_node(now, i, reason, How::Reported, out);
     }
 
-    fn step(
-        &mut self,
-        now: Millis,
-        i: usize,
-        step: u32,
-        phase: StepPhase,
-        error: Option<String>,
-        out: &mut Vec<Command>,
-    ) {
+    fn step(&mut self, now: Millis, i: usize, step: u32, report: Reported, out: &mut Vec<Command>) {
+        let Reported {
+            phase,
+            error,
+            duration_ms,
+        } = report;
         if self.state.is_final() || self.track[i].counted {
             return;
         }
@@ -595,6 +633,7 @@ impl Rollout {
                 step,
                 phase,
                 error: error.clone(),
+                duration_ms,
             },
         );
         match phase {
@@ -938,7 +977,7 @@ impl Rollout {
             },
         );
         if !self.past_ponr() {
-            self.abort_prepare(None, reason, out);
+            self.abort_prepare(now, None, reason, out);
             return;
         }
         for m in missing {
@@ -1024,7 +1063,9 @@ impl Rollout {
         self.track[i].counted = true;
         self.failures += 1;
         if !self.past_ponr() {
-            self.abort_prepare(Some(i), reason, out);
+            if self.mode != Mode::Aborting {
+                self.abort_prepare(now, Some(i), reason, out);
+            }
             return;
         }
         self.apply_policy(now, reason, out);
@@ -1104,20 +1145,54 @@ impl Rollout {
         }
     }
 
-    /// Before the point of no return: abort every other unsettled target, end `aborted`.
-    fn abort_prepare(&mut self, culprit: Option<usize>, reason: String, out: &mut Vec<Command>) {
+    /// Before the point of no return: tell every other unsettled target to abort, and end
+    /// `aborted` once the reachable ones have confirmed. A node that is away is shown failed at
+    /// once (nothing waits for it); it hears the abort again when it returns.
+    fn abort_prepare(
+        &mut self,
+        now: Millis,
+        culprit: Option<usize>,
+        reason: String,
+        out: &mut Vec<Command>,
+    ) {
+        if self.state == RolloutState::Pending {
+            // Nothing was sent yet: no node has anything to discard.
+            for i in 0..self.nodes.len() {
+                self.set_node_state(i, NodeState::Aborted, None, out);
+            }
+            self.error = Some(reason.clone());
+            self.finish(RolloutState::Aborted, Some(reason), out);
+            return;
+        }
+        self.mode = Mode::Aborting;
+        self.pause_requested = false;
+        self.paused = None;
+        self.error = Some(reason.clone());
+        self.state = RolloutState::Preparing;
+        record(
+            out,
+            Record::RolloutState {
+                state: RolloutState::Preparing,
+                reason: Some(format!("aborting every node: {reason}")),
+            },
+        );
+        self.close_barriers(None, out);
         for i in 0..self.nodes.len() {
-            if Some(i) != culprit
-                && matches!(
-                    self.nodes[i].state,
-                    NodeState::Preparing | NodeState::Prepared
-                )
-            {
+            if self.nodes[i].state.is_settled() {
+                continue;
+            }
+            if Some(i) != culprit {
                 self.tell(i, Told::Abort, &reason, out);
             }
+            self.track[i].grace = None;
+            if self.nodes[i].connected {
+                self.arm(i, now, Guard::Abort);
+            } else {
+                self.track[i].deadline = None;
+                let why = "unreachable when the rollout aborted".to_string();
+                self.set_node_state(i, NodeState::Failed, Some(why), out);
+            }
         }
-        self.error = Some(reason.clone());
-        self.finish(RolloutState::Aborted, Some(reason), out);
     }
 
     fn tell(&mut self, i: usize, told: Told, reason: &str, out: &mut Vec<Command>) {
@@ -1145,6 +1220,13 @@ impl Rollout {
                 return;
             }
             match self.mode {
+                Mode::Aborting => {
+                    if self.nodes.iter().all(|n| n.state.is_settled()) {
+                        let reason = self.error.clone();
+                        self.finish(RolloutState::Aborted, reason, out);
+                    }
+                    return;
+                }
                 Mode::RollingBackAll => {
                     if self.nodes.iter().all(|n| n.state.is_settled()) {
                         let (state, reason) = if self.rollback_failed {
@@ -1455,7 +1537,10 @@ impl Rollout {
                 }
             }
             Guard::Abort => {
-                if self.nodes[i].state == NodeState::Prepared {
+                if matches!(
+                    self.nodes[i].state,
+                    NodeState::Pending | NodeState::Preparing | NodeState::Prepared
+                ) {
                     let why = format!("abort not confirmed within {} ms", self.confirm_allowance());
                     self.set_node_state(i, NodeState::Failed, Some(why), out);
                 }

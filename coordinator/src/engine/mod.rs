@@ -177,6 +177,9 @@ pub enum Event {
         node: String,
         epoch: u64,
         step: u32,
+        /// How long the instruction ran, as the agent measured it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
     },
     /// An instruction of `up` failed on the node. The node reports its outcome separately.
     StepFailed {
@@ -184,6 +187,8 @@ pub enum Event {
         epoch: u64,
         step: u32,
         error: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
     },
     BarrierArrived {
         node: String,
@@ -267,6 +272,10 @@ pub enum Record {
         step: u32,
         phase: StepPhase,
         error: Option<String>,
+        /// How long the instruction ran (the agent's measure), on `succeeded` and `failed`.
+        /// Absent in histories written before it was recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
     },
     BarrierArrived {
         node: String,

@@ -150,6 +150,7 @@ impl H {
             node: node.into(),
             epoch: EPOCH,
             step,
+            duration_ms: Some(7),
         })
     }
 
@@ -159,6 +160,7 @@ impl H {
             epoch: EPOCH,
             step,
             error: "boom".into(),
+            duration_ms: Some(9),
         })
     }
 
@@ -184,6 +186,13 @@ impl H {
             outcome,
             error: None,
         })
+    }
+
+    /// The nodes told to abort confirm it.
+    fn confirm_aborted(&mut self, nodes: &[&str]) {
+        for node in nodes {
+            self.outcome(node, Outcome::Aborted);
+        }
     }
 
     fn lost(&mut self, node: &str) -> Vec<Command> {
@@ -394,7 +403,8 @@ fn steps_are_recorded_on_the_node_view() {
             node: "a".into(),
             step: 0,
             phase: StepPhase::Started,
-            error: None
+            error: None,
+            duration_ms: None,
         }]
     );
     assert_eq!(h.node("a").step, Some(0));
@@ -479,13 +489,19 @@ fn barrier_times_out_before_ponr_and_aborts_the_rollout() {
     assert!(records(&out).iter().any(failed));
     assert_eq!(aborts(&out), s(&["a", "b", "c"]));
     assert!(commits(&h.log).is_empty());
+    assert_eq!(h.r.barrier(), None);
+    // a and b confirm; c never does: its confirmation deadline ends the wait.
+    h.confirm_aborted(&["a", "b"]);
+    assert_eq!(h.r.state(), R::Preparing);
+    let deadline = h.r.next_deadline().expect("c's confirmation is bounded");
+    h.tick(deadline);
+    assert_eq!(h.state_of("c"), N::Failed);
     assert_eq!(h.r.state(), R::Aborted);
     assert!(
         h.r.error()
             .is_some_and(|e| e.contains("barrier `pre` timed out"))
     );
     assert_eq!(h.r.next_deadline(), None);
-    assert_eq!(h.r.barrier(), None);
 }
 
 #[test]
@@ -726,6 +742,9 @@ fn participant_lost_for_good_before_ponr_aborts_without_waiting() {
     h.at(1_000);
     h.lost("b");
     let out = h.tick(1_000 + GRACE);
+    // Nothing waits for b: once a and c confirm, the rollout is aborted.
+    assert_eq!(h.r.state(), R::Preparing);
+    h.confirm_aborted(&["a", "c"]);
     assert_eq!(h.r.state(), R::Aborted);
     // a and c are told at once; b (now failed) is told too, for when it comes back.
     let mut told = aborts(&out);
@@ -742,9 +761,9 @@ fn sigstopped_node_that_resumes_reports_aborted_after_the_rollout_ended() {
     h.at(1_000);
     h.lost("b");
     h.tick(1_000 + GRACE);
-    assert_eq!(h.r.state(), R::Aborted);
     h.outcome("a", Outcome::Aborted);
     assert_eq!(h.state_of("a"), N::Aborted);
+    assert_eq!(h.r.state(), R::Aborted, "b is away: nothing waits for it");
     // b comes back: told to abort again; it does.
     let out = h.restored("b");
     assert_eq!(aborts(&out), s(&["b"]));
@@ -844,9 +863,13 @@ fn any_failure_before_ponr_aborts_every_other_target() {
         h.prepare("a");
         h.arrive("c", "pre");
         let out = fail(&mut h);
-        assert_eq!(h.r.state(), R::Aborted, "{name}");
+        assert_eq!(
+            h.r.state(),
+            R::Preparing,
+            "{name}: aborting until confirmed"
+        );
         assert_eq!(aborts(&out), s(&["a", "c"]), "{name}: every other target");
-        assert_eq!(rollout_states(&out), vec![R::Aborted], "{name}");
+        assert_eq!(rollout_states(&out), vec![R::Preparing], "{name}");
         assert_eq!(h.state_of("b"), b_state, "{name}");
         assert_eq!(h.r.failures(), 1, "{name}");
         assert!(
@@ -855,16 +878,27 @@ fn any_failure_before_ponr_aborts_every_other_target() {
             h.r.error()
         );
         assert!(commits(&h.log).is_empty(), "{name}");
-        assert_eq!(h.r.next_deadline(), None, "{name}");
-        // The others confirm later; the rollout stays aborted.
-        h.outcome("a", Outcome::Aborted);
-        h.outcome("c", Outcome::Aborted);
+        assert!(
+            h.r.next_deadline().is_some(),
+            "{name}: confirmations are bounded"
+        );
+        // The others confirm; b too where it had not said yet. Then the rollout is aborted.
+        h.confirm_aborted(&["a", "c"]);
+        if b_state == N::Preparing {
+            assert_eq!(
+                h.r.state(),
+                R::Preparing,
+                "{name}: b still owes its outcome"
+            );
+            h.confirm_aborted(&["b"]);
+        }
         assert_eq!(
             (h.state_of("a"), h.state_of("c")),
             (N::Aborted, N::Aborted),
             "{name}"
         );
         assert_eq!(h.r.state(), R::Aborted, "{name}");
+        assert_eq!(h.r.next_deadline(), None, "{name}");
     }
 }
 
@@ -1232,8 +1266,14 @@ fn a_failure_while_paused_before_wave_one_still_aborts() {
     h.prepare_all();
     h.lost("a");
     h.tick(h.now + GRACE);
-    assert_eq!(h.r.state(), R::Aborted);
     assert_eq!(aborts(&h.log), s(&["a", "b"]));
+    assert_eq!(
+        h.r.state(),
+        R::Preparing,
+        "aborting: b has not confirmed yet"
+    );
+    h.confirm_aborted(&["b"]);
+    assert_eq!(h.r.state(), R::Aborted);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1249,6 +1289,8 @@ fn operator_abort_before_ponr_aborts_everyone() {
         })
         .expect("abort applies");
     assert_eq!(aborts(&out), s(&["a", "b"]));
+    assert_eq!(h.r.state(), R::Preparing);
+    h.confirm_aborted(&["a", "b"]);
     assert_eq!(h.r.state(), R::Aborted);
     assert!(records(&out).contains(&&Record::Operator {
         action: "abort".into(),
@@ -1352,6 +1394,7 @@ fn operator_commands_that_do_not_apply_change_nothing() {
     fn finished() -> H {
         let mut h = preparing();
         h.step_failed("a", 0);
+        h.confirm_aborted(&["a", "b"]);
         h
     }
     let cases: Vec<(&str, Setup, Event, &str)> = vec![
@@ -1478,9 +1521,10 @@ fn silent_node_past_its_step_deadline_before_ponr_aborts() {
     assert_eq!(h.r.next_deadline(), Some(1_000 + STEP + SLACK));
     assert!(h.tick(1_000 + STEP + SLACK - 1).is_empty());
     let out = h.tick(1_000 + STEP + SLACK);
-    assert_eq!(h.r.state(), R::Aborted);
     assert_eq!(h.state_of("b"), N::Failed);
     assert!(aborts(&out).contains(&"a".to_string()));
+    h.confirm_aborted(&["a"]);
+    assert_eq!(h.r.state(), R::Aborted);
     assert!(
         h.r.error()
             .is_some_and(|e| e.contains("no progress on step 0"))
@@ -1666,12 +1710,14 @@ fn events_from_another_epoch_or_unknown_nodes_are_ignored() {
                 node: node.clone(),
                 epoch,
                 step: 0,
+                duration_ms: None,
             },
             Event::StepFailed {
                 node: node.clone(),
                 epoch,
                 step: 0,
                 error: "x".into(),
+                duration_ms: None,
             },
             Event::BarrierArrived {
                 node: node.clone(),
@@ -1984,12 +2030,14 @@ mod random {
                             node,
                             epoch: EPOCH,
                             step,
+                            duration_ms: Some(1),
                         },
                         StepPhase::Failed => Event::StepFailed {
                             node,
                             epoch: EPOCH,
                             step,
                             error: "x".into(),
+                            duration_ms: Some(1),
                         },
                     }
                 }
@@ -2143,7 +2191,12 @@ fn a_node_away_when_the_rollout_aborts_is_shown_failed_until_it_reports() {
     h.at(1_000 + BARRIER - 100);
     h.lost("c");
     h.tick(1_000 + BARRIER);
-    assert_eq!(h.r.state(), R::Aborted);
+    h.confirm_aborted(&["a", "b"]);
+    assert_eq!(
+        h.r.state(),
+        R::Aborted,
+        "nothing waits for the unreachable c"
+    );
     assert_eq!(
         h.state_of("c"),
         NodeState::Failed,

@@ -1,0 +1,194 @@
+//! Rollout events as text: one plain line per event (pipes, logs, `hotroll demo`), one JSON
+//! object per event (`--output json`), and the time and duration formats the views share.
+
+use hotroll_proto::v1 as pb;
+
+use crate::cli::rollout::{node_state_name, rollout_state_name};
+
+/// `started`, `ok` or `FAILED` for a step event.
+pub fn step_phase_name(phase: i32) -> &'static str {
+    match pb::StepPhase::try_from(phase) {
+        Ok(pb::StepPhase::Started) => "started",
+        Ok(pb::StepPhase::Succeeded) => "ok",
+        Ok(pb::StepPhase::Failed) => "FAILED",
+        _ => "?",
+    }
+}
+
+/// One line for a rollout event, without its timestamp: who (`rollout` or the node), then what.
+pub fn describe(event: &pb::RolloutEvent) -> String {
+    let who = if event.node.is_empty() {
+        "rollout"
+    } else {
+        event.node.as_str()
+    };
+    let what = match event.kind.as_str() {
+        "rollout_state" => format!("state {}", rollout_state_name(event.rollout_state)),
+        "node_state" => format!("node {}", node_state_name(event.node_state)),
+        "step" => {
+            let mut what = format!(
+                "step {} {} {}",
+                event.step + 1,
+                event.instruction,
+                step_phase_name(event.step_phase)
+            );
+            if event.step_phase != pb::StepPhase::Started as i32 && event.duration_ms > 0 {
+                what.push_str(&format!(" ({})", format_duration_ms(event.duration_ms)));
+            }
+            what
+        }
+        "barrier_arrived" => format!(
+            "arrived at barrier `{}` ({})",
+            event.barrier_id, event.message
+        ),
+        "barrier_released" => format!("barrier `{}` released", event.barrier_id),
+        "barrier_failed" => format!("barrier `{}` FAILED", event.barrier_id),
+        "wave_started" => format!(
+            "wave {} crosses the point of no return: {}",
+            event.wave, event.message
+        ),
+        "operator" => format!("operator: {}", event.message),
+        other => other.to_string(),
+    };
+    let mut line = format!("{who:<10} {what}");
+    if !event.error.is_empty() {
+        line.push_str(&format!(" — {}", event.error));
+    } else if !event.message.is_empty() && event.kind == "rollout_state" {
+        line.push_str(&format!(" — {}", event.message));
+    }
+    line
+}
+
+/// What `watch` prints per event when stdout is not a terminal: `<UTC time>  <describe>`.
+pub fn plain_line(event: &pb::RolloutEvent) -> String {
+    format!("{}  {}", format_unix_ms(event.at_unix_ms), describe(event))
+}
+
+/// A rollout event as one JSON object (`--output json` of `watch` and `events`).
+pub fn event_json(event: &pb::RolloutEvent) -> serde_json::Value {
+    let step = event.kind == "step";
+    let finished_step = step && event.step_phase != pb::StepPhase::Started as i32;
+    serde_json::json!({
+        "rollout": event.rollout_id,
+        "seq": event.seq,
+        "at": format_unix_ms(event.at_unix_ms),
+        "at_unix_ms": event.at_unix_ms,
+        "kind": event.kind,
+        "node": (!event.node.is_empty()).then_some(&event.node),
+        "rollout_state": (event.kind == "rollout_state").then(|| rollout_state_name(event.rollout_state)),
+        "node_state": (event.kind == "node_state").then(|| node_state_name(event.node_state)),
+        "step": (event.step >= 0).then_some(event.step),
+        "instruction": (!event.instruction.is_empty()).then_some(&event.instruction),
+        "phase": step.then(|| match pb::StepPhase::try_from(event.step_phase) {
+            Ok(pb::StepPhase::Started) => "started",
+            Ok(pb::StepPhase::Succeeded) => "succeeded",
+            Ok(pb::StepPhase::Failed) => "failed",
+            _ => "unknown",
+        }),
+        "duration_ms": finished_step.then_some(event.duration_ms),
+        "barrier": (!event.barrier_id.is_empty()).then_some(&event.barrier_id),
+        "wave": (event.wave > 0).then_some(event.wave),
+        "error": (!event.error.is_empty()).then_some(&event.error),
+        "message": (!event.message.is_empty()).then_some(&event.message),
+    })
+}
+
+/// `2026-03-21T14:05:09.042Z`: a Unix time in milliseconds as RFC 3339 UTC.
+pub fn format_unix_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let millis = ms % 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (H. Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (
+        year,
+        u32::try_from(month).unwrap_or(1),
+        u32::try_from(day).unwrap_or(1),
+    )
+}
+
+/// A short human duration: `850 ms`, `12.3 s`, `4m05s`, `2h03m`.
+pub fn format_duration_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms < 60_000 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else if ms < 3_600_000 {
+        format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
+    } else {
+        format!("{}h{:02}m", ms / 3_600_000, (ms % 3_600_000) / 60_000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_times_format_as_rfc3339_utc() {
+        assert_eq!(format_unix_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_unix_ms(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(
+            format_unix_ms(1_700_000_000_000),
+            "2023-11-14T22:13:20.000Z"
+        );
+        assert_eq!(
+            format_unix_ms(4_102_444_799_999),
+            "2099-12-31T23:59:59.999Z"
+        );
+    }
+
+    #[test]
+    fn durations_are_short() {
+        assert_eq!(format_duration_ms(0), "0 ms");
+        assert_eq!(format_duration_ms(999), "999 ms");
+        assert_eq!(format_duration_ms(12_345), "12.3 s");
+        assert_eq!(format_duration_ms(245_000), "4m05s");
+        assert_eq!(format_duration_ms(7_380_000), "2h03m");
+    }
+
+    #[test]
+    fn step_lines_carry_the_duration() {
+        let event = pb::RolloutEvent {
+            seq: 7,
+            at_unix_ms: 1_700_000_000_000,
+            kind: "step".into(),
+            node: "node-2".into(),
+            step: 1,
+            instruction: "apply".into(),
+            step_phase: pb::StepPhase::Failed as i32,
+            duration_ms: 1500,
+            error: "hook `x` exited 1".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            plain_line(&event),
+            "2023-11-14T22:13:20.000Z  node-2     step 2 apply FAILED (1.5 s) — hook `x` exited 1"
+        );
+        let json = event_json(&event);
+        assert_eq!(json["phase"], "failed");
+        assert_eq!(json["duration_ms"], 1500);
+        assert_eq!(json["node"], "node-2");
+        assert_eq!(json["rollout_state"], serde_json::Value::Null);
+    }
+}

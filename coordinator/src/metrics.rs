@@ -1,0 +1,493 @@
+//! The coordinator's metrics, and the small HTTP server that serves them on `/metrics`
+//! (`hotroll serve --metrics-listen ADDR`).
+//!
+//! The format is the OpenMetrics text format (`application/openmetrics-text`), which Prometheus
+//! scrapes natively; counters carry the `_total` suffix, histograms `_bucket`/`_sum`/`_count`.
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `hotroll_connected_agents` | gauge | | agents with a live session, read at scrape time |
+//! | `hotroll_rollouts` | gauge | `state` | rollouts in the store, by state (every state listed) |
+//! | `hotroll_rollouts_started_total` | counter | | rollouts started by this process |
+//! | `hotroll_instruction_duration_seconds` | histogram | `instruction`, `outcome` | how long instructions of `up` ran on a node (the agent's measure), `outcome` = `succeeded` or `failed` |
+//! | `hotroll_barrier_wait_seconds` | histogram | `outcome` | from the first arrival at a barrier instance to its release (`released`) or failure (`failed`) |
+//! | `hotroll_rollbacks_total` | counter | | nodes that confirmed a rollback to their permanent release |
+//! | `hotroll_artifact_bytes_sent_total` | counter | | artifact bytes sent to agents (`FetchArtifact`) |
+//! | `hotroll_watch_streams` | gauge | | open `WatchRollout` streams |
+//!
+//! [`Metrics`] is always there (instrumenting costs an atomic add); only the HTTP server is
+//! optional. Every update is lock-free or takes a short read lock, so nothing on the rollout
+//! path waits on a scrape.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tokio::net::TcpListener;
+
+use crate::engine::RolloutState;
+use crate::registry::Registry;
+
+/// Content type of the OpenMetrics text format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Every rollout state, so `hotroll_rollouts` lists each one (0 included) from the start.
+const ROLLOUT_STATES: [RolloutState; 10] = [
+    RolloutState::Pending,
+    RolloutState::Preparing,
+    RolloutState::Committing,
+    RolloutState::Paused,
+    RolloutState::Succeeded,
+    RolloutState::Aborted,
+    RolloutState::RolledBack,
+    RolloutState::PartiallyRolledBack,
+    RolloutState::Halted,
+    RolloutState::Failed,
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstructionLabels {
+    instruction: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// How an instruction ended, for the duration histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    Succeeded,
+    Failed,
+}
+
+/// How a barrier instance ended, for the wait histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BarrierOutcome {
+    Released,
+    Failed,
+}
+
+/// The coordinator's metrics. Share it as `Arc<Metrics>`.
+pub struct Metrics {
+    registry: prometheus_client::registry::Registry,
+    connected_agents: Gauge,
+    rollouts: Family<StateLabels, Gauge>,
+    rollouts_started: Counter,
+    instruction_duration: Family<InstructionLabels, Histogram>,
+    barrier_wait: Family<OutcomeLabels, Histogram>,
+    rollbacks: Counter,
+    artifact_bytes_sent: Counter,
+    watch_streams: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// 1 ms .. ~65 s, doubling: instructions run from a hook spawn to a long health wait.
+fn instruction_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// 1 ms .. ~65 s, doubling: barrier waits are bounded by their timeouts.
+fn barrier_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("hotroll");
+        let connected_agents = Gauge::default();
+        registry.register(
+            "connected_agents",
+            "Agents with a live session",
+            connected_agents.clone(),
+        );
+        let rollouts = Family::<StateLabels, Gauge>::default();
+        for state in ROLLOUT_STATES {
+            let _ = rollouts.get_or_create(&StateLabels {
+                state: state.as_str(),
+            });
+        }
+        registry.register(
+            "rollouts",
+            "Rollouts known to the coordinator, by state",
+            rollouts.clone(),
+        );
+        let rollouts_started = Counter::default();
+        registry.register(
+            "rollouts_started",
+            "Rollouts started by this coordinator process",
+            rollouts_started.clone(),
+        );
+        let instruction_duration = Family::<InstructionLabels, Histogram>::new_with_constructor(
+            instruction_buckets as fn() -> Histogram,
+        );
+        registry.register(
+            "instruction_duration_seconds",
+            "How long instructions ran on the nodes (as the agents measured), by instruction and outcome",
+            instruction_duration.clone(),
+        );
+        let barrier_wait = Family::<OutcomeLabels, Histogram>::new_with_constructor(
+            barrier_buckets as fn() -> Histogram,
+        );
+        registry.register(
+            "barrier_wait_seconds",
+            "From the first arrival at a sync_nodes barrier to its release or failure",
+            barrier_wait.clone(),
+        );
+        let rollbacks = Counter::default();
+        registry.register(
+            "rollbacks",
+            "Nodes that confirmed a rollback to their permanent release",
+            rollbacks.clone(),
+        );
+        let artifact_bytes_sent = Counter::default();
+        registry.register(
+            "artifact_bytes_sent",
+            "Artifact bytes sent to agents",
+            artifact_bytes_sent.clone(),
+        );
+        let watch_streams = Gauge::default();
+        registry.register(
+            "watch_streams",
+            "Open WatchRollout streams",
+            watch_streams.clone(),
+        );
+        Self {
+            registry,
+            connected_agents,
+            rollouts,
+            rollouts_started,
+            instruction_duration,
+            barrier_wait,
+            rollbacks,
+            artifact_bytes_sent,
+            watch_streams,
+        }
+    }
+
+    pub fn set_connected_agents(&self, n: usize) {
+        self.connected_agents
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A rollout moved from `old` (`None`: it is new to this process) to `new`.
+    pub fn rollout_state_changed(&self, old: Option<RolloutState>, new: RolloutState) {
+        if old == Some(new) {
+            return;
+        }
+        if let Some(old) = old {
+            self.rollouts
+                .get_or_create(&StateLabels {
+                    state: old.as_str(),
+                })
+                .dec();
+        }
+        self.rollouts
+            .get_or_create(&StateLabels {
+                state: new.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn rollout_started(&self) {
+        self.rollouts_started.inc();
+    }
+
+    pub fn observe_instruction(&self, instruction: &str, outcome: StepOutcome, took: Duration) {
+        let outcome = match outcome {
+            StepOutcome::Succeeded => "succeeded",
+            StepOutcome::Failed => "failed",
+        };
+        self.instruction_duration
+            .get_or_create(&InstructionLabels {
+                instruction: instruction.to_string(),
+                outcome,
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn observe_barrier_wait(&self, outcome: BarrierOutcome, waited: Duration) {
+        let outcome = match outcome {
+            BarrierOutcome::Released => "released",
+            BarrierOutcome::Failed => "failed",
+        };
+        self.barrier_wait
+            .get_or_create(&OutcomeLabels { outcome })
+            .observe(waited.as_secs_f64());
+    }
+
+    pub fn rollback_confirmed(&self) {
+        self.rollbacks.inc();
+    }
+
+    pub fn artifact_bytes_sent(&self, bytes: u64) {
+        self.artifact_bytes_sent.inc_by(bytes);
+    }
+
+    /// Count an open watch stream until the returned guard is dropped.
+    pub fn watch_stream(self: &Arc<Self>) -> WatchStreamGuard {
+        self.watch_streams.inc();
+        WatchStreamGuard {
+            metrics: self.clone(),
+        }
+    }
+
+    /// Everything, in the OpenMetrics text format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Keeps `hotroll_watch_streams` counted while a watch stream is open.
+#[derive(Debug)]
+pub struct WatchStreamGuard {
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for WatchStreamGuard {
+    fn drop(&mut self) {
+        self.metrics.watch_streams.dec();
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+}
+
+async fn scrape(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let connected = state.registry.list().iter().filter(|n| n.connected).count();
+    state.metrics.set_connected_agents(connected);
+    match state.metrics.encode() {
+        Ok(body) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot encode the metrics\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Serve `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics listening on /metrics");
+    }
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .with_state(AppState { metrics, registry });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == name_and_labels).then(|| value.parse().ok())?
+        })
+    }
+
+    #[test]
+    fn metrics_encode_and_move() {
+        let metrics = Arc::new(Metrics::new());
+        let text = metrics.encode().expect("encode");
+        assert_eq!(
+            sample(&text, r#"hotroll_rollouts{state="succeeded"}"#),
+            Some(0.0)
+        );
+        assert_eq!(sample(&text, "hotroll_rollbacks_total"), Some(0.0));
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
+
+        metrics.rollout_state_changed(None, RolloutState::Pending);
+        metrics.rollout_state_changed(Some(RolloutState::Pending), RolloutState::Preparing);
+        metrics.rollout_state_changed(Some(RolloutState::Preparing), RolloutState::Succeeded);
+        metrics.observe_instruction("check", StepOutcome::Succeeded, Duration::from_millis(3));
+        metrics.observe_instruction("check", StepOutcome::Failed, Duration::from_millis(40));
+        metrics.observe_barrier_wait(BarrierOutcome::Released, Duration::from_millis(12));
+        metrics.rollback_confirmed();
+        metrics.artifact_bytes_sent(1000);
+        metrics.artifact_bytes_sent(24);
+        let guard = metrics.watch_stream();
+        let text = metrics.encode().expect("encode");
+        assert_eq!(
+            sample(&text, r#"hotroll_rollouts{state="succeeded"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"hotroll_rollouts{state="pending"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"hotroll_instruction_duration_seconds_count{instruction="check",outcome="succeeded"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"hotroll_barrier_wait_seconds_count{outcome="released"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(sample(&text, "hotroll_rollbacks_total"), Some(1.0));
+        assert_eq!(
+            sample(&text, "hotroll_artifact_bytes_sent_total"),
+            Some(1024.0)
+        );
+        assert_eq!(sample(&text, "hotroll_watch_streams"), Some(1.0));
+        drop(guard);
+        let text = metrics.encode().expect("encode");
+        assert_eq!(sample(&text, "hotroll_watch_streams"), Some(0.0));
+    }
+
+    /// `GET /metrics` over a plain TCP connection; the body.
+    async fn get_metrics(addr: std::net::SocketAddr) -> std::io::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains(CONTENT_TYPE), "{text}");
+        Ok(text
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default())
+    }
+
+    /// The real server: artifact bytes sent to an agent are counted, `/metrics` serves them, and
+    /// the endpoint goes away when the server shuts down.
+    #[tokio::test]
+    async fn the_endpoint_counts_artifact_bytes_and_stops_with_the_server() {
+        use hotroll_proto::v1 as pb;
+        use sha2::{Digest, Sha256};
+        use tokio_stream::StreamExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut config = crate::ServerConfig::new(dir.path().to_path_buf());
+        config.metrics_listen = Some(metrics_addr);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(crate::server::run(
+            listener,
+            Arc::new(crate::store::MemoryStore::default()),
+            config,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+
+        let channel = tonic::transport::Channel::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+        let chunks: Vec<pb::ArtifactChunk> = bytes
+            .chunks(100_000)
+            .enumerate()
+            .map(|(i, data)| pb::ArtifactChunk {
+                digest: digest.clone(),
+                offset: (i * 100_000) as u64,
+                data: data.to_vec(),
+                total_size: bytes.len() as u64,
+            })
+            .collect();
+        pb::control_client::ControlClient::new(channel.clone())
+            .upload_artifact(tokio_stream::iter(chunks))
+            .await
+            .unwrap();
+
+        let text = get_metrics(metrics_addr).await.unwrap();
+        assert!(
+            text.contains("hotroll_artifact_bytes_sent_total 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("hotroll_connected_agents 0\n"), "{text}");
+
+        // An agent downloads it, from the start and then resuming at an offset.
+        let mut agent = pb::agent_client::AgentClient::new(channel);
+        let mut received = 0u64;
+        for offset in [0u64, 250_000] {
+            let mut stream = agent
+                .fetch_artifact(pb::FetchArtifactRequest {
+                    digest: digest.clone(),
+                    offset,
+                    node: "n1".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            while let Some(chunk) = stream.next().await {
+                received += chunk.unwrap().data.len() as u64;
+            }
+        }
+        assert_eq!(received, 300_000 + 50_000);
+        let text = get_metrics(metrics_addr).await.unwrap();
+        assert!(
+            text.contains(&format!("hotroll_artifact_bytes_sent_total {received}\n")),
+            "{text}"
+        );
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("the server stops")
+            .unwrap()
+            .unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(metrics_addr).await.is_err(),
+            "the metrics endpoint outlived the server"
+        );
+    }
+}
