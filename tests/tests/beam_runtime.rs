@@ -350,18 +350,17 @@ fn agent_killed_mid_upgrade_leaves_nothing_suspended() -> anyhow::Result<()> {
             &v2_script(&fleet, "{delay, 3000}", "max_failures = 0"),
         )?;
         let id = cluster.start_rollout(&script, &[])?;
-        // Kill the agent while counter_server is suspended: that happens only inside the slow
-        // group (an earlier load-only group also takes the helper's lock, so the lock alone is
-        // not a sign that the slow group runs).
+        // Kill the agent while counter_server sits in its slow code_change (suspended, inside
+        // the in-node group). Ask the VM, not the process: a process busy in code_change cannot
+        // answer sys:get_status, and an earlier load-only group takes the helper's lock too.
         poll(
-            "counter_server to be suspended by the in-node upgrade group",
+            "counter_server to be inside its slow code_change",
             Duration::from_secs(30),
             Duration::from_millis(20),
             || {
                 Ok((fleet.node(1).eval(
-                    "is_pid(whereis(hotroll_upgrade_lock)) andalso \
-                     case sys:get_status(counter_server, 1000) of \
-                     {status, _, _, [_, suspended | _]} -> true; _ -> false end.",
+                    "erlang:process_info(whereis(counter_server), current_function) \
+                     =:= {current_function, {timer, sleep, 1}}.",
                 )? == "true")
                     .then_some(()))
             },
