@@ -369,7 +369,7 @@ impl Fetcher {
         offset: &mut u64,
         cancel: &CancelToken,
     ) -> Result<(), AttemptError> {
-        let endpoint = Endpoint::from_shared(self.coordinator.clone())
+        let endpoint = Endpoint::from_shared(hotroll_tls::client::channel_uri(&self.coordinator))
             .map_err(|e| {
                 AttemptError::Fatal(ArtifactError::Refused {
                     digest: digest.to_string(),

@@ -4,7 +4,10 @@
 //!
 //! ```toml
 //! node = "node-1"                          # unique name; defaults to the host name
-//! coordinator = "http://127.0.0.1:7070"
+//! coordinator = "https://coordinator.example:7070"
+//! join_token = "hr1.…"                     # once, to get a node certificate (or --join)
+//! # ca_file = "/etc/hotroll/ca.pem"        # optional: else the CA the join token names
+//! # insecure = true                        # plaintext http:// (coordinator --insecure too)
 //! data_dir = "/var/lib/hotroll"
 //! labels = { role = "miner", zone = "a" }
 //! heartbeat_interval = "5s"                # optional; the coordinator's Welcome usually decides
@@ -36,7 +39,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7070";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/hotroll";
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -47,8 +50,15 @@ pub use crate::runtime::process::DEFAULT_KEEP_RELEASES;
 pub struct Config {
     /// Unique node name; the coordinator refuses a second live session with the same name.
     pub node: String,
-    /// `http://host:port` of the coordinator's gRPC endpoint.
+    /// `https://host:port` of the coordinator's gRPC endpoint (`http://` with `insecure`).
     pub coordinator: String,
+    /// Plaintext, no node identity: only with a coordinator started with `--insecure`.
+    pub insecure: bool,
+    /// A join token (`hotroll token create --role agent`), used once when the data dir holds
+    /// no node certificate for this node yet.
+    pub join_token: Option<String>,
+    /// The CA to trust; default: the one the join token names, then the one stored at join.
+    pub ca_file: Option<PathBuf>,
     /// Where the journal, the boot generation and (later) releases live; hooks run here.
     pub data_dir: PathBuf,
     pub labels: BTreeMap<String, String>,
@@ -106,10 +116,16 @@ pub struct BeamConfig {
 
 impl Config {
     /// A config with defaults for everything but the node name, for tests and embedding.
+    /// Plaintext when `coordinator` is `http://` (tests, simulations, embedding); a config
+    /// file or the flags must say `insecure` for that.
     pub fn new(node: impl Into<String>, coordinator: impl Into<String>, data_dir: PathBuf) -> Self {
+        let coordinator = coordinator.into();
         Self {
             node: node.into(),
-            coordinator: coordinator.into(),
+            insecure: !hotroll_tls::client::is_tls_url(&coordinator),
+            join_token: None,
+            ca_file: None,
+            coordinator,
             data_dir,
             labels: BTreeMap::new(),
             hooks: BTreeMap::new(),
@@ -168,6 +184,14 @@ impl Config {
         let data_dir = raw
             .data_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let join_token = match raw.join_token {
+            Some(token) => {
+                hotroll_tls::Token::parse(token.get_ref())
+                    .map_err(|e| at(Some(token.span()), format!("`join_token`: {e}")))?;
+                Some(token.into_inner())
+            }
+            None => None,
+        };
 
         let mut hooks = BTreeMap::new();
         for (name, hook) in raw.hooks {
@@ -256,6 +280,9 @@ impl Config {
         Ok(Self {
             node,
             coordinator,
+            insecure: raw.insecure.unwrap_or(false),
+            join_token,
+            ca_file: raw.ca_file,
             data_dir,
             labels: raw.labels,
             hooks,
@@ -288,6 +315,46 @@ impl Config {
             self.coordinator = coordinator;
         }
         Ok(())
+    }
+
+    /// `--insecure` and `--join TOKEN`.
+    pub fn apply_security_overrides(
+        &mut self,
+        insecure: bool,
+        join_token: Option<String>,
+    ) -> Result<(), ConfigError> {
+        if insecure {
+            self.insecure = true;
+        }
+        if let Some(token) = join_token {
+            hotroll_tls::Token::parse(&token).map_err(|e| ConfigError::Override {
+                what: "--join",
+                message: e.to_string(),
+            })?;
+            self.join_token = Some(token);
+        }
+        Ok(())
+    }
+
+    /// Plaintext only when asked for: `http://` needs `insecure`, `insecure` needs `http://`.
+    pub fn check_transport(&self) -> Result<(), ConfigError> {
+        let tls = hotroll_tls::client::is_tls_url(&self.coordinator);
+        let message = match (tls, self.insecure) {
+            (false, false) => format!(
+                "coordinator `{}` is plaintext http://: use https://, or set `insecure = true` \
+                 (--insecure) to talk to a coordinator started with `serve --insecure`",
+                self.coordinator
+            ),
+            (true, true) => format!(
+                "`insecure` talks plaintext, but coordinator `{}` is https://",
+                self.coordinator
+            ),
+            _ => return Ok(()),
+        };
+        Err(ConfigError::Override {
+            what: "coordinator",
+            message,
+        })
     }
 
     /// Names of the declared hooks.
@@ -354,6 +421,9 @@ impl ConfigError {
 struct RawConfig {
     node: Option<Spanned<String>>,
     coordinator: Option<Spanned<String>>,
+    insecure: Option<bool>,
+    join_token: Option<Spanned<String>>,
+    ca_file: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
@@ -526,14 +596,15 @@ fn check_node_name(node: &str) -> Result<(), String> {
 }
 
 fn check_coordinator(address: &str) -> Result<(), String> {
-    let rest = address.strip_prefix("http://").ok_or_else(|| {
-        format!(
-            "coordinator address `{address}` must start with http:// (TLS is not supported yet)"
-        )
-    })?;
+    let rest = address
+        .strip_prefix("https://")
+        .or_else(|| address.strip_prefix("http://"))
+        .ok_or_else(|| {
+            format!("coordinator address `{address}` must start with https:// (or http://)")
+        })?;
     if rest.is_empty() || rest.starts_with('/') {
         return Err(format!(
-            "coordinator address `{address}` names no host, e.g. http://10.0.0.1:7070"
+            "coordinator address `{address}` names no host, e.g. https://10.0.0.1:7070"
         ));
     }
     tonic::transport::Endpoint::from_shared(address.to_string())
@@ -645,7 +716,8 @@ command = "bin/primes"
     #[test]
     fn bad_values_are_rejected() {
         assert!(parse("coordinator = \"127.0.0.1:7070\"\n").is_err());
-        assert!(parse("coordinator = \"https://c:7070\"\n").is_err());
+        assert!(parse("coordinator = \"ftp://c:7070\"\n").is_err());
+        assert!(parse("join_token = \"hr1.nope\"\n").is_err());
         assert!(parse("node = \"\"\n").is_err());
         assert!(parse("node = \"a b\"\n").is_err());
         assert!(parse("[hooks]\nx = { command = [] }\n").is_err());
@@ -695,6 +767,41 @@ mfa_allow = ["counter_admin:drain/0"]
         assert!(parse("[[beam]]\napp = \"c\"\nnode = \"nohost\"\ncookie_file = \"/c\"\ncode_dir = \"/e\"\nstart = [\"x\"]\n").is_err());
         assert!(parse(&format!("[[beam]]\n{base}[[beam]]\n{base}")).is_err());
         assert!(is_mfa("counter_admin:drain/0") && !is_mfa("a:b/") && !is_mfa("A:b/1"));
+        Ok(())
+    }
+
+    #[test]
+    fn plaintext_only_when_asked_for() -> Result<(), ConfigError> {
+        assert!(
+            parse("coordinator = \"https://c:7070\"\n")?
+                .check_transport()
+                .is_ok()
+        );
+        let plain = parse("coordinator = \"http://c:7070\"\n")?;
+        let err = plain
+            .check_transport()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("insecure"), "{err}");
+        assert!(
+            parse("coordinator = \"http://c:7070\"\ninsecure = true\n")?
+                .check_transport()
+                .is_ok()
+        );
+        assert!(
+            parse("coordinator = \"https://c:7070\"\ninsecure = true\n")?
+                .check_transport()
+                .is_err()
+        );
+        let mut flagged = plain;
+        flagged.apply_security_overrides(true, None)?;
+        assert!(flagged.check_transport().is_ok());
+        assert!(
+            flagged
+                .apply_security_overrides(false, Some("x".into()))
+                .is_err()
+        );
         Ok(())
     }
 

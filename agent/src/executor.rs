@@ -184,6 +184,9 @@ impl Node {
 
     fn route(&mut self, rollout_id: &str, epoch: u64, kind: CommandKind) {
         let Some(current) = &self.current else {
+            if crate::recovery::answer_from_journal(&self.env, rollout_id, epoch) {
+                return;
+            }
             tracing::debug!(
                 rollout_id,
                 command = kind.name(),
@@ -192,6 +195,9 @@ impl Node {
             return;
         };
         if current.rollout_id != rollout_id {
+            if crate::recovery::answer_from_journal(&self.env, rollout_id, epoch) {
+                return;
+            }
             tracing::debug!(rollout_id, running = %current.rollout_id, command = kind.name(), "ignoring a command for another rollout");
             return;
         }
@@ -266,6 +272,11 @@ impl Node {
                 }
                 return;
             }
+        }
+        // A rollout that ended here before (e.g. settled by recovery after a restart) never
+        // runs again: its recorded outcome answers.
+        if crate::recovery::answer_from_journal(&self.env, &rollout_id, epoch) {
+            return;
         }
 
         let name = if run.script_name.is_empty() {
@@ -705,7 +716,8 @@ impl Run {
             phase,
             state,
         )
-        .with_error(error);
+        .with_error(error)
+        .with_scope(crate::journal::Scope::of(&self.rollout));
         self.env.journal.record(record).await.map_err(|e| {
             tracing::error!(error = %e, "journal write failed");
             e.to_string()
@@ -960,7 +972,10 @@ impl Run {
             match self.inbox.next().await {
                 Event::Shutdown => return None,
                 Event::Reconnected => self.push(committed.clone()),
-                Event::Control(Control::MakePermanent) => break,
+                Event::Control(Control::MakePermanent) => {
+                    crate::fault::point("make_permanent");
+                    break;
+                }
                 // An Abort after the commit can only mean the coordinator wants this node back
                 // where it was: that is a rollback now.
                 Event::Control(Control::Rollback(reason) | Control::Abort(reason)) => {

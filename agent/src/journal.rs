@@ -1,6 +1,6 @@
 //! The agent's durable journal (DESIGN §5): one record per rollout, written before each
-//! instruction, so that a restarted agent knows where it was (recovery acts on it in a later
-//! issue) and can tell the coordinator in Hello.
+//! instruction, so that a restarted agent knows where it was ([`crate::recovery`] acts on it at
+//! start) and can tell the coordinator in Hello.
 //!
 //! Stored in `<data_dir>/journal.redb`, one redb table keyed by rollout id with JSON values, so
 //! that fields can be added without a migration.
@@ -17,6 +17,9 @@ const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 
 pub const FILE_NAME: &str = "journal.redb";
 
+/// Finished rollouts the journal remembers (the newest ones).
+pub const KEEP_FINISHED: usize = 8;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalRecord {
     pub rollout_id: String,
@@ -29,6 +32,40 @@ pub struct JournalRecord {
     pub error: String,
     #[serde(default)]
     pub updated_unix_ms: u64,
+    /// What the rollout changes, so that recovery can discard or roll back without the script.
+    /// Absent in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+}
+
+/// The app and versions a rollout moves, and the runtime that runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scope {
+    /// `process` or `beam`.
+    pub runtime: String,
+    pub app: String,
+    pub from: String,
+    pub to: String,
+}
+
+impl Scope {
+    pub fn of(rollout: &crate::runtime::RolloutContext) -> Self {
+        Self {
+            runtime: rollout.runtime.as_str().to_string(),
+            app: rollout.app.clone(),
+            from: rollout.from.clone(),
+            to: rollout.to.clone(),
+        }
+    }
+
+    /// The script runtime it names (`None` for a name this agent does not know).
+    pub fn runtime(&self) -> Option<hotroll_script::Runtime> {
+        match self.runtime.as_str() {
+            "process" => Some(hotroll_script::Runtime::Process),
+            "beam" => Some(hotroll_script::Runtime::Beam),
+            _ => None,
+        }
+    }
 }
 
 impl JournalRecord {
@@ -47,12 +84,54 @@ impl JournalRecord {
             node_state,
             error: String::new(),
             updated_unix_ms: 0,
+            scope: None,
         }
     }
 
     pub fn with_error(mut self, error: impl Into<String>) -> Self {
         self.error = error.into();
         self
+    }
+
+    pub fn with_scope(mut self, scope: Scope) -> Self {
+        self.scope = Some(scope);
+        self
+    }
+
+    /// The name of the fault point reached once this record is durable (see [`crate::fault`]):
+    /// `journal <phase> <node state> <step>`, e.g. `journal committing committing 5`.
+    pub fn fault_point(&self) -> String {
+        format!(
+            "journal {} {} {}",
+            phase_name(self.phase),
+            state_name(self.node_state),
+            self.step
+        )
+    }
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Preparing => "preparing",
+        Phase::Prepared => "prepared",
+        Phase::Committing => "committing",
+        Phase::RollingBack => "rolling_back",
+        Phase::Done => "done",
+    }
+}
+
+fn state_name(state: NodeState) -> &'static str {
+    match state {
+        NodeState::Pending => "pending",
+        NodeState::Preparing => "preparing",
+        NodeState::Prepared => "prepared",
+        NodeState::Committing => "committing",
+        NodeState::Committed => "committed",
+        NodeState::Aborted => "aborted",
+        NodeState::RollingBack => "rolling_back",
+        NodeState::RolledBack => "rolled_back",
+        NodeState::Failed => "failed",
+        NodeState::Permanent => "permanent",
     }
 }
 
@@ -119,8 +198,10 @@ impl Journal {
     }
 
     /// Durably write `record` (replacing the rollout's previous one). When a rollout is done,
-    /// older finished rollouts are forgotten: the journal holds the rollout in progress and the
-    /// last finished one, not a history (the coordinator keeps that).
+    /// the oldest finished rollouts beyond [`KEEP_FINISHED`] are forgotten: the journal holds
+    /// the rollout in progress and the last few finished ones, not a history (the coordinator
+    /// keeps that). A few, not one: a finished rollout the journal still knows is answered with
+    /// its outcome and never run again when the coordinator repeats one of its commands.
     pub fn record_blocking(&self, mut record: JournalRecord) -> Result<(), JournalError> {
         record.updated_unix_ms = now_unix_ms();
         let value = serde_json::to_vec(&record).map_err(|error| JournalError::Encode {
@@ -131,18 +212,23 @@ impl Journal {
         {
             let mut table = txn.open_table(ROLLOUTS).map_err(|e| self.db_err(e))?;
             if record.phase == Phase::Done {
-                let mut stale = Vec::new();
+                // (last update, id) of the other finished rollouts; unreadable ones go first.
+                let mut finished = Vec::new();
                 for entry in table.iter().map_err(|e| self.db_err(e))? {
                     let (key, value) = entry.map_err(|e| self.db_err(e))?;
                     let id = key.value().to_string();
                     let done = serde_json::from_slice::<JournalRecord>(value.value())
-                        .map(|r| r.phase == Phase::Done)
-                        .unwrap_or(true);
-                    if done && id != record.rollout_id {
-                        stale.push(id);
+                        .map(|r| (r.phase == Phase::Done).then_some(r.updated_unix_ms))
+                        .unwrap_or(Some(0));
+                    if let Some(updated) = done
+                        && id != record.rollout_id
+                    {
+                        finished.push((updated, id));
                     }
                 }
-                for id in stale {
+                finished.sort();
+                let excess = finished.len().saturating_sub(KEEP_FINISHED - 1);
+                for (_, id) in finished.into_iter().take(excess) {
                     table.remove(id.as_str()).map_err(|e| self.db_err(e))?;
                 }
             }
@@ -150,7 +236,11 @@ impl Journal {
                 .insert(record.rollout_id.as_str(), value.as_slice())
                 .map_err(|e| self.db_err(e))?;
         }
-        txn.commit().map_err(|e| self.db_err(e))
+        txn.commit().map_err(|e| self.db_err(e))?;
+        if crate::fault::armed() {
+            crate::fault::point(&record.fault_point());
+        }
+        Ok(())
     }
 
     /// [`Journal::record_blocking`] off the async runtime's worker threads (it fsyncs).
@@ -162,6 +252,22 @@ impl Journal {
                 path: self.path.to_path_buf(),
                 message: e.to_string(),
             })?
+    }
+
+    /// The record of one rollout, if the journal has it.
+    pub fn get(&self, rollout_id: &str) -> Result<Option<JournalRecord>, JournalError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = txn.open_table(ROLLOUTS).map_err(|e| self.db_err(e))?;
+        let Some(value) = table.get(rollout_id).map_err(|e| self.db_err(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(value.value())
+            .map(Some)
+            .map_err(|error| JournalError::Decode {
+                path: self.path.to_path_buf(),
+                rollout_id: rollout_id.to_string(),
+                error,
+            })
     }
 
     /// Every record, ordered by rollout id.
@@ -225,9 +331,69 @@ mod tests {
             JournalRecord::new("b", 2, 4, Phase::Done, NodeState::RolledBack).with_error("x"),
         )?;
         let entries = journal.entries()?;
-        assert_eq!(entries.len(), 1);
-        assert_eq!(entries[0].rollout_id, "b");
-        assert_eq!(entries[0].error, "x");
+        assert_eq!(
+            entries.len(),
+            2,
+            "a finished rollout is remembered: {entries:?}"
+        );
+        assert_eq!(entries[1].rollout_id, "b");
+        assert_eq!(entries[1].error, "x");
+        assert_eq!(journal.get("b")?.map(|r| r.phase), Some(Phase::Done));
+        assert_eq!(journal.get("zzz")?, None);
+
+        // Only the newest KEEP_FINISHED finished rollouts stay; one in progress always does.
+        journal.record_blocking(JournalRecord::new(
+            "running",
+            1,
+            0,
+            Phase::Preparing,
+            NodeState::Preparing,
+        ))?;
+        for k in 0..2 * KEEP_FINISHED {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            journal.record_blocking(JournalRecord::new(
+                &format!("f{k:02}"),
+                1,
+                0,
+                Phase::Done,
+                NodeState::Aborted,
+            ))?;
+        }
+        let ids: Vec<String> = journal
+            .entries()?
+            .into_iter()
+            .map(|r| r.rollout_id)
+            .collect();
+        let mut expected: Vec<String> = (KEEP_FINISHED..2 * KEEP_FINISHED)
+            .map(|k| format!("f{k:02}"))
+            .collect();
+        expected.push("running".into());
+        assert_eq!(ids, expected);
+        Ok(())
+    }
+
+    #[test]
+    fn the_scope_is_kept_and_old_records_read_without_it() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let journal = Journal::open(dir.path())?;
+        let scope = Scope {
+            runtime: "process".into(),
+            app: "web".into(),
+            from: "1.0".into(),
+            to: "2.0".into(),
+        };
+        let record = JournalRecord::new("r", 1, 4, Phase::Committing, NodeState::Committing)
+            .with_scope(scope.clone());
+        assert_eq!(record.fault_point(), "journal committing committing 4");
+        journal.record_blocking(record)?;
+        let read = journal.get("r")?.ok_or("no record")?;
+        assert_eq!(read.scope.as_ref(), Some(&scope));
+        assert_eq!(scope.runtime(), Some(hotroll_script::Runtime::Process));
+        let old: JournalRecord = serde_json::from_str(
+            r#"{"rollout_id":"o","epoch":1,"step":0,"phase":"preparing","node_state":"preparing"}"#,
+        )?;
+        assert_eq!(old.scope, None);
         Ok(())
     }
 }

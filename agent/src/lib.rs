@@ -9,9 +9,12 @@ pub mod boot;
 pub mod cancel;
 pub mod config;
 pub mod executor;
+pub mod fault;
 pub mod hooks;
+pub mod identity;
 pub mod journal;
 pub mod outbox;
+pub mod recovery;
 pub mod report;
 pub mod runtime;
 mod session;
@@ -49,28 +52,76 @@ pub enum AgentError {
     Process(#[from] runtime::process::ProcessError),
     #[error("cannot start the runtime: {0}")]
     RuntimeBoot(runtime::RuntimeError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
 }
 
 /// Run the agent (the process runtime for `[[services]]`, the BEAM runtime for `[[beam]]`) until
 /// `shutdown` resolves; then say Goodbye, stop
 /// the running rollout's step (killing its hook) and return.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let Some((dialer, identity)) = secure_dialer(&config, shutdown.as_mut()).await? else {
+        return Ok(());
+    };
     let mut runtimes = RuntimeSet {
         process: Arc::new(runtime::process::ProcessRuntime::new(
             &config,
-            tcp_dialer(),
+            dialer.clone(),
         )?),
         ..RuntimeSet::default()
     };
-    if let Some(beam) = beam_runtime(&config).await {
+    if let Some(beam) = beam_runtime_with(&config, dialer.clone()).await {
         runtimes.beam = beam;
     }
-    run_with_runtime(config, Arc::new(runtimes), shutdown).await
+    run_renewing(config, Arc::new(runtimes), dialer, identity, shutdown).await
+}
+
+/// How this agent reaches its coordinator: plaintext TCP for an `insecure` http:// config;
+/// else mutual TLS with the node's certificate, obtained first with the join token when the
+/// data dir has none (retried while the coordinator cannot be reached; `None` when `shutdown`
+/// resolves first).
+pub async fn secure_dialer(
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Option<(Dialer, Option<Arc<identity::NodeIdentity>>)>, AgentError> {
+    config.check_transport()?;
+    if config.insecure {
+        return Ok(Some((tcp_dialer(), None)));
+    }
+    tokio::select! {
+        established = identity::NodeIdentity::establish(config) => {
+            let identity = established?;
+            Ok(Some((identity.dialer(), Some(identity))))
+        }
+        () = shutdown => Ok(None),
+    }
+}
+
+/// [`run_with`], renewing the node certificate (if any) while it runs.
+async fn run_renewing(
+    config: Config,
+    runtime: Arc<dyn Runtime>,
+    dialer: Dialer,
+    identity: Option<Arc<identity::NodeIdentity>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let renewal = identity.map(|identity| tokio::spawn(identity.renew_loop()));
+    let result = run_with(config, runtime, dialer, shutdown).await;
+    if let Some(renewal) = renewal {
+        renewal.abort();
+    }
+    result
 }
 
 /// The BEAM runtime for the `[[beam]]` apps of `config` (none declared: `None`). An upgrade an
 /// earlier agent process left unfinished is rolled back first (DESIGN §5).
 pub async fn beam_runtime(config: &Config) -> Option<Arc<dyn Runtime>> {
+    beam_runtime_with(config, tcp_dialer()).await
+}
+
+/// [`beam_runtime`] fetching artifacts through `dialer`.
+pub async fn beam_runtime_with(config: &Config, dialer: Dialer) -> Option<Arc<dyn Runtime>> {
     use runtime::beam::{BeamRuntime, fetch::StoreArtifacts};
     if config.beam.is_empty() {
         return None;
@@ -80,7 +131,7 @@ pub async fn beam_runtime(config: &Config) -> Option<Arc<dyn Runtime>> {
             artifacts::ArtifactStore::new(&config.data_dir),
             config.coordinator.clone(),
             config.node.clone(),
-            tcp_dialer(),
+            dialer,
         ),
     });
     let beam = BeamRuntime::new(config, artifacts);
@@ -94,7 +145,11 @@ pub async fn run_with_runtime(
     runtime: Arc<dyn Runtime>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    run_with(config, runtime, tcp_dialer(), shutdown).await
+    let mut shutdown = std::pin::pin!(shutdown);
+    let Some((dialer, identity)) = secure_dialer(&config, shutdown.as_mut()).await? else {
+        return Ok(());
+    };
+    run_renewing(config, runtime, dialer, identity, shutdown).await
 }
 
 /// [`run`] with a given runtime and a given way to reach the coordinator (network simulations).
@@ -124,6 +179,8 @@ pub async fn run_with(
 
     // Only now that this agent owns the data dir may the runtimes start services in it.
     runtime.boot().await.map_err(AgentError::RuntimeBoot)?;
+    // Under systemd (Type=notify): started. The services got NOTIFY_SOCKETs of their own.
+    notify_ready();
 
     let env = Env {
         config: Arc::new(config),
@@ -131,6 +188,9 @@ pub async fn run_with(
         journal,
         outbox: Arc::new(Outbox::default()),
     };
+    // Settle what a previous agent process left in progress (DESIGN §5) before the first
+    // Hello, which then reports the outcome.
+    recovery::recover(&env).await;
     let mut node = Node::new(env.clone());
     let stop = CancelSource::new();
     let stop_token = stop.token();
@@ -154,4 +214,27 @@ pub async fn run_with(
     env.runtime.shutdown().await;
     tracing::info!("hotroll agent stopped");
     Ok(())
+}
+
+/// `READY=1` on `$NOTIFY_SOCKET` when the agent runs under a service manager that asked for it
+/// (systemd `Type=notify`); nothing otherwise.
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|socket| {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::ffi::OsStrExt;
+        match path.as_bytes().strip_prefix(b"@") {
+            // An abstract socket.
+            Some(name) => {
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                socket.send_to_addr(b"READY=1", &addr)
+            }
+            None => socket.send_to(b"READY=1", std::path::Path::new(&path)),
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
+    }
 }

@@ -35,9 +35,24 @@ struct Args {
     #[arg(long, value_name = "NAME")]
     node: Option<String>,
 
-    /// Coordinator address (http://host:port), overriding `coordinator` in the config file.
+    /// Coordinator address (https://host:port), overriding `coordinator` in the config file.
     #[arg(long, value_name = "URL", env = "HOTROLL_COORDINATOR")]
     coordinator: Option<String>,
+
+    /// Join token (`hotroll token create --role agent` on the coordinator): used once, when the
+    /// data dir holds no node certificate for this node, to get one. Overrides `join_token`.
+    #[arg(
+        long = "join",
+        value_name = "TOKEN",
+        env = "HOTROLL_JOIN_TOKEN",
+        hide_env_values = true
+    )]
+    join: Option<String>,
+
+    /// Talk plaintext http:// to a coordinator started with `serve --insecure` (no TLS, no
+    /// node identity). Same as `insecure = true` in the config file.
+    #[arg(long)]
+    insecure: bool,
 
     /// Log format on stderr: `text` (human-readable; colours on a terminal) or `json` (one
     /// object per line, for log shippers and the journal).
@@ -84,6 +99,8 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let mut config = Config::load(&args.config)?;
     config.apply_overrides(args.node, args.coordinator)?;
+    config.apply_security_overrides(args.insecure, args.join)?;
+    config.check_transport()?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -149,12 +149,14 @@ impl Sessions<'_> {
     fn endpoint(&self) -> Result<Endpoint, tonic::transport::Error> {
         let config = &self.env.config;
         let keepalive = config.heartbeat_interval.max(Duration::from_secs(1));
-        Ok(Endpoint::from_shared(config.coordinator.clone())?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(keepalive)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true))
+        Ok(
+            Endpoint::from_shared(hotroll_tls::client::channel_uri(&config.coordinator))?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(keepalive)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true),
+        )
     }
 
     fn hello(&self) -> pb::AgentMessage {

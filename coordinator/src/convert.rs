@@ -336,3 +336,31 @@ pub fn agent_event(node: &str, message: &pb::agent_message::Msg) -> Option<(Stri
         Msg::Hello(_) | Msg::Heartbeat(_) | Msg::Goodbye(_) => return None,
     })
 }
+
+/// The outcomes a node's Hello reports from its journal: one event per rollout the node
+/// finished (aborted, rolled back, failed, made permanent), perhaps while the coordinator was
+/// away or after the agent restarted and recovered. Entries still in progress say nothing new:
+/// a running agent re-sends what it waits with once connected.
+pub fn journal_events(node: &str, journal: &[pb::JournalEntry]) -> Vec<(String, Event)> {
+    journal
+        .iter()
+        .filter_map(|entry| {
+            let outcome = match entry.node_state() {
+                pb::NodeState::Aborted => Outcome::Aborted,
+                pb::NodeState::RolledBack => Outcome::RolledBack,
+                pb::NodeState::Failed => Outcome::Failed,
+                pb::NodeState::Permanent => Outcome::Permanent,
+                _ => return None,
+            };
+            Some((
+                entry.rollout_id.clone(),
+                Event::Outcome {
+                    node: node.to_string(),
+                    epoch: entry.epoch,
+                    outcome,
+                    error: non_empty(&entry.error),
+                },
+            ))
+        })
+        .collect()
+}

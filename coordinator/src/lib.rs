@@ -6,10 +6,12 @@
 //! * [`control`]: the `Control` gRPC service (what the CLI calls).
 //! * [`registry`], [`store`], [`artifacts`]: nodes, durable state, content store.
 //! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
+//! * [`tls`], [`auth`]: the CA, TLS on the listener, who may call what, limits.
 //! * [`server::run`]: the daemon's one entry point.
 //! * [`cli`]: the `hotroll` command line.
 
 pub mod artifacts;
+pub mod auth;
 pub mod cli;
 pub mod control;
 pub mod convert;
@@ -20,5 +22,6 @@ pub mod rollouts;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tls;
 
 pub use server::{ServerConfig, run, serve};

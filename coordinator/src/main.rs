@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use hotroll_coordinator::cli::{self, check, demo, nodes, plan, rollout, serve};
+use hotroll_coordinator::cli::{self, check, demo, nodes, plan, rollout, serve, token};
 
 /// hotroll coordinates upgrades across a fleet: it pushes upgrade scripts to the agents, holds
 /// them at sync_nodes barriers and at the point of no return until the fleet is ready, and rolls
@@ -32,6 +32,13 @@ enum Command {
     /// Write an upgrade script from two builds (`plan beam --from OLD_EBIN --to NEW_EBIN`).
     #[command(subcommand)]
     Plan(plan::PlanCommand),
+    /// Create, list and revoke join and CLI tokens (run on the coordinator's machine: reads and
+    /// writes its data dir; no running server needed).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Issue client certificates for the CLI (run on the coordinator's machine).
+    #[command(subcommand)]
+    Cert(token::CertCommand),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +48,20 @@ fn main() -> ExitCode {
     }
     if let Command::Plan(command) = &cli.command {
         return match plan::run(command) {
+            Ok(()) => ExitCode::from(cli::exit::OK),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(cli::exit::ERROR)
+            }
+        };
+    }
+    let local = match &cli.command {
+        Command::Token(command) => Some(token::run_token(command)),
+        Command::Cert(command) => Some(token::run_cert(command)),
+        _ => None,
+    };
+    if let Some(result) = local {
+        return match result {
             Ok(()) => ExitCode::from(cli::exit::OK),
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -64,7 +85,9 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run_demo(args).await,
             Command::Nodes(args) => nodes::run(args).await.map(|()| cli::exit::OK),
             Command::Rollout(command) => rollout::run(command).await,
-            Command::Check(_) | Command::Plan(_) => Ok(cli::exit::OK),
+            Command::Check(_) | Command::Plan(_) | Command::Token(_) | Command::Cert(_) => {
+                Ok(cli::exit::OK)
+            }
         }
     });
     match result {

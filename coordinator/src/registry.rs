@@ -1,9 +1,16 @@
 //! The node registry: every node the coordinator has ever seen (durable, in the store) and the
 //! live session of the ones connected now (memory only: a session dies with the process).
+//!
+//! Node records are written behind: the memory here is what the coordinator acts on, the store
+//! only remembers nodes across restarts, so a connecting agent never waits for an fsync. One
+//! writer thread takes whatever has been queued, keeps the latest record of each node, and
+//! commits the lot in one transaction: a storm of 10,000 reconnecting agents costs a handful of
+//! fsyncs, not 10,000 of them on the async runtime's threads. [`Registry::flush`] waits for
+//! what was queued; dropping the registry flushes too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 
 use hotroll_proto::v1::CoordinatorMessage;
 use tokio::sync::mpsc;
@@ -48,7 +55,117 @@ pub enum AttachError {
 pub struct Registry {
     nodes: Mutex<HashMap<String, NodeEntry>>,
     next_session: AtomicU64,
+    writer: Writer,
+}
+
+/// What the writer thread is asked to do.
+enum Write {
+    Put(NodeRecord),
+    /// Answer once everything queued before has been written.
+    Flush(std_mpsc::Sender<()>),
+}
+
+/// Most queued writes the writer thread takes into one transaction.
+const MAX_BATCH: usize = 10_000;
+
+/// The write-behind queue of node records and its thread.
+struct Writer {
+    /// `None` once dropped (or when no thread could be started: then writes are synchronous).
+    tx: Option<std_mpsc::Sender<Write>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     store: Arc<dyn Store>,
+}
+
+impl Writer {
+    fn start(store: Arc<dyn Store>) -> Self {
+        let (tx, rx) = std_mpsc::channel();
+        let thread_store = store.clone();
+        match std::thread::Builder::new()
+            .name("hotroll-nodes".into())
+            .spawn(move || write_nodes(thread_store.as_ref(), &rx))
+        {
+            Ok(thread) => Self {
+                tx: Some(tx),
+                thread: Some(thread),
+                store,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the node writer thread; writing node records synchronously");
+                Self {
+                    tx: None,
+                    thread: None,
+                    store,
+                }
+            }
+        }
+    }
+
+    fn put(&self, record: NodeRecord) {
+        let record = match &self.tx {
+            Some(tx) => match tx.send(Write::Put(record)) {
+                Ok(()) => return,
+                Err(std_mpsc::SendError(Write::Put(record))) => record,
+                Err(_) => return,
+            },
+            None => record,
+        };
+        if let Err(e) = self.store.put_node(&record) {
+            tracing::error!(node = %record.name, error = %e, "cannot persist node record");
+        }
+    }
+
+    fn flush(&self) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        let (done_tx, done_rx) = std_mpsc::channel();
+        if tx.send(Write::Flush(done_tx)).is_ok() {
+            let _ = done_rx.recv();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has written what is queued.
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The writer thread: batch whatever is queued, latest record per node, one transaction each.
+fn write_nodes(store: &dyn Store, rx: &std_mpsc::Receiver<Write>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch: BTreeMap<String, NodeRecord> = BTreeMap::new();
+        let mut flushed = Vec::new();
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(write) = next {
+            match write {
+                Write::Put(record) => {
+                    batch.insert(record.name.clone(), record);
+                }
+                Write::Flush(done) => flushed.push(done),
+            }
+            taken += 1;
+            next = if taken < MAX_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if !batch.is_empty() {
+            let records: Vec<NodeRecord> = batch.into_values().collect();
+            if let Err(e) = store.put_nodes(&records) {
+                tracing::error!(nodes = records.len(), error = %e, "cannot persist node records");
+            }
+        }
+        for done in flushed {
+            let _ = done.send(());
+        }
+    }
 }
 
 impl std::fmt::Debug for Registry {
@@ -77,8 +194,13 @@ impl Registry {
         Ok(Self {
             nodes: Mutex::new(nodes),
             next_session: AtomicU64::new(1),
-            store,
+            writer: Writer::start(store),
         })
+    }
+
+    /// Wait until every node record queued so far is in the store.
+    pub fn flush(&self) {
+        self.writer.flush();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeEntry>> {
@@ -121,9 +243,7 @@ impl Registry {
             entry.session = Some(link.clone());
             link
         };
-        if let Err(e) = self.store.put_node(&record) {
-            tracing::error!(node = %record.name, error = %e, "cannot persist node record");
-        }
+        self.writer.put(record);
         Ok(link)
     }
 
@@ -142,9 +262,7 @@ impl Registry {
             entry.record.last_seen_ms = now;
             entry.record.clone()
         };
-        if let Err(e) = self.store.put_node(&record) {
-            tracing::error!(node, error = %e, "cannot persist node record");
-        }
+        self.writer.put(record);
         true
     }
 
@@ -161,9 +279,7 @@ impl Registry {
             entry.record.apps = apps;
             entry.record.clone()
         };
-        if let Err(e) = self.store.put_node(&record) {
-            tracing::error!(node, error = %e, "cannot persist node record");
-        }
+        self.writer.put(record);
     }
 
     pub fn touch(&self, node: &str, now: Millis) {
@@ -175,8 +291,8 @@ impl Registry {
     /// Queue a message for a connected node. Returns false when the node is not connected or its
     /// outbound queue is full (the session is then torn down by its own timeout).
     pub fn send(&self, node: &str, message: CoordinatorMessage) -> bool {
-        let link = self.lock().get(node).and_then(|e| e.session.clone());
-        match link {
+        // `try_send` never waits, so it can run under the lock (no clone of the link).
+        match self.lock().get(node).and_then(|e| e.session.as_ref()) {
             Some(link) => link.tx.try_send(message).is_ok(),
             None => false,
         }

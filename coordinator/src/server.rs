@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use hotroll_proto::v1::agent_server::AgentServer;
 use hotroll_proto::v1::control_server::ControlServer;
+use hotroll_proto::v1::identity_server::IdentityServer;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -22,6 +23,15 @@ use crate::store::{Store, StoreError};
 
 /// Limit on one decoded gRPC message; artifacts travel in 256 KiB chunks, scripts are <= 1 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// Limit on one message of the Identity service (a CSR, a certificate): nothing near this big.
+pub const MAX_IDENTITY_MESSAGE_BYTES: usize = 64 << 10;
+
+/// HTTP/2 streams one connection may have open (watchers, sessions, uploads).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
+/// Size of the request headers of one RPC.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 
 /// Default of [`ServerConfig::watch_buffer`].
 pub const DEFAULT_WATCH_BUFFER: usize = 1024;
@@ -41,6 +51,10 @@ pub struct ServerConfig {
     /// Events buffered per rollout for live watchers. A watcher that falls further behind is
     /// told so (`DATA_LOSS`) and reconnects from its last event; the rollout never waits for it.
     pub watch_buffer: usize,
+    /// TLS with node identity and authenticated clients (docs/security.md); `None`: plaintext
+    /// and no authentication, what `hotroll serve --insecure`, in-process tests and network
+    /// simulations use. `hotroll serve` sets it unless `--insecure` is given.
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 impl ServerConfig {
@@ -52,6 +66,7 @@ impl ServerConfig {
             step_slack: Duration::from_secs(10),
             metrics_listen: None,
             watch_buffer: DEFAULT_WATCH_BUFFER,
+            tls: None,
         }
     }
 }
@@ -64,6 +79,8 @@ pub enum ServerError {
     Artifacts(#[from] ArtifactError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("TLS needs a TCP listener: use `run`, or no TLS with `serve`")]
+    TlsNeedsTcp,
     #[error("cannot serve metrics on {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -79,7 +96,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "coordinator listening");
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), tls = config.tls.is_some(), "coordinator listening");
+    }
+    if let Some(tls) = config.tls.clone() {
+        let auth = Arc::new(crate::auth::Auth::secure(tls.clone()));
+        let incoming = tls.incoming(listener, auth.throttle.clone());
+        return serve_with(incoming, store, config, shutdown, auth).await;
     }
     // Accepted sockets need TCP_NODELAY set here: the builder's option only reaches sockets
     // tonic accepts itself. Without it a barrier release can sit ~40 ms behind Nagle and
@@ -92,16 +114,49 @@ pub async fn run(
         }
         accepted
     });
-    serve(incoming, store, config, shutdown).await
+    serve_with(
+        incoming,
+        store,
+        config,
+        shutdown,
+        Arc::new(crate::auth::Auth::insecure()),
+    )
+    .await
 }
 
 /// [`run`] over any stream of connections: what network simulations (turmoil) call. The metrics
 /// endpoint, when configured, listens on a real socket of its own and stops with the server.
+/// Plaintext only ([`ServerConfig::tls`] must be `None`).
 pub async fn serve<I, IO, IE>(
     incoming: I,
     store: Arc<dyn Store>,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError>
+where
+    I: futures::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if config.tls.is_some() {
+        return Err(ServerError::TlsNeedsTcp);
+    }
+    let auth = Arc::new(crate::auth::Auth::insecure());
+    serve_with(incoming, store, config, shutdown, auth).await
+}
+
+async fn serve_with<I, IO, IE>(
+    incoming: I,
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+    auth: Arc<crate::auth::Auth>,
 ) -> Result<(), ServerError>
 where
     I: futures::Stream<Item = Result<IO, IE>> + Send + 'static,
@@ -131,6 +186,11 @@ where
         .with_metrics(metrics.clone())
         .with_watch_buffer(config.watch_buffer),
     );
+    // Rollouts in flight when the coordinator last stopped continue as their nodes reconnect.
+    let recovered = rollouts.recover()?;
+    if !recovered.is_empty() {
+        tracing::info!(rollouts = ?recovered, "recovered rollouts in flight");
+    }
     let artifacts = ArtifactStore::new(&config.data_dir)?;
     let agent = AgentService {
         registry: registry.clone(),
@@ -159,25 +219,50 @@ where
                 let _ = stopped.wait_for(|stop| *stop).await;
             };
             Some(tokio::spawn(crate::metrics::serve(
-                listener, metrics, registry, stop,
+                listener,
+                metrics,
+                registry.clone(),
+                stop,
             )))
         }
         None => None,
     };
 
+    // The server certificate is renewed (or reloaded) while the server runs.
+    if let Some(tls) = config.tls.clone() {
+        let mut stopped = stop_metrics.subscribe();
+        tokio::spawn(tls.refresh_loop(async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }));
+    }
+
+    // Every RPC is authorized (and limited) by the guards before the services see it.
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.heartbeat_interval))
         .http2_keepalive_timeout(Some(config.heartbeat_interval * 3))
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .add_service(
-            AgentServer::new(agent)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            AgentServer::new(crate::auth::GuardedAgent {
+                inner: agent,
+                auth: auth.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            ControlServer::new(control)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            ControlServer::new(crate::auth::GuardedControl {
+                inner: control,
+                auth: auth.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            IdentityServer::new(crate::auth::IdentityService { auth })
+                .max_decoding_message_size(MAX_IDENTITY_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_IDENTITY_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
@@ -189,6 +274,9 @@ where
             Err(e) => tracing::warn!(error = %e, "metrics server task failed"),
         }
     }
+    // Node records are written behind (see `registry`): have them in the store before a
+    // restarted server reads it.
+    registry.flush();
     result?;
     Ok(())
 }

@@ -74,6 +74,11 @@ impl pb::agent_server::Agent for AgentService {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown peer".to_string(), |a| a.to_string());
+        // With TLS, the node the session's certificate names (see `auth::GuardedAgent`).
+        let certified = request
+            .extensions()
+            .get::<crate::auth::NodeIdentity>()
+            .cloned();
         let mut inbound = request.into_inner();
 
         let first = tokio::time::timeout(self.heartbeat_interval * 5, inbound.next())
@@ -98,6 +103,8 @@ impl pb::agent_server::Agent for AgentService {
                 hello.node.escape_debug()
             )));
         }
+        // Only the node the certificate names, and a Hello within bounds.
+        crate::auth::check_hello(certified.as_ref(), &hello, &peer)?;
         let Some(version) = negotiate(hello.min_protocol_version, hello.max_protocol_version)
         else {
             tracing::warn!(%peer, node = %hello.node, min = hello.min_protocol_version, max = hello.max_protocol_version, "session refused: protocol version");
@@ -141,6 +148,10 @@ impl pb::agent_server::Agent for AgentService {
         // The queue is fresh, so this cannot be full.
         let _ = tx.try_send(welcome);
         self.rollouts.session_changed(&node, true);
+        // Outcomes the node reached while it had no session (it finished, or its agent restarted
+        // and recovered): its journal says so.
+        self.rollouts
+            .journal_reported(&node, convert::journal_events(&node, &hello.journal));
 
         let registry = self.registry.clone();
         let rollouts = self.rollouts.clone();

@@ -1,6 +1,12 @@
-//! The coordinator's durable state behind a [`Store`] trait: rollouts, their event history, and
-//! the node registry. [`RedbStore`] keeps it in one redb file; [`MemoryStore`] serves tests and
-//! simulations that want no disk.
+//! The coordinator's durable state behind a [`Store`] trait: rollouts, their event history, the
+//! inputs of their engines, and the node registry. [`RedbStore`] keeps it in one redb file;
+//! [`MemoryStore`] serves tests and simulations that want no disk.
+//!
+//! Crash safety rests on [`Store::commit`]: one engine step (the input it was given, the records
+//! it produced and the rollout's new status) lands in one transaction, before any command of
+//! that step is sent. After a restart the engine of every unfinished rollout is rebuilt by
+//! replaying its inputs ([`Store::inputs`]); the engine is deterministic, so that gives back its
+//! exact state: barriers, deadlines, waves, what each node was told.
 //!
 //! Values are JSON so a record can grow fields without a migration.
 
@@ -11,10 +17,12 @@ use std::sync::Mutex;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Millis, Record};
+use crate::engine::{Event, Millis, Record};
 
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+/// The engine's inputs per rollout, in the order it was given them.
+const INPUTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inputs");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +61,13 @@ pub struct RolloutRecord {
     pub targets: Vec<String>,
     /// The latest status, rewritten as the rollout moves.
     pub status: RolloutSnapshot,
+    /// The coordinator's timing the engine was built with, so that a restarted coordinator
+    /// (perhaps with other flags) rebuilds the same engine. Absent in records written before
+    /// they were kept: the current flags are used then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_grace_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_slack_ms: Option<u64>,
 }
 
 /// An artifact name of the script bound to the digest the operator uploaded.
@@ -94,6 +109,27 @@ pub struct StoredEvent {
     pub record: Record,
 }
 
+/// One input of a rollout's engine: `Rollout::handle(at_ms, event)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredInput {
+    /// 1-based position among the rollout's inputs.
+    pub seq: u64,
+    pub at_ms: Millis,
+    pub event: Event,
+}
+
+/// What one engine step (or several consecutive ones, stored together) makes durable, all or
+/// nothing (see [`Store::commit`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Commit<'a> {
+    pub rollout: &'a str,
+    /// The engine's inputs, in order.
+    pub inputs: &'a [StoredInput],
+    pub events: &'a [StoredEvent],
+    /// The rollout's record with its new status, when it changed.
+    pub record: Option<&'a RolloutRecord>,
+}
+
 /// What the coordinator remembers about a node between sessions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct NodeRecord {
@@ -119,7 +155,16 @@ pub trait Store: Send + Sync + 'static {
     fn append_events(&self, rollout: &str, events: &[StoredEvent]) -> Result<(), StoreError>;
     /// The rollout's history from `from_seq` on (inclusive).
     fn events(&self, rollout: &str, from_seq: u64) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Make engine steps durable in one transaction: their inputs, the records they produced
+    /// and the rollout's new status. Either all of it is stored or none.
+    fn commit(&self, commit: Commit<'_>) -> Result<(), StoreError>;
+    /// Every input of the rollout's engine, in order (what [`Store::commit`] stored).
+    fn inputs(&self, rollout: &str) -> Result<Vec<StoredInput>, StoreError>;
     fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError>;
+    /// Several node records in one transaction (the registry writes them behind, in batches).
+    fn put_nodes(&self, nodes: &[NodeRecord]) -> Result<(), StoreError> {
+        nodes.iter().try_for_each(|node| self.put_node(node))
+    }
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
 }
 
@@ -159,6 +204,7 @@ impl RedbStore {
         {
             db_err!(tx.open_table(ROLLOUTS))?;
             db_err!(tx.open_table(EVENTS))?;
+            db_err!(tx.open_table(INPUTS))?;
             db_err!(tx.open_table(NODES))?;
         }
         db_err!(tx.commit())?;
@@ -222,12 +268,66 @@ impl Store for RedbStore {
         Ok(out)
     }
 
+    fn commit(&self, commit: Commit<'_>) -> Result<(), StoreError> {
+        let inputs = commit
+            .inputs
+            .iter()
+            .map(|i| encode(i).map(|bytes| (i.seq, bytes)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let events = commit
+            .events
+            .iter()
+            .map(|e| encode(e).map(|bytes| (e.seq, bytes)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let record = commit.record.map(encode).transpose()?;
+        let tx = db_err!(self.db.begin_write())?;
+        {
+            if !inputs.is_empty() {
+                let mut table = db_err!(tx.open_table(INPUTS))?;
+                for (seq, bytes) in &inputs {
+                    db_err!(table.insert((commit.rollout, *seq), bytes.as_slice()))?;
+                }
+            }
+            if !events.is_empty() {
+                let mut table = db_err!(tx.open_table(EVENTS))?;
+                for (seq, bytes) in &events {
+                    db_err!(table.insert((commit.rollout, *seq), bytes.as_slice()))?;
+                }
+            }
+            if let Some(bytes) = &record {
+                let mut table = db_err!(tx.open_table(ROLLOUTS))?;
+                db_err!(table.insert(commit.rollout, bytes.as_slice()))?;
+            }
+        }
+        db_err!(tx.commit())
+    }
+
+    fn inputs(&self, rollout: &str) -> Result<Vec<StoredInput>, StoreError> {
+        let tx = db_err!(self.db.begin_read())?;
+        let table = db_err!(tx.open_table(INPUTS))?;
+        let mut out = Vec::new();
+        for entry in db_err!(table.range((rollout, 0)..=(rollout, u64::MAX)))? {
+            let (_, value) = db_err!(entry)?;
+            out.push(decode::<StoredInput>(rollout, value.value())?);
+        }
+        Ok(out)
+    }
+
     fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
-        let bytes = encode(node)?;
+        self.put_nodes(std::slice::from_ref(node))
+    }
+
+    fn put_nodes(&self, nodes: &[NodeRecord]) -> Result<(), StoreError> {
+        let encoded = nodes
+            .iter()
+            .map(|node| encode(node).map(|bytes| (node.name.as_str(), bytes)))
+            .collect::<Result<Vec<_>, _>>()?;
         let tx = db_err!(self.db.begin_write())?;
         {
             let mut table = db_err!(tx.open_table(NODES))?;
-            db_err!(table.insert(node.name.as_str(), bytes.as_slice()))?;
+            for (name, bytes) in &encoded {
+                db_err!(table.insert(*name, bytes.as_slice()))?;
+            }
         }
         db_err!(tx.commit())
     }
@@ -254,6 +354,7 @@ pub struct MemoryStore {
 struct MemoryInner {
     rollouts: BTreeMap<String, RolloutRecord>,
     events: BTreeMap<(String, u64), StoredEvent>,
+    inputs: BTreeMap<(String, u64), StoredInput>,
     nodes: BTreeMap<String, NodeRecord>,
 }
 
@@ -300,6 +401,34 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    fn commit(&self, commit: Commit<'_>) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let rollout = commit.rollout.to_string();
+        for input in commit.inputs {
+            inner
+                .inputs
+                .insert((rollout.clone(), input.seq), input.clone());
+        }
+        for event in commit.events {
+            inner
+                .events
+                .insert((rollout.clone(), event.seq), event.clone());
+        }
+        if let Some(record) = commit.record {
+            inner.rollouts.insert(rollout, record.clone());
+        }
+        Ok(())
+    }
+
+    fn inputs(&self, rollout: &str) -> Result<Vec<StoredInput>, StoreError> {
+        Ok(self
+            .lock()
+            .inputs
+            .range((rollout.to_string(), 0)..=(rollout.to_string(), u64::MAX))
+            .map(|(_, i)| i.clone())
+            .collect())
+    }
+
     fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
         self.lock().nodes.insert(node.name.clone(), node.clone());
         Ok(())
@@ -341,6 +470,8 @@ mod tests {
                 created_ms: 1,
                 finished_ms: None,
             },
+            session_grace_ms: Some(10_000),
+            step_slack_ms: None,
         }
     }
 
@@ -380,6 +511,51 @@ mod tests {
             })
             .unwrap();
         assert_eq!(store.nodes().unwrap().len(), 1);
+
+        // One engine step: input, records and status together.
+        let input = StoredInput {
+            seq: 1,
+            at_ms: 5,
+            event: Event::SessionLost { node: "n1".into() },
+        };
+        let mut moved = record("a");
+        moved.status.state = RolloutState::Committing;
+        let more = [StoredEvent {
+            seq: 4,
+            at_ms: 5,
+            record: Record::RolloutState {
+                state: RolloutState::Committing,
+                reason: None,
+            },
+        }];
+        store
+            .commit(Commit {
+                rollout: "a",
+                inputs: std::slice::from_ref(&input),
+                events: &more,
+                record: Some(&moved),
+            })
+            .unwrap();
+        store
+            .commit(Commit {
+                rollout: "b",
+                inputs: &[StoredInput {
+                    seq: 1,
+                    at_ms: 6,
+                    event: Event::Tick,
+                }],
+                events: &[],
+                record: None,
+            })
+            .unwrap();
+        assert_eq!(store.inputs("a").unwrap(), vec![input]);
+        assert_eq!(store.inputs("b").unwrap().len(), 1);
+        assert!(store.inputs("zzz").unwrap().is_empty());
+        assert_eq!(store.events("a", 4).unwrap(), more.to_vec());
+        assert_eq!(
+            store.get_rollout("a").unwrap().unwrap().status.state,
+            RolloutState::Committing
+        );
     }
 
     #[test]
@@ -396,7 +572,10 @@ mod tests {
         }
         let store = RedbStore::open(dir.path()).unwrap();
         assert_eq!(store.list_rollouts().unwrap().len(), 2);
-        assert_eq!(store.events("a", 0).unwrap().len(), 3);
-        assert_eq!(store.get_rollout("a").unwrap().unwrap(), record("a"));
+        assert_eq!(store.events("a", 0).unwrap().len(), 4);
+        assert_eq!(store.inputs("a").unwrap().len(), 1);
+        let mut moved = record("a");
+        moved.status.state = RolloutState::Committing;
+        assert_eq!(store.get_rollout("a").unwrap().unwrap(), moved);
     }
 }

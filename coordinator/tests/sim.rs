@@ -1,14 +1,24 @@
 //! Protocol edge cases under a simulated network (turmoil): the real coordinator (`serve`) and
 //! real agents (`hotroll_agent::run_with`) on simulated hosts, with partitions between them and
 //! simulated time, so deadlines and grace periods play out deterministically and fast.
+//!
+//! Network faults: partitions at the barriers before and after the point of no return and
+//! during make-permanent, held (delayed) and re-sent (duplicated) messages, random latency,
+//! nodes back within and after their grace period. Process faults: the coordinator (its
+//! `MemoryStore` survives, standing for its disk) and agents (their data dir survives) crash and
+//! restart (`Fleet::run` bounces the hosts a client asks for). After each run the coordinator's
+//! view is checked against every node's journal (`assert_agrees`).
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hotroll_agent::journal::{Journal, JournalRecord};
+use hotroll_agent::report::NodeState as AgentState;
 use hotroll_agent::{Dialer, HooksOnlyRuntime};
 use hotroll_coordinator::store::MemoryStore;
 use hotroll_coordinator::{ServerConfig, serve};
@@ -71,21 +81,93 @@ fn sim_dialer() -> Dialer {
 
 struct Fleet {
     sim: turmoil::Sim<'static>,
-    _dirs: Vec<tempfile::TempDir>,
+    dirs: Vec<tempfile::TempDir>,
+    /// Hosts a client asked to crash and restart (see [`Fleet::run`]).
+    bounces: Bounces,
+}
+
+/// Hosts to bounce (crash and restart), asked for from inside the simulation.
+#[derive(Clone, Default)]
+struct Bounces(Arc<Mutex<Vec<String>>>);
+
+impl Bounces {
+    /// Crash `host` and start its software again at the next simulation step: a coordinator
+    /// keeps its store (a [`MemoryStore`] shared across restarts stands for its disk), an agent
+    /// its data dir (journal, releases).
+    fn request(&self, host: &str) {
+        if let Ok(mut hosts) = self.0.lock() {
+            hosts.push(host.to_string());
+        }
+    }
+
+    fn take(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default()
+    }
+}
+
+impl Fleet {
+    /// Run until the clients are done, bouncing the hosts they ask for.
+    fn run(&mut self) {
+        loop {
+            let done = self.sim.step().unwrap();
+            for host in self.bounces.take() {
+                self.sim.bounce(host.as_str());
+            }
+            if done {
+                return;
+            }
+        }
+    }
+
+    /// Stop every host and read each node's journal: node name -> (rollout id -> record).
+    fn journals(self) -> BTreeMap<String, BTreeMap<String, JournalRecord>> {
+        let Fleet { sim, dirs, .. } = self;
+        drop(sim);
+        dirs.iter()
+            .skip(1)
+            .enumerate()
+            .map(|(k, dir)| {
+                let journal = Journal::open(dir.path()).unwrap();
+                let records = journal
+                    .entries()
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| (r.rollout_id.clone(), r))
+                    .collect();
+                (format!("node-{}", k + 1), records)
+            })
+            .collect()
+    }
 }
 
 /// A coordinator and `nodes` agents (`node-1`..) on simulated hosts.
 fn fleet(nodes: usize, session_grace: Duration) -> Fleet {
-    let mut sim = turmoil::Builder::new()
+    fleet_with(nodes, session_grace, |_| {})
+}
+
+/// [`fleet`] with the simulation's builder adjusted (latency, seed).
+fn fleet_with(
+    nodes: usize,
+    session_grace: Duration,
+    tweak: impl FnOnce(&mut turmoil::Builder),
+) -> Fleet {
+    let mut builder = turmoil::Builder::new();
+    builder
         .simulation_duration(Duration::from_secs(300))
-        .enable_tokio_io()
-        .build();
+        .enable_tokio_io();
+    tweak(&mut builder);
+    let mut sim = builder.build();
     let mut dirs = Vec::new();
     let coordinator_dir = tempfile::tempdir().unwrap();
     let data_dir = coordinator_dir.path().to_path_buf();
     dirs.push(coordinator_dir);
+    let store = Arc::new(MemoryStore::default());
     sim.host("coordinator", move || {
         let data_dir = data_dir.clone();
+        let store = store.clone();
         async move {
             let listener =
                 turmoil::net::TcpListener::bind((IpAddr::from(Ipv4Addr::UNSPECIFIED), PORT))
@@ -98,13 +180,7 @@ fn fleet(nodes: usize, session_grace: Duration) -> Fleet {
             config.heartbeat_interval = Duration::from_millis(500);
             config.session_grace = session_grace;
             config.step_slack = Duration::from_secs(5);
-            serve(
-                Box::pin(incoming),
-                Arc::new(MemoryStore::default()),
-                config,
-                std::future::pending(),
-            )
-            .await?;
+            serve(Box::pin(incoming), store, config, std::future::pending()).await?;
             Ok(())
         }
     });
@@ -128,7 +204,11 @@ fn fleet(nodes: usize, session_grace: Duration) -> Fleet {
             }
         });
     }
-    Fleet { sim, _dirs: dirs }
+    Fleet {
+        sim,
+        dirs,
+        bounces: Bounces::default(),
+    }
 }
 
 async fn control() -> ControlClient<Channel> {
@@ -229,7 +309,9 @@ up = [ { sync_nodes = "staged" }, "point_of_no_return", { sync_nodes = "done" } 
 #[test]
 fn a_node_cut_off_before_the_point_of_no_return_aborts_the_rollout_everywhere() {
     let mut fleet = fleet(3, Duration::from_secs(3));
-    fleet.sim.client("operator", async {
+    let seen = Seen::default();
+    let out = seen.clone();
+    fleet.sim.client("operator", async move {
         let mut client = control().await;
         wait_connected(&mut client, 3).await;
         // Cut node-3 off before the coordinator notices: it is still selected, but never
@@ -253,6 +335,7 @@ fn a_node_cut_off_before_the_point_of_no_return_aborts_the_rollout_everywhere() 
             assert_eq!(s.current_wave, 0, "no wave was ever committed");
         }
         assert_eq!(node_state(&s, "node-3"), pb::NodeState::Failed);
+        out.set(status(&mut client, &id).await);
 
         // When the link heals, node-3 comes back and the fleet is whole again.
         turmoil::repair("coordinator", "node-3");
@@ -269,13 +352,17 @@ fn a_node_cut_off_before_the_point_of_no_return_aborts_the_rollout_everywhere() 
         }
         panic!("node-3 did not reconnect after the partition healed");
     });
-    fleet.sim.run().unwrap();
+    fleet.run();
+    // node-3 never received the script: it has nothing to report.
+    assert_agrees(&without(&seen.get(), "node-3"), &fleet.journals());
 }
 
 #[test]
 fn a_partition_shorter_than_the_grace_period_loses_nothing() {
     let mut fleet = fleet(3, Duration::from_secs(6));
-    fleet.sim.client("operator", async {
+    let seen = Seen::default();
+    let out = seen.clone();
+    fleet.sim.client("operator", async move {
         let mut client = control().await;
         wait_connected(&mut client, 3).await;
         let script = TWO_BARRIERS.replace("\"4s\"", "\"20s\"");
@@ -294,15 +381,19 @@ fn a_partition_shorter_than_the_grace_period_loses_nothing() {
             "{s:?}"
         );
         assert_eq!(s.failures, 0);
+        out.set(s);
         Ok(())
     });
-    fleet.sim.run().unwrap();
+    fleet.run();
+    assert_agrees(&seen.get(), &fleet.journals());
 }
 
 #[test]
 fn a_node_lost_after_the_point_of_no_return_is_rolled_back_and_the_rest_completes() {
     let mut fleet = fleet(3, Duration::from_secs(2));
-    fleet.sim.client("operator", async {
+    let seen = Seen::default();
+    let out = seen.clone();
+    fleet.sim.client("operator", async move {
         let mut client = control().await;
         wait_connected(&mut client, 3).await;
         let script = TWO_BARRIERS
@@ -342,7 +433,453 @@ fn a_node_lost_after_the_point_of_no_return_is_rolled_back_and_the_rest_complete
         })
         .await;
         assert_eq!(s.state(), pb::RolloutState::PartiallyRolledBack);
+        out.set(s);
         Ok(())
     });
-    fleet.sim.run().unwrap();
+    fleet.run();
+    assert_agrees(&seen.get(), &fleet.journals());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crash safety (issue 6): partitions at barriers and during make-permanent, delayed and
+// duplicated messages, nodes back after their grace period, crashed processes. After each run
+// the coordinator's final view is checked against every node's journal.
+
+/// The rollout's final status as the operator client last saw it, taken out of the simulation.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Option<pb::RolloutStatus>>>);
+
+impl Seen {
+    fn set(&self, status: pb::RolloutStatus) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(status);
+        }
+    }
+
+    fn get(&self) -> pb::RolloutStatus {
+        self.0
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the client saw no final status")
+    }
+}
+
+/// The coordinator's record agrees with every node's: a node the coordinator shows committed
+/// made the release permanent, one it shows aborted or rolled back says so in its journal, and
+/// no node's journal is left in progress.
+fn assert_agrees(
+    status: &pb::RolloutStatus,
+    journals: &BTreeMap<String, BTreeMap<String, JournalRecord>>,
+) {
+    for node in &status.nodes {
+        let record = journals
+            .get(&node.name)
+            .and_then(|j| j.get(&status.id))
+            .unwrap_or_else(|| panic!("{} has no journal record of {}", node.name, status.id));
+        assert_eq!(
+            record.phase,
+            hotroll_agent::report::Phase::Done,
+            "{}: journal still in progress: {record:?}",
+            node.name
+        );
+        let expected = match node.state() {
+            pb::NodeState::Committed => AgentState::Permanent,
+            pb::NodeState::Aborted => AgentState::Aborted,
+            pb::NodeState::RolledBack => AgentState::RolledBack,
+            pb::NodeState::Failed => AgentState::Failed,
+            other => panic!(
+                "{} ended {other:?} at the coordinator: {status:?}",
+                node.name
+            ),
+        };
+        assert_eq!(
+            record.node_state,
+            expected,
+            "{}: the coordinator says {:?}, the node's journal {record:?}",
+            node.name,
+            node.state()
+        );
+    }
+}
+
+/// `status` without node `node` (one that never received the script has no journal record).
+fn without(status: &pb::RolloutStatus, node: &str) -> pb::RolloutStatus {
+    pb::RolloutStatus {
+        nodes: status
+            .nodes
+            .iter()
+            .filter(|n| n.name != node)
+            .cloned()
+            .collect(),
+        ..status.clone()
+    }
+}
+
+fn node_step(s: &pb::RolloutStatus, node: &str) -> i32 {
+    s.nodes
+        .iter()
+        .find(|n| n.name == node)
+        .map_or(-1, |n| n.step)
+}
+
+/// Poll until every node is listed as connected.
+async fn wait_all_back(client: &mut ControlClient<Channel>) {
+    for _ in 0..600 {
+        let listed = client
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        if listed.iter().all(|n| n.connected) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("not every node came back");
+}
+
+/// A node cut off after it got Commit (its reports stop reaching the coordinator while it
+/// waits at the barrier after the point of no return) and back only after its grace period:
+/// it counts as failed, the barrier goes on without it, and when it returns it is told to roll
+/// back — never resumed.
+#[test]
+fn a_node_cut_off_at_the_barrier_after_the_point_of_no_return_is_rolled_back_when_it_returns() {
+    let mut fleet = fleet(3, Duration::from_secs(2));
+    let seen = Seen::default();
+    let out = seen.clone();
+    fleet.sim.client("operator", async move {
+        let mut client = control().await;
+        wait_connected(&mut client, 3).await;
+        let script = TWO_BARRIERS.replace("\"4s\"", "\"20s\"");
+        let id = start(&mut client, &script).await;
+        wait_for(&mut client, &id, "node-2 prepared", |s| {
+            matches!(
+                node_state(s, "node-2"),
+                pb::NodeState::Prepared | pb::NodeState::Committing
+            )
+        })
+        .await;
+        // node-2 still hears the coordinator (it gets Commit), but nothing it says arrives.
+        turmoil::partition_oneway("node-2", "coordinator");
+        let s = wait_for(&mut client, &id, "final state", is_final).await;
+        assert_eq!(s.state(), pb::RolloutState::PartiallyRolledBack, "{s:?}");
+        assert_eq!(node_state(&s, "node-1"), pb::NodeState::Committed);
+        assert_eq!(node_state(&s, "node-3"), pb::NodeState::Committed);
+        assert_eq!(node_state(&s, "node-2"), pb::NodeState::Failed);
+        turmoil::repair("coordinator", "node-2");
+        let s = wait_for(&mut client, &id, "node-2 rolled back", |s| {
+            node_state(s, "node-2") == pb::NodeState::RolledBack
+        })
+        .await;
+        assert_eq!(s.state(), pb::RolloutState::PartiallyRolledBack);
+        assert_eq!(s.failures, 1);
+        out.set(s);
+        Ok(())
+    });
+    fleet.run();
+    assert_agrees(&seen.get(), &fleet.journals());
+}
+
+/// `canary = every node` with `pause_after_canary`: the rollout holds with every node committed,
+/// so the partition deterministically falls between COMMITTED and MakePermanent.
+fn all_committed_then_paused() -> String {
+    TWO_BARRIERS.replace(
+        "[rollout]",
+        "[rollout]\ncanary = 3\npause_after_canary = true",
+    )
+}
+
+/// A node cut off during make-permanent misses MakePermanent; the rollout ends `succeeded` at
+/// the make-permanent deadline (the node is committed and still waits), and once the link heals
+/// the coordinator sends MakePermanent again and the node makes the release permanent.
+#[test]
+fn a_partition_during_make_permanent_ends_with_every_node_permanent() {
+    let mut fleet = fleet(3, Duration::from_secs(3));
+    let seen = Seen::default();
+    let out = seen.clone();
+    fleet.sim.client("operator", async move {
+        let mut client = control().await;
+        wait_connected(&mut client, 3).await;
+        let id = start(&mut client, &all_committed_then_paused()).await;
+        wait_for(&mut client, &id, "every node committed", |s| {
+            s.state() == pb::RolloutState::Paused
+        })
+        .await;
+        turmoil::partition("coordinator", "node-2");
+        client
+            .promote_rollout(pb::RolloutControlRequest {
+                rollout_id: id.clone(),
+                reason: String::new(),
+            })
+            .await?;
+        let s = wait_for(&mut client, &id, "final state", is_final).await;
+        assert_eq!(s.state(), pb::RolloutState::Succeeded, "{s:?}");
+        assert!(s.error.contains("make_permanent not confirmed"), "{s:?}");
+        turmoil::repair("coordinator", "node-2");
+        wait_all_back(&mut client).await;
+        // The node confirms late; nothing else changes.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let s = status(&mut client, &id).await;
+        assert_eq!(s.state(), pb::RolloutState::Succeeded, "{s:?}");
+        out.set(s);
+        Ok(())
+    });
+    fleet.run();
+    assert_agrees(&seen.get(), &fleet.journals());
+}
+
+/// The same partition, but node-2's agent crashes while cut off: restarted, it rolls back to
+/// the permanent release (it never made the new one permanent), and when it reconnects its
+/// journal tells the coordinator, which corrects `succeeded` to `partially_rolled_back`.
+#[test]
+fn a_node_that_restarts_before_make_permanent_turns_succeeded_into_partially_rolled_back() {
+    let mut fleet = fleet(3, Duration::from_secs(3));
+    let bounces = fleet.bounces.clone();
+    let seen = Seen::default();
+    let out = seen.clone();
+    fleet.sim.client("operator", async move {
+        let mut client = control().await;
+        wait_connected(&mut client, 3).await;
+        let id = start(&mut client, &all_committed_then_paused()).await;
+        wait_for(&mut client, &id, "every node committed", |s| {
+            s.state() == pb::RolloutState::Paused
+        })
+        .await;
+        turmoil::partition("coordinator", "node-2");
+        client
+            .promote_rollout(pb::RolloutControlRequest {
+                rollout_id: id.clone(),
+                reason: String::new(),
+            })
+            .await?;
+        let s = wait_for(&mut client, &id, "final state", is_final).await;
+        assert_eq!(s.state(), pb::RolloutState::Succeeded, "{s:?}");
+        bounces.request("node-2");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        turmoil::repair("coordinator", "node-2");
+        let s = wait_for(&mut client, &id, "node-2's real outcome", |s| {
+            node_state(s, "node-2") == pb::NodeState::RolledBack
+        })
+        .await;
+        assert_eq!(s.state(), pb::RolloutState::PartiallyRolledBack, "{s:?}");
+        assert_eq!(s.failures, 1);
+        assert!(
+            s.error
+                .contains("node-2 rolled back after the rollout ended"),
+            "{s:?}"
+        );
+        out.set(s);
+        Ok(())
+    });
+    fleet.run();
+    assert_agrees(&seen.get(), &fleet.journals());
+}
+
+/// Messages delayed (random latency on every link, and a link held for a second during the
+/// first barrier, then released) and duplicated (a partition long enough to drop both ends of
+/// a session: on reconnect the agent re-sends what it waits with and the coordinator re-sends
+/// its last command, while the held ones may still arrive): nothing counts twice, nobody
+/// fails, the rollout succeeds.
+#[test]
+fn delayed_and_duplicated_messages_change_nothing() {
+    let mut fleet = fleet_with(3, Duration::from_secs(6), |b| {
+        b.min_message_latency(Duration::from_millis(1))
+            .max_message_latency(Duration::from_millis(120))
+            .rng_seed(6);
+    });
+    let seen = Seen::default();
+    let out = seen.clone();
+    fleet.sim.client("operator", async move {
+        let mut client = control().await;
+        wait_connected(&mut client, 3).await;
+        let script = TWO_BARRIERS.replace("\"4s\"", "\"20s\"");
+        let id = start(&mut client, &script).await;
+        turmoil::hold("coordinator", "node-2");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        turmoil::release("coordinator", "node-2");
+        turmoil::partition("coordinator", "node-3");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        turmoil::repair("coordinator", "node-3");
+        let s = wait_for(&mut client, &id, "final state", is_final).await;
+        assert_eq!(s.state(), pb::RolloutState::Succeeded, "{s:?}");
+        assert_eq!(s.failures, 0, "{s:?}");
+        out.set(s);
+        Ok(())
+    });
+    fleet.run();
+    assert_agrees(&seen.get(), &fleet.journals());
+}
+
+/// The coordinator crashes while two nodes wait at the first barrier and the third is cut off:
+/// the restarted coordinator rebuilds the rollout from its stored inputs (the barrier still
+/// holds the two arrivals, with its original deadline), the nodes reconnect, the third gets the
+/// script it never received, and the rollout succeeds with nobody failed.
+#[test]
+fn a_coordinator_crash_at_a_barrier_loses_nothing() {
+    let mut fleet = fleet(3, Duration::from_secs(6));
+    let bounces = fleet.bounces.clone();
+    let seen = Seen::default();
+    let out = seen.clone();
+    fleet.sim.client("operator", async move {
+        let mut client = control().await;
+        wait_connected(&mut client, 3).await;
+        turmoil::partition("coordinator", "node-3");
+        let script = TWO_BARRIERS.replace("\"4s\"", "\"20s\"");
+        let id = start(&mut client, &script).await;
+        let before = wait_for(&mut client, &id, "two nodes at the barrier", |s| {
+            s.barrier.as_ref().is_some_and(|b| b.arrived == 2)
+        })
+        .await;
+        bounces.request("coordinator");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A fresh client: the old connection died with the coordinator.
+        let mut client = control().await;
+        let after = status(&mut client, &id).await;
+        assert_eq!(
+            after.barrier, before.barrier,
+            "the barrier survived the restart"
+        );
+        assert_eq!(after.state(), pb::RolloutState::Preparing);
+        turmoil::repair("coordinator", "node-3");
+        let s = wait_for(&mut client, &id, "final state", is_final).await;
+        assert_eq!(s.state(), pb::RolloutState::Succeeded, "{s:?}");
+        assert_eq!(s.failures, 0);
+        assert!(
+            s.nodes
+                .iter()
+                .all(|n| n.state() == pb::NodeState::Committed),
+            "{s:?}"
+        );
+        out.set(s);
+        Ok(())
+    });
+    fleet.run();
+    assert_agrees(&seen.get(), &fleet.journals());
+}
+
+/// The coordinator crashes after the point of no return, while the fleet waits at the second
+/// barrier, and again during make-permanent: each time it continues from its inputs.
+#[test]
+fn coordinator_crashes_after_the_point_of_no_return_lose_nothing() {
+    let mut fleet = fleet(3, Duration::from_secs(6));
+    let bounces = fleet.bounces.clone();
+    let seen = Seen::default();
+    let out = seen.clone();
+    fleet.sim.client("operator", async move {
+        let mut client = control().await;
+        wait_connected(&mut client, 3).await;
+        let script = all_committed_then_paused().replace("\"4s\"", "\"20s\"");
+        let id = start(&mut client, &script).await;
+        wait_for(&mut client, &id, "every node committed", |s| {
+            s.state() == pb::RolloutState::Paused
+        })
+        .await;
+        bounces.request("coordinator");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut client = control().await;
+        let s = status(&mut client, &id).await;
+        assert_eq!(s.state(), pb::RolloutState::Paused, "{s:?}");
+        wait_all_back(&mut client).await;
+        client
+            .promote_rollout(pb::RolloutControlRequest {
+                rollout_id: id.clone(),
+                reason: String::new(),
+            })
+            .await?;
+        // Crash again as make-permanent goes out.
+        bounces.request("coordinator");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut client = control().await;
+        let s = wait_for(&mut client, &id, "final state", is_final).await;
+        assert_eq!(s.state(), pb::RolloutState::Succeeded, "{s:?}");
+        assert_eq!(s.failures, 0);
+        assert_eq!(node_step(&s, "node-1"), 2);
+        out.set(s);
+        Ok(())
+    });
+    fleet.run();
+    assert_agrees(&seen.get(), &fleet.journals());
+}
+
+/// An agent crashes while it waits at the barrier before the point of no return: restarted, it
+/// discards what it staged and reports `aborted`, and the whole rollout aborts.
+#[test]
+fn an_agent_crash_before_the_point_of_no_return_aborts_the_rollout() {
+    let mut fleet = fleet(3, Duration::from_secs(6));
+    let bounces = fleet.bounces.clone();
+    let seen = Seen::default();
+    let out = seen.clone();
+    fleet.sim.client("operator", async move {
+        let mut client = control().await;
+        wait_connected(&mut client, 3).await;
+        // node-3 is cut off so that the others wait at the barrier.
+        turmoil::partition("coordinator", "node-3");
+        let script = TWO_BARRIERS.replace("\"4s\"", "\"20s\"");
+        let id = start(&mut client, &script).await;
+        wait_for(&mut client, &id, "two nodes at the barrier", |s| {
+            s.barrier.as_ref().is_some_and(|b| b.arrived == 2)
+        })
+        .await;
+        bounces.request("node-2");
+        let s = wait_for(&mut client, &id, "final state", is_final).await;
+        assert_eq!(s.state(), pb::RolloutState::Aborted, "{s:?}");
+        assert_eq!(node_state(&s, "node-2"), pb::NodeState::Aborted);
+        // node-3 never got the script: it is shown failed (unreachable when the rollout
+        // aborted) and, back, has nothing to undo.
+        assert_eq!(node_state(&s, "node-3"), pb::NodeState::Failed);
+        turmoil::repair("coordinator", "node-3");
+        wait_all_back(&mut client).await;
+        let s = status(&mut client, &id).await;
+        assert_eq!(s.state(), pb::RolloutState::Aborted);
+        out.set(s);
+        Ok(())
+    });
+    fleet.run();
+    // node-3 never received the script, so it has no journal record of the rollout.
+    assert_agrees(&without(&seen.get(), "node-3"), &fleet.journals());
+}
+
+/// As above, with the coordinator restarted after the rollout ended `succeeded`: it no longer
+/// runs the finished rollout, but when node-2 reports from its journal that it rolled back, the
+/// coordinator rebuilds the rollout from its stored inputs and corrects the final state.
+#[test]
+fn a_late_rollback_is_recorded_even_across_a_coordinator_restart() {
+    let mut fleet = fleet(3, Duration::from_secs(3));
+    let bounces = fleet.bounces.clone();
+    let seen = Seen::default();
+    let out = seen.clone();
+    fleet.sim.client("operator", async move {
+        let mut client = control().await;
+        wait_connected(&mut client, 3).await;
+        let id = start(&mut client, &all_committed_then_paused()).await;
+        wait_for(&mut client, &id, "every node committed", |s| {
+            s.state() == pb::RolloutState::Paused
+        })
+        .await;
+        turmoil::partition("coordinator", "node-2");
+        client
+            .promote_rollout(pb::RolloutControlRequest {
+                rollout_id: id.clone(),
+                reason: String::new(),
+            })
+            .await?;
+        let s = wait_for(&mut client, &id, "final state", is_final).await;
+        assert_eq!(s.state(), pb::RolloutState::Succeeded, "{s:?}");
+        bounces.request("coordinator");
+        bounces.request("node-2");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut client = control().await;
+        turmoil::repair("coordinator", "node-2");
+        let s = wait_for(&mut client, &id, "node-2's real outcome", |s| {
+            node_state(s, "node-2") == pb::NodeState::RolledBack
+        })
+        .await;
+        assert_eq!(s.state(), pb::RolloutState::PartiallyRolledBack, "{s:?}");
+        out.set(s);
+        Ok(())
+    });
+    fleet.run();
+    assert_agrees(&seen.get(), &fleet.journals());
 }

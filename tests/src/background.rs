@@ -2,7 +2,7 @@
 //! other things; killed when dropped.
 
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,15 +32,12 @@ impl Background {
     /// Start `hotroll ARGS` against `cluster` (with `--coordinator` for `rollout` and `nodes`
     /// commands, like [`Cluster::hotroll`]), stdout and stderr captured.
     pub fn hotroll(cluster: &Cluster, args: &[&str]) -> anyhow::Result<Self> {
-        let mut command = Command::new(&cluster.binaries().hotroll);
+        let mut command = cluster.hotroll_command();
         command.args(args);
         if matches!(args.first(), Some(&"nodes") | Some(&"rollout")) {
             command.args(["--coordinator", cluster.url()]);
         }
         command
-            .env("HOTROLL_COORDINATOR", cluster.url())
-            .env("NO_COLOR", "1")
-            .current_dir(cluster.dir())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -49,6 +49,10 @@ pub struct ClusterOptions {
     pub ready_timeout: Duration,
     /// Whether `start` waits for every agent to show as connected.
     pub wait_connected: bool,
+    /// Plaintext, no authentication (`serve --insecure`, agents and CLI `--insecure`). The
+    /// default is TLS: the coordinator makes its CA, every agent joins with a token of its own
+    /// and the CLI runs with an operator token (see [`Cluster::cli_env`]).
+    pub insecure: bool,
 }
 
 impl Default for ClusterOptions {
@@ -67,6 +71,7 @@ impl Default for ClusterOptions {
             env: Vec::new(),
             ready_timeout: Duration::from_secs(20),
             wait_connected: true,
+            insecure: false,
         }
     }
 }
@@ -150,6 +155,25 @@ impl ClusterOptions {
         self.wait_connected = wait;
         self
     }
+
+    /// Run the cluster without TLS (see [`ClusterOptions::insecure`]).
+    pub fn insecure(mut self) -> Self {
+        self.insecure = true;
+        self
+    }
+}
+
+/// The credentials the harness made for a TLS cluster.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// An operator token (`hotroll token create --role operator`).
+    pub token: String,
+    /// The coordinator's CA certificate (`<data_dir>/tls/ca.pem`).
+    pub ca: PathBuf,
+    /// An operator client certificate and key (`hotroll cert issue`), for clients the tests
+    /// open themselves.
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// One agent of a cluster.
@@ -224,6 +248,7 @@ pub struct Cluster {
     coordinator: Process,
     agents: Vec<Agent>,
     options: ClusterOptions,
+    credentials: Option<Credentials>,
 }
 
 /// Default timeout of a client command.
@@ -258,6 +283,7 @@ impl Cluster {
             coordinator: placeholder,
             agents: Vec::new(),
             options,
+            credentials: None,
         };
         if let Err(e) = cluster.boot(agents) {
             let logs = cluster.log_tails(40);
@@ -268,6 +294,9 @@ impl Cluster {
 
     fn boot(&mut self, agents: usize) -> anyhow::Result<()> {
         self.start_coordinator()?;
+        if !self.options.insecure {
+            self.credentials = Some(self.issue_credentials()?);
+        }
         for i in 1..=agents {
             let agent = self.make_agent(i)?;
             self.agents.push(agent);
@@ -323,6 +352,9 @@ impl Cluster {
                 "--step-slack".into(),
                 self.options.step_slack.clone(),
             ];
+            if self.options.insecure {
+                args.push("--insecure".into());
+            }
             args.extend(self.options.coordinator_args.iter().cloned());
             let mut process = Process::new(
                 "coordinator",
@@ -334,7 +366,11 @@ impl Cluster {
             self.apply_env(&mut process);
             process.start()?;
             self.port = port;
-            self.url = format!("http://127.0.0.1:{port}");
+            self.url = if self.options.insecure {
+                format!("http://127.0.0.1:{port}")
+            } else {
+                format!("https://127.0.0.1:{port}")
+            };
             self.coordinator = process;
             match self.wait_listening(self.options.ready_timeout) {
                 Ok(()) => return Ok(()),
@@ -378,6 +414,98 @@ impl Cluster {
         }
     }
 
+    /// The coordinator's data dir.
+    pub fn coordinator_data_dir(&self) -> PathBuf {
+        self.path.join("coordinator/data")
+    }
+
+    /// `hotroll ARGS` run to completion against the coordinator's data dir (token and cert
+    /// commands need no server).
+    fn local_hotroll(&self, args: &[&str]) -> anyhow::Result<CmdOutput> {
+        let data_dir = self.coordinator_data_dir().display().to_string();
+        let mut command = Command::new(&self.bins.hotroll);
+        command.args(args).args(["--data-dir", &data_dir]);
+        run_command(command, CLI_TIMEOUT)
+            .with_context(|| format!("hotroll {}", args.join(" ")))?
+            .ok()
+    }
+
+    /// A token made with `hotroll token create ARGS` (the coordinator's CA exists by now).
+    pub fn create_token(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["token", "create"];
+        all.extend_from_slice(args);
+        let output = self.local_hotroll(&all)?;
+        let token = output.stdout.trim().to_string();
+        if !token.starts_with("hr1.") {
+            bail!("`hotroll token create` printed no token: {}", output.stdout);
+        }
+        Ok(token)
+    }
+
+    /// An operator token for the CLI and an operator client certificate for raw clients.
+    fn issue_credentials(&self) -> anyhow::Result<Credentials> {
+        let token = self.create_token(&["--role", "operator", "--ttl", "7d"])?;
+        let out = self.path.join("cli");
+        let out_text = out.display().to_string();
+        self.local_hotroll(&[
+            "cert", "issue", "--role", "operator", "--name", "e2e", "--out", &out_text,
+        ])?;
+        Ok(Credentials {
+            token,
+            ca: self.coordinator_data_dir().join("tls/ca.pem"),
+            cert: out.join("e2e.pem"),
+            key: out.join("e2e.key"),
+        })
+    }
+
+    /// The credentials of a TLS cluster (`None` with [`ClusterOptions::insecure`]).
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_ref()
+    }
+
+    /// The environment that points a `hotroll` client command at this cluster with the
+    /// harness's operator credentials: `HOTROLL_COORDINATOR`, and `HOTROLL_TOKEN` +
+    /// `HOTROLL_CA` (TLS) or `HOTROLL_INSECURE=1`.
+    pub fn cli_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![("HOTROLL_COORDINATOR".to_string(), self.url.clone())];
+        match &self.credentials {
+            Some(c) => {
+                env.push(("HOTROLL_TOKEN".into(), c.token.clone()));
+                env.push(("HOTROLL_CA".into(), c.ca.display().to_string()));
+            }
+            None => env.push(("HOTROLL_INSECURE".into(), "1".into())),
+        }
+        env
+    }
+
+    /// A gRPC channel to the coordinator for a client the test runs itself: TLS with the
+    /// harness's operator certificate (plaintext for an insecure cluster).
+    pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(hotroll_tls::client::channel_uri(&self.url))?;
+        let Some(c) = &self.credentials else {
+            return Ok(endpoint.connect().await?);
+        };
+        let tls = hotroll_tls::ClientTls::new(
+            &hotroll_tls::Trust::Ca(hotroll_tls::files::read_certs(&c.ca)?),
+            Some(hotroll_tls::client::ClientCert {
+                chain: hotroll_tls::files::read_certs(&c.cert)?,
+                key: hotroll_tls::files::read_key(&c.key)?,
+            }),
+        )?;
+        Ok(tls.connect(endpoint).await?)
+    }
+
+    /// A `hotroll` command with [`Cluster::cli_env`] set, run in the cluster's dir.
+    pub fn hotroll_command(&self) -> Command {
+        let mut command = Command::new(&self.bins.hotroll);
+        command
+            .envs(self.cli_env())
+            .env("NO_COLOR", "1")
+            .current_dir(&self.path);
+        command
+    }
+
     fn apply_env(&self, process: &mut Process) {
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         process.env("RUST_LOG", rust_log);
@@ -411,6 +539,13 @@ impl Cluster {
         let mut doc = toml::Table::new();
         doc.insert("node".into(), name.clone().into());
         doc.insert("coordinator".into(), self.url.clone().into());
+        if self.options.insecure {
+            doc.insert("insecure".into(), true.into());
+        } else {
+            // A single-use token of its own, bound to its name.
+            let token = self.create_token(&["--role", "agent", "--node", &name, "--ttl", "1h"])?;
+            doc.insert("join_token".into(), token.into());
+        }
         doc.insert("data_dir".into(), data_dir.display().to_string().into());
         doc.insert(
             "labels".into(),
@@ -468,7 +603,7 @@ impl Cluster {
         &self.path
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `https://127.0.0.1:<port>` (`http://` with [`ClusterOptions::insecure`]).
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -545,22 +680,18 @@ impl Cluster {
     }
 
     /// Run `hotroll ARGS` against this cluster's coordinator (`--coordinator` is added for the
-    /// `nodes` and `rollout` commands, and `HOTROLL_COORDINATOR` is set for all).
+    /// `nodes` and `rollout` commands, and [`Cluster::cli_env`] is set for all).
     pub fn hotroll(&self, args: &[&str]) -> anyhow::Result<CmdOutput> {
         self.hotroll_timeout(args, CLI_TIMEOUT)
     }
 
     /// [`Cluster::hotroll`] with an explicit timeout (the command is killed after it).
     pub fn hotroll_timeout(&self, args: &[&str], timeout: Duration) -> anyhow::Result<CmdOutput> {
-        let mut command = Command::new(&self.bins.hotroll);
+        let mut command = self.hotroll_command();
         command.args(args);
         if matches!(args.first(), Some(&"nodes") | Some(&"rollout")) {
             command.args(["--coordinator", &self.url]);
         }
-        command
-            .env("HOTROLL_COORDINATOR", &self.url)
-            .env("NO_COLOR", "1")
-            .current_dir(&self.path);
         run_command(command, timeout).with_context(|| format!("hotroll {}", args.join(" ")))
     }
 

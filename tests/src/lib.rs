@@ -56,13 +56,16 @@
 pub mod background;
 pub mod bins;
 pub mod cluster;
+pub mod crash;
 pub mod erlang;
 pub mod golden;
 pub mod hooks;
 pub mod metrics;
 pub mod poll;
+pub mod primes;
 pub mod process;
 pub mod proxy;
+pub mod scale;
 pub mod scripts;
 pub mod services;
 pub mod status;

@@ -54,8 +54,14 @@ impl Proxy {
         self.port
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `https://127.0.0.1:<port>`: TLS passes through the proxy untouched (the coordinator's
+    /// certificate names 127.0.0.1). [`Proxy::plain_url`] for an insecure cluster.
     pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn plain_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 

@@ -724,10 +724,12 @@ fn the_terminal_view_shows_every_node_and_the_final_state() -> anyhow::Result<()
         let path = cluster.write_script("tty.toml", &text)?;
         let id = cluster.start_rollout(&path, &[])?;
         let hotroll = cluster.binaries().hotroll.clone();
+        let env = cluster.cli_env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let mut term = Terminal::spawn(
             &hotroll,
             &["rollout", "watch", &id, "--coordinator", cluster.url()],
-            &[],
+            &env,
             30,
             120,
         )?;
@@ -1033,6 +1035,16 @@ fn both_daemons_log_json_on_request() -> anyhow::Result<()> {
         let config = std::fs::read_to_string(&cluster.agent_info(1).config)?
             .replace("\"node-1\"", "\"json-node\"")
             .replace("node-1/data", "json-node-data");
+        // A join token of its own (node-1's is used up).
+        let token = cluster.create_token(&["--role", "agent", "--node", "json-node"])?;
+        let config = config
+            .lines()
+            .map(|line| match line.starts_with("join_token") {
+                true => format!("join_token = \"{token}\""),
+                false => line.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
         let dir = cluster.dir().join("json-node");
         std::fs::create_dir_all(dir.join("json-node-data"))?;
         let config_path = dir.join("agent.toml");

@@ -4,7 +4,6 @@
 //! next to different `VERSION` artifacts.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
@@ -539,6 +538,15 @@ fn tar_with_escaping_entries_is_refused() -> anyhow::Result<()> {
                     ("link/escape-symlink", tar::EntryType::Regular, "", b"x"),
                 ],
             ),
+            (
+                "hardlink",
+                vec![(
+                    "hard",
+                    tar::EntryType::Link,
+                    "../../../../etc/hostname",
+                    b"",
+                )],
+            ),
         ];
         for (case, entries) in cases {
             let archive = dir.join(format!("{case}.tar"));
@@ -820,7 +828,7 @@ fn crashed_service_restarts_and_never_ready_fails_health() -> anyhow::Result<()>
 
 /// Run `hotroll rollout start SCRIPT --wait` against `url` (a proxy).
 fn rollout_via(cluster: &Cluster, url: &str, script: &Path) -> anyhow::Result<String> {
-    let mut command = Command::new(&cluster.binaries().hotroll);
+    let mut command = cluster.hotroll_command();
     command
         .args(["rollout", "start"])
         .arg(script)

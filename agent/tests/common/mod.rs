@@ -378,7 +378,7 @@ hang = { command = ["sh", "-c", "echo $$ > \"$1\"; sleep 1000 & echo $! >> \"$1\
 pub fn agent_config(dir: &Path, node: &str, coordinator: &str) -> Config {
     let data_dir = dir.join("data");
     let text = format!(
-        "node = \"{node}\"\ncoordinator = \"{coordinator}\"\ndata_dir = \"{}\"\nlabels = {{ role = \"miner\", zone = \"a\" }}\nreconnect_max_backoff = \"500ms\"\n{HOOKS}",
+        "node = \"{node}\"\ncoordinator = \"{coordinator}\"\ninsecure = true\ndata_dir = \"{}\"\nlabels = {{ role = \"miner\", zone = \"a\" }}\nreconnect_max_backoff = \"500ms\"\n{HOOKS}",
         data_dir.display()
     );
     let path = dir.join("agent.toml");

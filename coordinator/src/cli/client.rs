@@ -1,40 +1,200 @@
 //! Connecting to the coordinator, and uploading a script's artifacts.
+//!
+//! Every client command talks TLS unless `--insecure` is given (docs/security.md). It proves
+//! who it is with a bearer token (`--token`, `HOTROLL_TOKEN`) or a client certificate
+//! (`--cert`/`--key`), and trusts the coordinator's CA from `--ca`/`HOTROLL_CA`, else
+//! `~/.config/hotroll/ca.pem` when that exists, else the CA the token pins.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use hotroll_proto::v1 as pb;
 use hotroll_proto::v1::control_client::ControlClient;
 use hotroll_script::Script;
+use hotroll_tls::client::{ClientCert, channel_uri, is_tls_url};
+use hotroll_tls::{ClientTls, Token, Trust, files};
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
 
-/// `--coordinator URL` shared by every client command.
+/// `--coordinator URL` and the credentials, shared by every client command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CoordinatorArgs {
-    /// Address of the coordinator.
+    /// Address of the coordinator: https://HOST:PORT (http:// only with --insecure).
     #[arg(
         long,
         env = "HOTROLL_COORDINATOR",
-        default_value = "http://127.0.0.1:7070",
+        default_value = "https://127.0.0.1:7070",
         global = true
     )]
     pub coordinator: String,
+    /// Bearer token (`hotroll token create --role operator|viewer` on the coordinator).
+    #[arg(long, env = "HOTROLL_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// CA certificate to trust (the coordinator's `<data_dir>/tls/ca.pem`); default
+    /// ~/.config/hotroll/ca.pem when it exists, else the CA the token names.
+    #[arg(long, env = "HOTROLL_CA", value_name = "FILE", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (`hotroll cert issue`), instead of a token.
+    #[arg(long, env = "HOTROLL_CERT", value_name = "FILE", global = true)]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's key.
+    #[arg(long, env = "HOTROLL_KEY", value_name = "FILE", global = true)]
+    pub key: Option<PathBuf>,
+    /// Talk plaintext HTTP/2 to a coordinator started with `serve --insecure` (no TLS, no
+    /// authentication).
+    #[arg(long, env = "HOTROLL_INSECURE", global = true)]
+    pub insecure: bool,
 }
 
-pub async fn connect(args: &CoordinatorArgs) -> anyhow::Result<ControlClient<Channel>> {
-    let endpoint = Channel::from_shared(args.coordinator.clone())
+impl CoordinatorArgs {
+    /// `url` with no credentials (plaintext when it is http://).
+    pub fn new(url: impl Into<String>) -> Self {
+        let coordinator = url.into();
+        Self {
+            insecure: !is_tls_url(&coordinator),
+            coordinator,
+            token: None,
+            ca: None,
+            cert: None,
+            key: None,
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every request when there is a token.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    bearer: Option<MetadataValue<Ascii>>,
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(bearer) = &self.bearer {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The CLI's Control client.
+pub type Client = ControlClient<InterceptedService<Channel, Credentials>>;
+
+/// `~/.config/hotroll/ca.pem`.
+fn default_ca_path() -> Option<PathBuf> {
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(config.join("hotroll").join("ca.pem"))
+}
+
+fn read_ca(path: &Path) -> anyhow::Result<Trust> {
+    Ok(Trust::Ca(files::read_certs(path).with_context(|| {
+        format!("cannot read the CA certificate {}", path.display())
+    })?))
+}
+
+/// The TLS client config and bearer token `args` ask for.
+pub fn client_tls(args: &CoordinatorArgs) -> anyhow::Result<(ClientTls, Credentials)> {
+    let token = match &args.token {
+        Some(text) => Some(Token::parse(text).context("--token / HOTROLL_TOKEN")?),
+        None => None,
+    };
+    let trust = match (&args.ca, default_ca_path().filter(|p| p.is_file()), &token) {
+        (Some(ca), _, _) => read_ca(ca)?,
+        (None, Some(ca), _) => read_ca(&ca)?,
+        (None, None, Some(token)) => Trust::Pin(token.ca_pin()),
+        (None, None, None) => bail!(
+            "no CA to check the coordinator's certificate against: pass --ca FILE (the \
+             coordinator's <data_dir>/tls/ca.pem) or a token (--token, from `hotroll token \
+             create`); or --insecure for a coordinator started with --insecure"
+        ),
+    };
+    let cert = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Some(ClientCert {
+            chain: files::read_certs(cert)?,
+            key: files::read_key(key)?,
+        }),
+        (None, None) => None,
+        _ => bail!("--cert and --key go together"),
+    };
+    if cert.is_none() && token.is_none() {
+        bail!(
+            "no credentials: pass --token (or HOTROLL_TOKEN; `hotroll token create --role \
+             operator` on the coordinator makes one) or --cert and --key"
+        );
+    }
+    let bearer = match &token {
+        Some(token) => Some(
+            format!("Bearer {}", token.expose())
+                .parse()
+                .context("the token cannot be sent as a header")?,
+        ),
+        None => None,
+    };
+    Ok((ClientTls::new(&trust, cert)?, Credentials { bearer }))
+}
+
+pub async fn connect(args: &CoordinatorArgs) -> anyhow::Result<Client> {
+    let tls = is_tls_url(&args.coordinator);
+    if !tls && !args.insecure {
+        bail!(
+            "refusing to talk plaintext to {}: use https://, or pass --insecure for a \
+             coordinator started with `serve --insecure`",
+            args.coordinator
+        );
+    }
+    if tls && args.insecure {
+        bail!(
+            "--insecure talks plaintext: give the coordinator as http://, not {}",
+            args.coordinator
+        );
+    }
+    let endpoint = Endpoint::from_shared(channel_uri(&args.coordinator))
         .with_context(|| format!("`{}` is not a valid coordinator URL", args.coordinator))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {}", args.coordinator))?;
-    Ok(ControlClient::new(channel)
+    let (channel, credentials) = if tls {
+        let (client_tls, credentials) = client_tls(args)?;
+        let channel = client_tls
+            .connect(endpoint)
+            .await
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+            .with_context(|| format!("cannot reach the coordinator at {}", args.coordinator))?;
+        (channel, credentials)
+    } else {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+            .with_context(|| format!("cannot reach the coordinator at {}", args.coordinator))?;
+        (channel, Credentials::default())
+    };
+    Ok(ControlClient::with_interceptor(channel, credentials)
         .max_decoding_message_size(crate::server::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::server::MAX_MESSAGE_BYTES))
+}
+
+/// An error and its sources on one line (a TLS failure is several causes deep).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
 }
 
 /// Turn a gRPC status into an error message an operator can act on.
@@ -45,7 +205,7 @@ pub fn status_error(status: tonic::Status) -> anyhow::Error {
 /// Hash every artifact of `script` (sources relative to `script_dir`), upload the ones the
 /// coordinator does not have, and return the bindings for StartRollout.
 pub async fn upload_artifacts(
-    client: &mut ControlClient<Channel>,
+    client: &mut Client,
     script: &Script,
     script_dir: &Path,
 ) -> anyhow::Result<Vec<pb::ScriptArtifact>> {

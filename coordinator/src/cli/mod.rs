@@ -8,6 +8,7 @@ pub mod nodes;
 pub mod plan;
 pub mod rollout;
 pub mod serve;
+pub mod token;
 pub mod watch;
 
 /// Exit codes shared by every client command.

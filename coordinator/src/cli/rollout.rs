@@ -504,7 +504,7 @@ async fn start(args: StartArgs) -> anyhow::Result<u8> {
 /// Wait until the rollout reaches a final state or `timeout` passes (follows its event
 /// stream; polls if the stream breaks).
 pub async fn wait_final(
-    client: &mut hotroll_proto::v1::control_client::ControlClient<tonic::transport::Channel>,
+    client: &mut super::client::Client,
     id: &str,
     timeout: Duration,
 ) -> anyhow::Result<pb::RolloutStatus> {

@@ -42,6 +42,71 @@ pub struct ServeArgs {
     /// object per line, for log shippers). The level follows RUST_LOG (default: info).
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// Serve plaintext HTTP/2 with no authentication at all (agents and CLI then need
+    /// --insecure too). Only for a trusted network or a test.
+    #[arg(long)]
+    pub insecure: bool,
+    /// More names (DNS names or IP addresses) agents and the CLI reach this coordinator by,
+    /// for its server certificate (it always names localhost, 127.0.0.1, ::1, this host's name
+    /// and the --listen address). Repeatable.
+    #[arg(long = "tls-san", value_name = "NAME")]
+    pub tls_san: Vec<String>,
+    /// Serve this certificate (PEM chain) instead of one issued by the coordinator's CA;
+    /// reloaded when the file changes.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Use this CA (certificate and key, PEM) to issue and verify node and client
+    /// certificates, instead of the one made in `<data-dir>/tls` on first start.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The key of --ca-cert.
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Validity of node certificates; agents renew theirs when a third is left.
+    #[arg(long, default_value = "30d", value_parser = crate::cli::token::parse_long_duration)]
+    pub node_cert_ttl: Duration,
+    /// Validity of the server certificate the coordinator issues itself; it is reissued, while
+    /// serving, when a third is left.
+    #[arg(long, default_value = "90d", value_parser = crate::cli::token::parse_long_duration)]
+    pub server_cert_ttl: Duration,
+    /// How often the server certificate is checked for renewal (or, with --tls-cert, reload).
+    #[arg(long, default_value = "60s", value_parser = parse_duration, hide = true)]
+    pub cert_check_interval: Duration,
+}
+
+impl ServeArgs {
+    /// The TLS setup these flags ask for; `None` with --insecure.
+    pub fn tls(&self) -> anyhow::Result<Option<Arc<crate::tls::ServerTls>>> {
+        use crate::tls::{ServerCertSource, ServerTls, TlsOptions};
+        if self.insecure {
+            return Ok(None);
+        }
+        let listen_ip = self.listen.parse::<SocketAddr>().ok().map(|a| a.ip());
+        let mut options = TlsOptions::new(self.data_dir.clone(), listen_ip, &self.tls_san);
+        if let (Some(cert), Some(key)) = (&self.ca_cert, &self.ca_key) {
+            options.ca_files = Some((cert.clone(), key.clone()));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                options.server_cert = ServerCertSource::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                };
+            }
+            _ => {
+                if let ServerCertSource::Managed { ttl, .. } = &mut options.server_cert {
+                    *ttl = self.server_cert_ttl;
+                }
+            }
+        }
+        options.node_cert_ttl = self.node_cert_ttl;
+        options.refresh_interval = self.cert_check_interval;
+        let tls = ServerTls::new(options).context("cannot set up TLS")?;
+        Ok(Some(Arc::new(tls)))
+    }
 }
 
 /// `--log-format` of the daemons.
@@ -86,6 +151,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.step_slack = args.step_slack;
     config.metrics_listen = args.metrics_listen;
     config.watch_buffer = args.watch_buffer;
+    config.tls = args.tls()?;
+    if config.tls.is_none() {
+        tracing::warn!(
+            "TLS is off (--insecure): anyone who can reach {} can run rollouts on every node",
+            args.listen
+        );
+    }
     run(listener, Arc::new(store), config, shutdown_signal()).await?;
     tracing::info!("coordinator stopped");
     Ok(())

@@ -16,8 +16,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hotroll_proto::v1 as pb;
-use hotroll_proto::v1::control_client::ControlClient;
-use tonic::transport::Channel;
 
 use super::client::{CoordinatorArgs, connect, status_error};
 use super::rollout::{rollout_state_name, wait_exit_code};
@@ -111,7 +109,7 @@ pub async fn run_watch(args: WatchArgs) -> anyhow::Result<u8> {
 
 /// Watch rollout `id` until it is final (or `timeout` passes); returns `--wait`'s exit code.
 pub async fn watch(
-    client: &mut ControlClient<Channel>,
+    client: &mut super::client::Client,
     id: &str,
     mode: Mode,
     from_seq: u64,
@@ -165,7 +163,7 @@ enum Ended {
 }
 
 async fn get_status(
-    client: &mut ControlClient<Channel>,
+    client: &mut super::client::Client,
     id: &str,
 ) -> anyhow::Result<pb::RolloutStatus> {
     Ok(client
@@ -298,7 +296,7 @@ const REFRESH: Duration = Duration::from_secs(1);
 const MIN_FRAME: Duration = Duration::from_millis(50);
 
 async fn live(
-    client: &mut ControlClient<Channel>,
+    client: &mut super::client::Client,
     status: pb::RolloutStatus,
     mut rx: tokio::sync::mpsc::Receiver<FollowMsg>,
     color: bool,
@@ -515,7 +513,7 @@ pub fn events_table(events: &[pb::RolloutEvent]) -> comfy_table::Table {
 /// returns as soon as the final event is out), and polls `GetRollout` if the stream breaks
 /// for good.
 pub async fn wait_final(
-    client: &mut ControlClient<Channel>,
+    client: &mut super::client::Client,
     id: &str,
     timeout: Duration,
 ) -> anyhow::Result<pb::RolloutStatus> {

@@ -32,16 +32,22 @@ pub(super) enum Status {
 }
 
 /// One barrier instance. Nodes are indexes into the rollout's node list.
+///
+/// `participants` and `arrived` change only through [`Instance::arrive`] and
+/// [`Instance::leave`], which keep the number of participants that arrived up to date: an
+/// arrival is O(log n) however many nodes take part, not a set intersection.
 #[derive(Debug, Clone)]
 pub(super) struct Instance {
     pub id: String,
     /// `Some(wave)` for a wave-scoped barrier after the point of no return.
     pub wave: Option<u32>,
     /// The nodes the barrier waits for; a participant that fails leaves it.
-    pub participants: BTreeSet<usize>,
+    participants: BTreeSet<usize>,
     /// Every node waiting at the barrier. May include non-participants (a target that is not a
     /// named member still waits for the members, like OTP's `sync_nodes`).
-    pub arrived: BTreeSet<usize>,
+    arrived: BTreeSet<usize>,
+    /// `|participants ∩ arrived|`.
+    arrived_participants: usize,
     /// First arrival plus the barrier's timeout.
     pub deadline: Millis,
     /// Sequence number of the latest arrival: the most recent open instance is "the" barrier.
@@ -50,13 +56,59 @@ pub(super) struct Instance {
 }
 
 impl Instance {
+    /// An open instance waiting for `participants`, nobody arrived yet.
+    pub fn new(
+        id: String,
+        wave: Option<u32>,
+        participants: BTreeSet<usize>,
+        deadline: Millis,
+    ) -> Self {
+        Self {
+            id,
+            wave,
+            participants,
+            arrived: BTreeSet::new(),
+            arrived_participants: 0,
+            deadline,
+            last_arrival: 0,
+            status: Status::Open,
+        }
+    }
+
     pub fn is_open(&self) -> bool {
         self.status == Status::Open
     }
 
+    /// Every node waiting at the barrier, in node order.
+    pub fn arrived(&self) -> &BTreeSet<usize> {
+        &self.arrived
+    }
+
+    pub fn has_arrived(&self, node: usize) -> bool {
+        self.arrived.contains(&node)
+    }
+
+    /// `node` arrives (a repeat changes nothing).
+    pub fn arrive(&mut self, node: usize) {
+        if self.arrived.insert(node) && self.participants.contains(&node) {
+            self.arrived_participants += 1;
+        }
+    }
+
+    /// `node` leaves the barrier (it failed): it is neither waited for nor waiting any more.
+    /// Returns whether it was either.
+    pub fn leave(&mut self, node: usize) -> bool {
+        let participant = self.participants.remove(&node);
+        let arrived = self.arrived.remove(&node);
+        if participant && arrived {
+            self.arrived_participants -= 1;
+        }
+        participant || arrived
+    }
+
     /// Participants that have arrived.
     pub fn arrived_count(&self) -> u32 {
-        count(self.participants.intersection(&self.arrived).count())
+        count(self.arrived_participants)
     }
 
     pub fn expected_count(&self) -> u32 {
@@ -73,7 +125,7 @@ impl Instance {
 
     /// Every remaining participant is here.
     pub fn complete(&self) -> bool {
-        self.participants.is_subset(&self.arrived)
+        self.arrived_participants == self.participants.len()
     }
 
     pub fn view(&self) -> BarrierView {

@@ -39,6 +39,12 @@
 //!   confirmed in time marks the node `failed` but not the rollout. Otherwise `rolled_back`
 //!   after a `rollback_all` (or when no node stayed committed), `partially_rolled_back` when
 //!   some nodes rolled back under `rollback_node`, `halted` after `halt`, else `succeeded`.
+//! * **A final state is corrected** in one case only: the rollout ended (make-permanent
+//!   deadline) while a node had not confirmed make-permanent, and that node then reports it
+//!   rolled back (its agent restarted before making the release permanent and recovered to the
+//!   permanent release, DESIGN §5) or failed. `succeeded` then becomes `partially_rolled_back`
+//!   (`rolled_back` when no node kept the new release, `failed` when the node could not get
+//!   back): the recorded outcome agrees with what the nodes run.
 //! * **Operator abort** while paused before wave 1 aborts (nothing committed); after the first
 //!   commit it rolls back like `rollback_all`. A pause takes effect at the next wave boundary,
 //!   including the one before `make_permanent`; the canary pause also applies when the canary
@@ -166,6 +172,24 @@ pub struct Rollout {
     arrivals: u64,
     permanent_deadline: Option<Millis>,
     rollback_failed: bool,
+    /// Tallies kept as node states change (see [`Tally`]), so that deciding whether to move on
+    /// after an event does not scan every node.
+    tally: Tally,
+}
+
+/// Counts of nodes by what [`Rollout::advance`] asks about. `set_node_state`, `start_permanent`
+/// and the `Permanent` outcome keep them current; debug builds check them against a recount
+/// after every event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Tally {
+    /// Nodes in state `prepared`.
+    prepared: usize,
+    /// Settled nodes per wave (index = wave - 1).
+    settled_in_wave: Vec<usize>,
+    /// Settled nodes in all.
+    settled: usize,
+    /// Nodes told to make the release permanent that are committed and have not confirmed.
+    awaiting_permanent: usize,
 }
 
 fn ms(d: Duration) -> Millis {
@@ -219,6 +243,7 @@ impl Rollout {
                 connected: true,
             })
             .collect::<Vec<_>>();
+        let wave_count = waves.len();
         Self {
             track: vec![Track::default(); nodes.len()],
             spec,
@@ -238,6 +263,10 @@ impl Rollout {
             arrivals: 0,
             permanent_deadline: None,
             rollback_failed: false,
+            tally: Tally {
+                settled_in_wave: vec![0; wave_count],
+                ..Tally::default()
+            },
         }
     }
 
@@ -339,6 +368,7 @@ impl Rollout {
             }
         }
         self.advance(now, &mut out);
+        debug_assert_eq!(self.tally, self.recount(), "node tallies drifted");
         Ok(out)
     }
 
@@ -694,11 +724,13 @@ impl Rollout {
                 self.set_node_state(i, NodeState::Committed, None, out);
             }
             Outcome::Permanent => {
+                let awaiting = self.awaiting_permanent(i);
                 let t = &mut self.track[i];
                 if state == NodeState::Committed && t.make_permanent_sent {
                     t.permanent = true;
                     t.grace = None;
                 }
+                self.retally_permanent(i, awaiting);
             }
             Outcome::Aborted => {
                 let ok = match state {
@@ -742,9 +774,11 @@ impl Rollout {
                     NodeState::Failed => !self.track[i].confirmed,
                     _ => false,
                 };
-                if !committed || !ok {
+                // A node that made the release permanent has nothing left to roll back.
+                if !committed || !ok || self.track[i].permanent {
                     return;
                 }
+                let unconfirmed = self.unconfirmed_permanent(i);
                 let t = &mut self.track[i];
                 t.confirmed = true;
                 t.deadline = None;
@@ -753,6 +787,9 @@ impl Rollout {
                     let reason = format!("node {name} rolled back{detail}");
                     self.fail_node(now, i, reason, How::Reported, out);
                 }
+                if is_final && unconfirmed {
+                    self.amend_final(i, "rolled back", &detail, out);
+                }
             }
             Outcome::Failed => {
                 let ok = match state {
@@ -760,9 +797,10 @@ impl Rollout {
                     NodeState::Failed => !self.track[i].confirmed,
                     _ => true,
                 };
-                if !ok {
+                if !ok || self.track[i].permanent {
                     return;
                 }
+                let unconfirmed = self.unconfirmed_permanent(i);
                 let t = &mut self.track[i];
                 t.confirmed = true;
                 t.deadline = None;
@@ -775,8 +813,55 @@ impl Rollout {
                     let reason = format!("node {name} failed{detail}");
                     self.fail_node(now, i, reason, How::Reported, out);
                 }
+                if is_final && unconfirmed {
+                    self.amend_final(i, "failed", &detail, out);
+                }
             }
         }
+    }
+
+    /// Node `i` was told to make the release permanent and has not confirmed it.
+    fn unconfirmed_permanent(&self, i: usize) -> bool {
+        let t = &self.track[i];
+        self.nodes[i].state == NodeState::Committed && t.make_permanent_sent && !t.permanent
+    }
+
+    /// The rollout ended while node `i` had not confirmed make-permanent, and the node now says
+    /// it rolled back (its agent restarted before making the release permanent, DESIGN §5) or
+    /// failed. The recorded outcome must agree with the nodes': the final state is corrected
+    /// (`succeeded` becomes `partially_rolled_back`, `rolled_back` when no node kept the new
+    /// release, `failed` when the node could not get back) and the node counts as a failure.
+    fn amend_final(&mut self, i: usize, what: &str, detail: &str, out: &mut Vec<Command>) {
+        if !matches!(
+            self.state,
+            RolloutState::Succeeded | RolloutState::PartiallyRolledBack
+        ) {
+            return;
+        }
+        if !self.track[i].counted {
+            self.track[i].counted = true;
+            self.failures += 1;
+        }
+        let failed = self.nodes[i].state == NodeState::Failed;
+        if failed {
+            self.rollback_failed = true;
+        }
+        let state = if failed {
+            RolloutState::Failed
+        } else if self.nodes.iter().any(|n| n.state == NodeState::Committed) {
+            RolloutState::PartiallyRolledBack
+        } else {
+            RolloutState::RolledBack
+        };
+        let note = format!(
+            "node {} {what} after the rollout ended, before confirming make_permanent{detail}",
+            self.nodes[i].name
+        );
+        self.error = Some(match self.error.take() {
+            Some(e) => format!("{e}; {note}"),
+            None => note.clone(),
+        });
+        self.set_rollout_state(state, Some(note), out);
     }
 
     fn session_lost(&mut self, now: Millis, i: usize) {
@@ -819,7 +904,7 @@ impl Rollout {
     fn waiting_at_barrier(&self, i: usize) -> bool {
         self.barriers
             .iter()
-            .any(|b| b.is_open() && b.arrived.contains(&i))
+            .any(|b| b.is_open() && b.has_arrived(i))
     }
 
     fn barrier_arrived(&mut self, now: Millis, i: usize, id: &str, out: &mut Vec<Command>) {
@@ -847,28 +932,25 @@ impl Rollout {
             Some(b) => {
                 let inst = &self.barriers[b];
                 // Over already (stale), or a repeat: never counts again.
-                if !inst.is_open() || inst.arrived.contains(&i) {
+                if !inst.is_open() || inst.has_arrived(i) {
                     return;
                 }
                 b
             }
             None => {
                 let participants = self.participants(spec.before_ponr, &spec.members, wave);
-                self.barriers.push(Instance {
-                    id: spec.id.clone(),
+                self.barriers.push(Instance::new(
+                    spec.id.clone(),
                     wave,
                     participants,
-                    arrived: BTreeSet::new(),
-                    deadline: now.saturating_add(ms(spec.timeout)),
-                    last_arrival: 0,
-                    status: Status::Open,
-                });
+                    now.saturating_add(ms(spec.timeout)),
+                ));
                 self.barriers.len() - 1
             }
         };
         self.arrivals += 1;
         let inst = &mut self.barriers[b];
-        inst.arrived.insert(i);
+        inst.arrive(i);
         inst.last_arrival = self.arrivals;
         let (arrived, expected) = (inst.arrived_count(), inst.expected_count());
         // The barrier deadline governs a node waiting at it.
@@ -923,11 +1005,11 @@ impl Rollout {
             return;
         }
         inst.status = Status::Released;
-        if inst.arrived.is_empty() {
+        if inst.arrived().is_empty() {
             return;
         }
         let (id, wave) = (inst.id.clone(), inst.wave);
-        let arrived: Vec<usize> = inst.arrived.iter().copied().collect();
+        let arrived: Vec<usize> = inst.arrived().iter().copied().collect();
         record(
             out,
             Record::BarrierReleased {
@@ -950,7 +1032,7 @@ impl Rollout {
     fn leave_barriers(&mut self, now: Millis, i: usize, out: &mut Vec<Command>) {
         for b in 0..self.barriers.len() {
             let inst = &mut self.barriers[b];
-            if inst.is_open() && (inst.participants.remove(&i) | inst.arrived.remove(&i)) {
+            if inst.is_open() && inst.leave(i) {
                 self.check_release(now, b, out);
             }
         }
@@ -991,7 +1073,7 @@ impl Rollout {
             // Rolling back: the arrived nodes were told so.
             return;
         }
-        for a in inst.arrived {
+        for &a in inst.arrived() {
             if self.nodes[a].state == NodeState::Committing && !self.track[a].counted {
                 out.push(Command::ReleaseBarrier {
                     node: self.nodes[a].name.clone(),
@@ -1221,14 +1303,14 @@ impl Rollout {
             }
             match self.mode {
                 Mode::Aborting => {
-                    if self.nodes.iter().all(|n| n.state.is_settled()) {
+                    if self.all_settled() {
                         let reason = self.error.clone();
                         self.finish(RolloutState::Aborted, reason, out);
                     }
                     return;
                 }
                 Mode::RollingBackAll => {
-                    if self.nodes.iter().all(|n| n.state.is_settled()) {
+                    if self.all_settled() {
                         let (state, reason) = if self.rollback_failed {
                             (RolloutState::Failed, self.rollback_failed_reason())
                         } else {
@@ -1252,12 +1334,9 @@ impl Rollout {
                     return;
                 }
                 Mode::MakingPermanent => {
-                    let done = (0..self.nodes.len())
-                        .filter(|&i| self.track[i].make_permanent_sent)
-                        .all(|i| {
-                            self.track[i].permanent || self.nodes[i].state != NodeState::Committed
-                        });
-                    if done {
+                    // Every node told to make the release permanent confirmed, or is no longer
+                    // committed.
+                    if self.tally.awaiting_permanent == 0 {
                         self.finish_permanent(&[], out);
                     }
                     return;
@@ -1266,7 +1345,7 @@ impl Rollout {
             }
             match self.state {
                 RolloutState::Preparing => {
-                    if !self.nodes.iter().all(|n| n.state == NodeState::Prepared) {
+                    if self.tally.prepared != self.nodes.len() {
                         return;
                     }
                     if self.pause_requested {
@@ -1280,12 +1359,7 @@ impl Rollout {
                     self.set_rollout_state(RolloutState::Committing, None, out);
                 }
                 RolloutState::Committing => {
-                    let settled = self
-                        .nodes
-                        .iter()
-                        .filter(|n| n.wave <= self.wave)
-                        .all(|n| n.state.is_settled());
-                    if !settled {
+                    if !self.settled_through(self.wave) {
                         return;
                     }
                     let canary = self.spec.policy.canary > 0
@@ -1360,9 +1434,11 @@ impl Rollout {
         let mut sent = false;
         for i in 0..self.nodes.len() {
             if self.nodes[i].state == NodeState::Committed && !self.track[i].counted {
+                let awaiting = self.awaiting_permanent(i);
                 let t = &mut self.track[i];
                 t.make_permanent_sent = true;
                 t.grace = None;
+                self.retally_permanent(i, awaiting);
                 out.push(Command::MakePermanent {
                     node: self.nodes[i].name.clone(),
                 });
@@ -1640,11 +1716,13 @@ impl Rollout {
         error: Option<String>,
         out: &mut Vec<Command>,
     ) {
+        let awaiting = self.awaiting_permanent(i);
         let view = &mut self.nodes[i];
         if error.is_some() {
             view.error = error;
         }
         if view.state != state {
+            let (old, wave) = (view.state, view.wave);
             view.state = state;
             record(
                 out,
@@ -1654,7 +1732,94 @@ impl Rollout {
                     error: view.error.clone(),
                 },
             );
+            self.retally_state(old, state, wave);
+            self.retally_permanent(i, awaiting);
         }
+    }
+
+    /// Node `i` counts in [`Tally::awaiting_permanent`].
+    fn awaiting_permanent(&self, i: usize) -> bool {
+        let t = &self.track[i];
+        t.make_permanent_sent && !t.permanent && self.nodes[i].state == NodeState::Committed
+    }
+
+    /// Node `i` may have joined or left [`Tally::awaiting_permanent`]; `before` is whether it
+    /// was in it.
+    fn retally_permanent(&mut self, i: usize, before: bool) {
+        match (before, self.awaiting_permanent(i)) {
+            (false, true) => self.tally.awaiting_permanent += 1,
+            (true, false) => {
+                self.tally.awaiting_permanent = self.tally.awaiting_permanent.saturating_sub(1);
+            }
+            _ => {}
+        }
+    }
+
+    /// A node of `wave` went from `old` to `new`.
+    fn retally_state(&mut self, old: NodeState, new: NodeState, wave: u32) {
+        let t = &mut self.tally;
+        if old == NodeState::Prepared {
+            t.prepared = t.prepared.saturating_sub(1);
+        }
+        if new == NodeState::Prepared {
+            t.prepared += 1;
+        }
+        let w = usize::try_from(wave)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(1);
+        if old.is_settled() {
+            t.settled = t.settled.saturating_sub(1);
+            if let Some(n) = t.settled_in_wave.get_mut(w) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        if new.is_settled() {
+            t.settled += 1;
+            if let Some(n) = t.settled_in_wave.get_mut(w) {
+                *n += 1;
+            }
+        }
+    }
+
+    /// The tallies counted from scratch (debug builds check the kept ones against this).
+    fn recount(&self) -> Tally {
+        let mut t = Tally {
+            settled_in_wave: vec![0; self.waves.len()],
+            ..Tally::default()
+        };
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.state == NodeState::Prepared {
+                t.prepared += 1;
+            }
+            if n.state.is_settled() {
+                t.settled += 1;
+                let w = usize::try_from(n.wave)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(1);
+                if let Some(c) = t.settled_in_wave.get_mut(w) {
+                    *c += 1;
+                }
+            }
+            if self.awaiting_permanent(i) {
+                t.awaiting_permanent += 1;
+            }
+        }
+        t
+    }
+
+    /// Every node settled.
+    fn all_settled(&self) -> bool {
+        self.tally.settled == self.nodes.len()
+    }
+
+    /// Every node of waves `1..=wave` settled.
+    fn settled_through(&self, wave: u32) -> bool {
+        let upto = usize::try_from(wave).unwrap_or(usize::MAX);
+        self.waves
+            .iter()
+            .zip(&self.tally.settled_in_wave)
+            .take(upto)
+            .all(|(members, settled)| *settled == members.len())
     }
 
     fn names_list(&self, nodes: &[usize]) -> Vec<String> {

@@ -165,7 +165,7 @@ fn measure(cluster: &Cluster, args: &Args, size: usize, round: usize) -> anyhow:
     let path = cluster.write_script(&format!("bench-{round}.toml"), &script)?;
 
     let started = Instant::now();
-    let mut command = Command::new(&cluster.binaries().hotroll);
+    let mut command = cluster.hotroll_command();
     command.args(["rollout", "start"]).arg(&path).args([
         "--output",
         "json",

@@ -73,14 +73,14 @@ impl Variant {
 /// Open `n` watch streams, each on its own connection; the tasks end with the number of
 /// events they received (up to and including the final state).
 async fn open_streams(
-    url: &str,
+    cluster: &Cluster,
     id: &str,
     n: usize,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<usize>>>> {
     let mut tasks = Vec::new();
     for _ in 0..n {
-        let channel = tonic::transport::Channel::from_shared(url.to_string())?
-            .connect()
+        let channel = cluster
+            .channel()
             .await
             .context("cannot connect to the coordinator")?;
         let mut client = pb::control_client::ControlClient::new(channel);
@@ -118,9 +118,8 @@ fn run_one(
             Ok((ms, 0))
         }
         Variant::Streams => {
-            let url = cluster.url().to_string();
             let (ms, tasks) = timed_rollout(cluster, metrics, &app, watchers, |id| {
-                runtime.block_on(open_streams(&url, id, watchers))
+                runtime.block_on(open_streams(cluster, id, watchers))
             })?;
             let mut events = Vec::new();
             for task in tasks {

@@ -6,14 +6,16 @@
 //! | `load_object_code` | fetch the named artifacts into the content store (resumable, verified), then build `releases/<to>`: the current release hard-linked, the artifacts on top, archives unpacked; nothing running changes |
 //! | `load` | swap `current` to `<to>` (in `down`: back to the permanent release); a first install starts the app's services |
 //! | `suspend` / `resume` | SIGSTOP / SIGCONT of the service's process group, or its `drain` / `undrain` hook |
-//! | `code_change` | restart the service on the current release; the agent holds its sockets, so connections wait in the listen queue and none is refused (the state handover comes later) |
+//! | `code_change` | a service with `handover = true`: the state handover (`supervisor/handover`, `docs/handover.md`): the running instance exports its state, an instance of the current release starts with it and the same sockets, the old one stops once the new one is ready (any failure: the new one is stopped, the old one carries on); other services: restart on the current release. Either way the agent holds the sockets, so connections wait in the listen queue and none is refused |
 //! | `stop` / `start` / `restart` | the supervisor's operations |
 //! | `health` | probe `ready` until it succeeds, within the step's timeout |
 //! | `purge` | delete the named releases, or every release but current, permanent and `to` |
 //! | `restart_new_emulator` | activate `<to>` (staging it if needed) and restart every service of the app |
 //!
 //! Default rollback: `current` back to the permanent release (none: the app is uninstalled
-//! again), and every service of the app that is not running unsuspended on it is restarted.
+//! again), and every service of the app that is not running unsuspended on it is restarted —
+//! or, for a `handover = true` service running another release, handed over to the permanent
+//! release with its state (mode `down`), and restarted only if that fails.
 //! Make permanent: `permanent` written atomically, then releases beyond `keep_releases` removed.
 //!
 //! Services start with the agent (from `current`) and stop on its clean shutdown: the agent is
@@ -51,6 +53,7 @@ mod unpack;
 pub use release::Apps;
 pub use spec::{ListenAddress, ListenSpec, Ready, ServiceSpec};
 pub use supervisor::Status as ServiceStatus;
+pub use supervisor::handover::{self, Mode as HandoverMode, Report as HandoverReport};
 use supervisor::{ServiceEnv, Supervisor};
 
 /// Releases kept per app by make-permanent when the config names no number.
@@ -158,9 +161,6 @@ impl ProcessRuntime {
                     message,
                 }
             })?;
-            if spec.handover {
-                tracing::warn!(service = %spec.name, "`handover = true`: the handover protocol is not implemented yet; code_change restarts the service");
-            }
             specs.push(Arc::new(spec));
         }
         let store = ArtifactStore::new(&config.data_dir);
@@ -401,6 +401,7 @@ impl ProcessRuntime {
         release: Option<&str>,
         force: bool,
     ) -> Result<Vec<String>, RuntimeError> {
+        let started = tokio::time::Instant::now();
         let mut lines = Vec::new();
         for service in self.services_of(app) {
             let name = service.spec.name.clone();
@@ -427,6 +428,22 @@ impl ProcessRuntime {
                     status.pid.unwrap_or_default()
                 ));
                 continue;
+            }
+            if service.spec.handover && status.running() && !force {
+                // Back to the permanent release with the state (the relup's `down`).
+                let request = handover::Request {
+                    mode: HandoverMode::Down,
+                    extra: None,
+                    budget: step_budget(ctx).saturating_sub(started.elapsed()),
+                    cancel: ctx.cancel.clone(),
+                };
+                match service.handover(request).await {
+                    Ok(report) => {
+                        lines.push(report.describe(&name));
+                        continue;
+                    }
+                    Err(e) => lines.push(format!("{e}; restarting it instead")),
+                }
             }
             let after = service.restart().await.map_err(failed)?;
             lines.push(format!(
@@ -569,11 +586,18 @@ impl ProcessRuntime {
                 lines.push(format!("{name}: not running; nothing to resume"));
                 continue;
             }
-            let status = service.signal(Signal::SIGCONT).await.map_err(failed)?;
-            lines.push(format!(
-                "{name}: resumed (SIGCONT to process group {})",
-                status.pid.unwrap_or_default()
-            ));
+            match service.signal(Signal::SIGCONT).await {
+                Ok(status) => lines.push(format!(
+                    "{name}: resumed (SIGCONT to process group {})",
+                    status.pid.unwrap_or_default()
+                )),
+                // It exited between the check and the signal: nothing is left suspended (the
+                // supervisor starts a fresh instance).
+                Err(_) if !service.status().running() => {
+                    lines.push(format!("{name}: not running; nothing to resume"));
+                }
+                Err(e) => return Err(failed(e)),
+            }
         }
         ok(lines)
     }
@@ -731,6 +755,13 @@ impl ProcessRuntime {
     }
 }
 
+/// What a step may spend on its own waits: its deadline less a little, so that the step answers
+/// (and says why) before the executor's own deadline cancels it.
+fn step_budget(ctx: &StepContext<'_>) -> Duration {
+    let margin = (ctx.deadline / 10).min(Duration::from_millis(250));
+    ctx.deadline.saturating_sub(margin)
+}
+
 /// How long the agent watches a service it started at boot for readiness (only to log it).
 const BOOT_READY_WATCH: Duration = Duration::from_secs(60);
 
@@ -868,17 +899,32 @@ impl Runtime for ProcessRuntime {
 
     fn code_change<'a>(
         &'a self,
-        _ctx: &'a StepContext<'a>,
+        ctx: &'a StepContext<'a>,
         targets: &'a [Located<String>],
         extra: Option<&'a str>,
         mode: ChangeMode,
     ) -> BoxFuture<'a, StepResult> {
         Box::pin(async move {
+            let started = tokio::time::Instant::now();
             let mut lines = Vec::new();
             for target in targets {
                 let service = self.service(&target.value)?;
                 let name = &service.spec.name;
                 let before = service.status();
+                if service.spec.handover && before.running() {
+                    let request = handover::Request {
+                        mode: match mode {
+                            ChangeMode::Up => HandoverMode::Up,
+                            ChangeMode::Down => HandoverMode::Down,
+                        },
+                        extra: extra.map(str::to_string),
+                        budget: step_budget(ctx).saturating_sub(started.elapsed()),
+                        cancel: ctx.cancel.clone(),
+                    };
+                    let report = service.handover(request).await.map_err(failed)?;
+                    lines.push(report.describe(name));
+                    continue;
+                }
                 let after = service.restart().await.map_err(failed)?;
                 let direction = match mode {
                     ChangeMode::Up => "up",

@@ -13,7 +13,7 @@
 //! stop_timeout = "10s"
 //! drain = "primes_drain"                       # optional: `suspend` runs this hook instead of SIGSTOP
 //! undrain = "primes_undrain"                   # optional: `resume` runs this hook instead of SIGCONT
-//! handover = false                             # reserved: the state handover protocol (DESIGN §8)
+//! handover = false                             # code_change hands the state over (docs/handover.md)
 //! ```
 //!
 //! A `listen` entry is `"tcp://HOST:PORT"`, `"unix:/absolute/path"`, or a table
@@ -48,7 +48,8 @@ pub struct ServiceSpec {
     pub drain: Option<String>,
     /// Hook `resume` runs instead of SIGCONT (after a drain).
     pub undrain: Option<String>,
-    /// Reserved for the handover protocol; `code_change` restarts either way for now.
+    /// The service speaks the handover protocol (`docs/handover.md`): `code_change` moves its
+    /// state to the new release's instance instead of restarting it.
     pub handover: bool,
 }
 
@@ -196,6 +197,11 @@ impl ServiceSpec {
             if key.starts_with("LISTEN_") || key == "NOTIFY_SOCKET" {
                 return Err(format!(
                     "`env` cannot set `{key}`: the agent sets it for socket activation"
+                ));
+            }
+            if key.starts_with("HOTROLL_HANDOVER_") {
+                return Err(format!(
+                    "`env` cannot set `{key}`: the agent sets it for the handover protocol"
                 ));
             }
         }
@@ -430,6 +436,7 @@ drain = "drain_it"
             "command = \"x\"\nstop_timeout = \"0s\"",
             "command = \"x\"\ndrain = \"undeclared\"",
             "command = \"x\"\nenv = { LISTEN_FDS = \"1\" }",
+            "command = \"x\"\nenv = { HOTROLL_HANDOVER_STATE = \"/x\" }",
             "command = \"x\"\ncomand = \"y\"",
         ] {
             assert!(spec(bad).is_err(), "accepted: {bad}");

@@ -41,6 +41,10 @@ use super::listen::{self, HeldInfo, HeldSocket};
 use super::release::Apps;
 use super::spec::{Ready, ServiceSpec};
 
+/// The state handover of `code_change` (a child module: it drives this task directly).
+#[path = "handover.rs"]
+pub mod handover;
+
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// An instance that ran this long resets the backoff.
@@ -95,6 +99,7 @@ enum Request {
     Restart(Reply<Result<Status, String>>),
     Stop(Reply<Status>),
     Signal(Signal, Reply<Result<Status, String>>),
+    Handover(handover::Request, Reply<Result<handover::Report, String>>),
     Shutdown(Reply<()>),
 }
 
@@ -120,6 +125,9 @@ impl Supervisor {
             }
         }
         stop_leftover(&spec, &env).await;
+        if spec.handover {
+            handover::stop_leftover(&spec, &env).await;
+        }
         let (status_tx, status_rx) = watch::channel(Status::default());
         let (tx, rx) = mpsc::channel(16);
         let mut task = Task {
@@ -186,6 +194,12 @@ impl Supervisor {
         self.ask(|reply| Request::Signal(signal, reply)).await?
     }
 
+    /// Move the running instance to the current release with its state (the handover
+    /// protocol, see [`handover`]); on failure the old instance carries on.
+    pub async fn handover(&self, request: handover::Request) -> Result<handover::Report, String> {
+        self.ask(|reply| Request::Handover(request, reply)).await?
+    }
+
     /// Stop the service and end the supervisor.
     pub async fn shutdown(&self) {
         let _ = self.ask(Request::Shutdown).await;
@@ -196,6 +210,8 @@ struct Instance {
     child: tokio::process::Child,
     pid: u32,
     started: Instant,
+    /// Its handover control socket (services with `handover = true`).
+    control: Option<PathBuf>,
 }
 
 impl Instance {
@@ -354,6 +370,10 @@ impl Task {
                 };
                 let _ = reply.send(result);
             }
+            Request::Handover(request, reply) => {
+                let result = self.handover(request).await;
+                let _ = reply.send(result);
+            }
             Request::Shutdown(reply) => {
                 self.shutdown().await;
                 let _ = reply.send(());
@@ -447,6 +467,38 @@ impl Task {
 
     /// Start an instance from the current release.
     fn spawn(&mut self) -> Result<(), String> {
+        let notify = match self.spec.ready {
+            Ready::Notify => Some(self.ensure_notify()?),
+            _ => None,
+        };
+        let number = self.status().instance + 1;
+        let (instance, version, dir) = self.start_instance(number, notify.as_deref(), &[])?;
+        let pid = instance.pid;
+        write_pid_file(&self.pid_path(), pid);
+        tracing::info!(service = %self.spec.name, pid, release = %version, "service started");
+        self.child = Some(instance);
+        self.publish(|s| {
+            s.pid = Some(pid);
+            s.release = Some(version);
+            s.release_dir = Some(dir);
+            s.instance = number;
+            s.suspended = false;
+            s.notified_ready = false;
+            s.wanted = true;
+            s.last_error = None;
+        });
+        Ok(())
+    }
+
+    /// Start instance `number` from the current release with the held sockets, `notify` as
+    /// its `NOTIFY_SOCKET` and `extra_env`; nothing is recorded (the caller decides what the
+    /// instance becomes). Returns it with its release and release directory.
+    fn start_instance(
+        &mut self,
+        number: u64,
+        notify: Option<&Path>,
+        extra_env: &[(String, String)],
+    ) -> Result<(Instance, String, PathBuf), String> {
         let name = self.spec.name.clone();
         let (version, dir) = self
             .env
@@ -460,9 +512,11 @@ impl Task {
             })?;
         let program = resolve(&dir, &self.spec.command[0]);
         check_executable(&program).map_err(|e| format!("service `{name}`: {e}"))?;
-        let notify = match self.spec.ready {
-            Ready::Notify => Some(self.ensure_notify()?),
-            _ => None,
+        let (handover_env, control) = if self.spec.handover {
+            let (vars, path) = handover::instance_env(&self.env, &self.spec, number)?;
+            (vars, Some(path))
+        } else {
+            (Vec::new(), None)
         };
         let held = self.ensure_bound()?;
         let mut mappings = Vec::with_capacity(held.len());
@@ -503,8 +557,14 @@ impl Task {
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDNAMES")
-            .env_remove("NOTIFY_SOCKET")
+            .env_remove("NOTIFY_SOCKET");
+        for variable in handover::ENV_ALL {
+            command.env_remove(variable);
+        }
+        command
             .envs(&self.spec.env)
+            .envs(handover_env)
+            .envs(extra_env.iter().cloned())
             .env("HOTROLL_SERVICE", &name)
             .env("HOTROLL_APP", &self.spec.app)
             .env("HOTROLL_RELEASE", &version)
@@ -522,7 +582,7 @@ impl Task {
                 .fd_mappings(mappings)
                 .map_err(|e| format!("service `{name}`: {e}"))?;
         }
-        if let Some(path) = &notify {
+        if let Some(path) = notify {
             command.env("NOTIFY_SOCKET", path);
         }
         self.note(&format!(
@@ -538,24 +598,13 @@ impl Task {
             message
         })?;
         let pid = child.id().unwrap_or_default();
-        write_pid_file(&self.pid_path(), pid);
-        tracing::info!(service = %name, pid, release = %version, "service started");
-        self.child = Some(Instance {
+        let instance = Instance {
             child,
             pid,
             started: Instant::now(),
-        });
-        self.publish(|s| {
-            s.pid = Some(pid);
-            s.release = Some(version);
-            s.release_dir = Some(dir);
-            s.instance += 1;
-            s.suspended = false;
-            s.notified_ready = false;
-            s.wanted = true;
-            s.last_error = None;
-        });
-        Ok(())
+            control,
+        };
+        Ok((instance, version, dir))
     }
 
     /// The leader exited on its own.
@@ -565,6 +614,7 @@ impl Task {
         };
         let _ = signal_group(instance.pgid(), Signal::SIGKILL);
         let _ = std::fs::remove_file(self.pid_path());
+        handover::forget(&instance);
         let how = describe_exit(&status);
         let ran = instance.started.elapsed();
         self.note(&format!("(pid {}) {how} after {ran:?}", instance.pid));
@@ -589,9 +639,22 @@ impl Task {
     /// Stop the running instance: stop signal (and SIGCONT) to the group, SIGKILL after
     /// `stop_timeout`, reap, kill what is left of the group.
     async fn stop_instance(&mut self) {
-        let Some(mut instance) = self.child.take() else {
+        let Some(instance) = self.child.take() else {
             return;
         };
+        let how = self.terminate(instance, self.spec.stop_timeout).await;
+        let _ = std::fs::remove_file(self.pid_path());
+        self.publish(|s| {
+            s.pid = None;
+            s.suspended = false;
+            s.notified_ready = false;
+            s.last_exit = Some(how.clone());
+        });
+    }
+
+    /// Stop `instance`: stop signal (and SIGCONT) to its group, SIGKILL after `timeout`, reap,
+    /// kill what is left of the group. Returns how it ended.
+    async fn terminate(&self, mut instance: Instance, timeout: Duration) -> String {
         let name = self.spec.name.clone();
         let pgid = instance.pgid();
         let signal = self.spec.stop_signal;
@@ -600,7 +663,6 @@ impl Task {
         }
         // A suspended service must run to handle its stop signal.
         let _ = signal_group(pgid, Signal::SIGCONT);
-        let timeout = self.spec.stop_timeout;
         let status = match tokio::time::timeout(timeout, instance.child.wait()).await {
             Ok(status) => status,
             Err(_) => {
@@ -615,16 +677,11 @@ impl Task {
             }
         };
         let _ = signal_group(pgid, Signal::SIGKILL);
-        let _ = std::fs::remove_file(self.pid_path());
+        handover::forget(&instance);
         let how = describe_exit(&status);
         self.note(&format!("(pid {}) stopped: {how}", instance.pid));
         tracing::info!(service = %name, pid = instance.pid, exit = %how, "service stopped");
-        self.publish(|s| {
-            s.pid = None;
-            s.suspended = false;
-            s.notified_ready = false;
-            s.last_exit = Some(how.clone());
-        });
+        how
     }
 
     fn notified(&mut self, message: &[u8]) {

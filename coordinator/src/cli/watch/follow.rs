@@ -8,9 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use hotroll_proto::v1 as pb;
-use hotroll_proto::v1::control_client::ControlClient;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
 use super::view::is_final_state;
 use crate::control::HISTORY_SEQ_HEADER;
@@ -38,7 +36,7 @@ pub trait EventSource: Send + 'static {
 /// `WatchRollout` on a coordinator.
 #[derive(Debug, Clone)]
 pub struct GrpcSource {
-    pub client: ControlClient<Channel>,
+    pub client: crate::cli::client::Client,
     pub rollout_id: String,
 }
 

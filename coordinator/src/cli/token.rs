@@ -1,0 +1,360 @@
+//! `hotroll token` and `hotroll cert`: credentials, made on the coordinator's machine from its
+//! data dir. Whoever can read and write the data dir (`tls/ca.key.pem`, `tokens/`) is the
+//! administrator; these commands need no running server and no other credential, which is how
+//! the first one is made (docs/security.md).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use hotroll_tls::identity::valid_name;
+use hotroll_tls::{Identity, Role, files};
+
+use super::Output;
+use crate::auth::{TokenRole, TokenStore};
+use crate::tls::Pki;
+
+/// Where the coordinator keeps its state, and optionally a CA of the operator's.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataDirArgs {
+    /// The coordinator's data dir (as given to `hotroll serve --data-dir`).
+    #[arg(long, env = "HOTROLL_DATA_DIR", default_value = "./hotroll-data")]
+    pub data_dir: PathBuf,
+    /// The CA certificate, when `serve` was given one (`--ca-cert`).
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The CA key, when `serve` was given one (`--ca-key`).
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+}
+
+impl DataDirArgs {
+    fn pki(&self) -> anyhow::Result<Pki> {
+        match (&self.ca_cert, &self.ca_key) {
+            (Some(cert), Some(key)) => Ok(Pki::from_files(cert, key)?),
+            _ => Pki::ensure(&self.data_dir)
+                .with_context(|| format!("cannot open the CA in {}", self.data_dir.display())),
+        }
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Issue a token and print it (only the token on stdout; keep it secret). `--role agent`:
+    /// single-use, for `hotroll-agent --join TOKEN`. `--role operator|viewer`: a bearer token
+    /// for the CLI (`--token` or HOTROLL_TOKEN), usable until it expires or is revoked.
+    Create(CreateArgs),
+    /// List tokens (ids, roles, expiry, use; never the secrets).
+    List(ListArgs),
+    /// Revoke a token by its id (at least 8 characters of it, from `hotroll token list`).
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    #[arg(long, value_enum)]
+    pub role: TokenRole,
+    /// How long the token stays valid, e.g. 30m, 1h, 7d (default: 1h for agent tokens, 24h for
+    /// operator and viewer tokens; at most 365d).
+    #[arg(long, value_parser = parse_long_duration)]
+    pub ttl: Option<Duration>,
+    /// Agent tokens: the only node name the token may join as. Also lets a node that already
+    /// has a certificate get a new one (e.g. after losing its data dir).
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    #[command(flatten)]
+    pub data: DataDirArgs,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub data: DataDirArgs,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RevokeArgs {
+    pub id: String,
+    #[command(flatten)]
+    pub data: DataDirArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CertCommand {
+    /// Issue a client certificate for the CLI (`--cert`, `--key`) into a directory:
+    /// `<name>.pem`, `<name>.key` (0600) and `ca.pem`.
+    Issue(IssueArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct IssueArgs {
+    #[arg(long, value_enum)]
+    pub role: ClientRole,
+    /// Who the certificate is for (1-253 characters of [A-Za-z0-9._-]).
+    #[arg(long)]
+    pub name: String,
+    /// Directory to write the files to.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Validity, e.g. 12h, 30d (default 30d, at most 365d).
+    #[arg(long, value_parser = parse_long_duration, default_value = "30d")]
+    pub ttl: Duration,
+    #[command(flatten)]
+    pub data: DataDirArgs,
+}
+
+/// The roles a CLI certificate can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientRole {
+    Operator,
+    Viewer,
+}
+
+/// Longest `--ttl` of tokens and client certificates.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `<integer><unit>` with unit ms, s, m, h or d, greater than zero and at most [`MAX_TTL`].
+pub fn parse_long_duration(text: &str) -> Result<Duration, String> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (e.g. 30m, 1h, 7d)"))?;
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("`{text}`: the unit must be ms, s, m, h or d")),
+    };
+    let ms = n
+        .checked_mul(unit_ms)
+        .ok_or_else(|| format!("`{text}` is too long"))?;
+    let d = Duration::from_millis(ms);
+    if d.is_zero() || d > MAX_TTL {
+        return Err(format!("`{text}` must be more than 0 and at most 365d"));
+    }
+    Ok(d)
+}
+
+pub fn run_token(command: &TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create(args) => create(args),
+        TokenCommand::List(args) => list(args),
+        TokenCommand::Revoke(args) => {
+            let removed = TokenStore::new(&args.data.data_dir).revoke(&args.id)?;
+            if removed == 0 {
+                bail!("no live token has an id starting with `{}`", args.id);
+            }
+            eprintln!("revoked {removed} token(s)");
+            Ok(())
+        }
+    }
+}
+
+fn create(args: &CreateArgs) -> anyhow::Result<()> {
+    if let Some(node) = &args.node {
+        if args.role != TokenRole::Agent {
+            bail!("--node is for agent tokens");
+        }
+        if !valid_name(node) {
+            bail!("`{node}` is not a valid node name: use 1-253 characters of [A-Za-z0-9._-]");
+        }
+    }
+    let ttl = args.ttl.unwrap_or(match args.role {
+        TokenRole::Agent => crate::auth::DEFAULT_TOKEN_TTL,
+        TokenRole::Operator | TokenRole::Viewer => Duration::from_secs(24 * 3600),
+    });
+    let pki = args.data.pki()?;
+    let store = TokenStore::new(&args.data.data_dir);
+    let (token, record) = store.create(pki.ca_pin(), args.role, ttl, args.node.clone())?;
+    match args.output {
+        Output::Text => {
+            println!("{}", token.expose());
+            eprintln!(
+                "{} token {} valid for {}{}",
+                args.role.as_str(),
+                hotroll_tls::token::short_id(&token.id()),
+                humanize(ttl),
+                match (&args.node, args.role) {
+                    (Some(node), _) => format!(", single-use, for node `{node}`"),
+                    (None, TokenRole::Agent) => ", single-use".to_string(),
+                    _ => String::new(),
+                }
+            );
+        }
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "token": token.expose(),
+                "id": hotroll_tls::token::short_id(&token.id()),
+                "role": record.role,
+                "node": record.node,
+                "expires_unix_ms": record.expires_unix_ms,
+            })
+        ),
+    }
+    Ok(())
+}
+
+fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => format!("{}ms", d.as_millis()),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn list(args: &ListArgs) -> anyhow::Result<()> {
+    let tokens = TokenStore::new(&args.data.data_dir).list()?;
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&tokens)?),
+        Output::Text => {
+            let mut table = comfy_table::Table::new();
+            table.load_preset(comfy_table::presets::NOTHING);
+            table.set_header(["ID", "ROLE", "NODE", "EXPIRES (unix ms)", "STATE"]);
+            for t in tokens {
+                let state = match (&t.record.used_by, t.used, t.expired) {
+                    (Some(by), _, _) => format!("used by {by}"),
+                    (None, true, _) => "used".to_string(),
+                    (None, false, true) => "expired".to_string(),
+                    (None, false, false) => "live".to_string(),
+                };
+                table.add_row([
+                    t.id,
+                    t.record.role.as_str().to_string(),
+                    t.record.node.unwrap_or_default(),
+                    t.record.expires_unix_ms.to_string(),
+                    state,
+                ]);
+            }
+            println!("{table}");
+        }
+    }
+    Ok(())
+}
+
+pub fn run_cert(command: &CertCommand) -> anyhow::Result<()> {
+    let CertCommand::Issue(args) = command;
+    if !valid_name(&args.name) {
+        bail!(
+            "`{}` is not a valid name: use 1-253 characters of [A-Za-z0-9._-]",
+            args.name
+        );
+    }
+    let role = match args.role {
+        ClientRole::Operator => Role::Operator,
+        ClientRole::Viewer => Role::Viewer,
+    };
+    let pki = args.data.pki()?;
+    let key = rcgen::KeyPair::generate()?;
+    let (cert, info) = pki.issue_client(&Identity::new(role, &args.name), &key, args.ttl)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let key_path = args.out.join(format!("{}.key", args.name));
+    let cert_path = args.out.join(format!("{}.pem", args.name));
+    files::write_secret(&key_path, key.serialize_pem().as_bytes())?;
+    files::write_public(&cert_path, cert.as_bytes())?;
+    files::write_public(&args.out.join("ca.pem"), pki.ca_pem().as_bytes())?;
+    println!(
+        "{role} certificate for `{}` (serial {}) in {}: --cert {} --key {} --ca {}",
+        args.name,
+        info.serial,
+        args.out.display(),
+        cert_path.display(),
+        key_path.display(),
+        args.out.join("ca.pem").display()
+    );
+    Ok(())
+}
+
+/// TLS for a fleet run in one process on 127.0.0.1 (`hotroll demo`): the CA and server
+/// certificate in the coordinator's data dir, a join token per agent, an operator token for the
+/// client. The same setup as `hotroll serve` + `hotroll token create`, without the processes.
+pub struct LocalFleetTls {
+    tls: std::sync::Arc<crate::tls::ServerTls>,
+    data_dir: PathBuf,
+    ca_pin: [u8; 32],
+    operator: String,
+}
+
+impl std::fmt::Debug for LocalFleetTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalFleetTls")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalFleetTls {
+    /// Make (or load) the CA and the server certificate in `coordinator_data_dir`, and an
+    /// operator token.
+    pub fn new(coordinator_data_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let options = crate::tls::TlsOptions::new(coordinator_data_dir.to_path_buf(), None, &[]);
+        let tls = std::sync::Arc::new(crate::tls::ServerTls::new(options)?);
+        let ca_pin = tls.pki().ca_pin();
+        let (operator, _) = TokenStore::new(coordinator_data_dir).create(
+            ca_pin,
+            TokenRole::Operator,
+            Duration::from_secs(24 * 3600),
+            None,
+        )?;
+        Ok(Self {
+            tls,
+            data_dir: coordinator_data_dir.to_path_buf(),
+            ca_pin,
+            operator: operator.expose(),
+        })
+    }
+
+    /// For [`crate::ServerConfig::tls`].
+    pub fn server(&self) -> std::sync::Arc<crate::tls::ServerTls> {
+        self.tls.clone()
+    }
+
+    /// A single-use join token for `node` (for `hotroll_agent::Config::join_token`).
+    pub fn join_token(&self, node: &str) -> anyhow::Result<String> {
+        let (token, _) = TokenStore::new(&self.data_dir).create(
+            self.ca_pin,
+            TokenRole::Agent,
+            crate::auth::DEFAULT_TOKEN_TTL,
+            Some(node.to_string()),
+        )?;
+        Ok(token.expose())
+    }
+
+    /// Client arguments for `url` (https://) with the operator token and the CA.
+    pub fn client(&self, url: &str) -> super::client::CoordinatorArgs {
+        let mut args = super::client::CoordinatorArgs::new(url);
+        args.token = Some(self.operator.clone());
+        args.ca = Some(crate::tls::ca_cert_path(&self.data_dir));
+        args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_durations() {
+        assert_eq!(
+            parse_long_duration("7d"),
+            Ok(Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(parse_long_duration("90m"), Ok(Duration::from_secs(5_400)));
+        assert!(parse_long_duration("0s").is_err());
+        assert!(parse_long_duration("366d").is_err());
+        assert!(parse_long_duration("1y").is_err());
+        assert!(parse_long_duration("d").is_err());
+        assert!(parse_long_duration("99999999999999999999d").is_err());
+    }
+}
