@@ -223,15 +223,6 @@ impl Drop for Perf {
     }
 }
 
-/// Whether this `hotroll serve` serves TLS unless given `--insecure`.
-pub fn plaintext_needs_flag(hotroll: &Path) -> bool {
-    Command::new(hotroll)
-        .args(["serve", "--help"])
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).contains("--insecure"))
-        .unwrap_or(false)
-}
-
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.trim().to_string())
@@ -272,12 +263,6 @@ pub fn run(hotroll: &Path, dir: &Path, options: RunOptions) -> anyhow::Result<Ru
         // TLS is on by default since the security work.
         "--insecure".into(),
     ];
-    if plaintext_needs_flag(hotroll) && !options.coordinator_args.iter().any(|a| a == "--insecure")
-    {
-        // TLS is the default where this flag exists: the bench's agents talk plaintext http://
-        // on 127.0.0.1, so the coordinator must too.
-        args.push("--insecure".into());
-    }
     args.extend(options.coordinator_args.iter().cloned());
     let mut coordinator = Process::new(
         "coordinator",
