@@ -790,9 +790,11 @@ impl pb::control_server::Control for GuardedControl {
         &self,
         request: Request<Streaming<pb::ArtifactChunk>>,
     ) -> Result<Response<pb::ArtifactRef>, Status> {
-        let principal = self
-            .auth
-            .control(&request, Access::Write, "start_rollout (upload its artifacts)")?;
+        let principal = self.auth.control(
+            &request,
+            Access::Write,
+            "start_rollout (upload its artifacts)",
+        )?;
         let Some(_permit) = self.auth.uploads.acquire(&principal.client_key()) else {
             tracing::warn!(%principal, "upload refused: too many uploads in flight");
             return Err(Status::resource_exhausted(format!(
@@ -806,8 +808,11 @@ impl pb::control_server::Control for GuardedControl {
         &self,
         request: Request<pb::HasArtifactsRequest>,
     ) -> Result<Response<pb::HasArtifactsResponse>, Status> {
-        self.auth
-            .control(&request, Access::Write, "start_rollout (check its artifacts)")?;
+        self.auth.control(
+            &request,
+            Access::Write,
+            "start_rollout (check its artifacts)",
+        )?;
         if request.get_ref().digests.len() > MAX_ARTIFACTS_PER_SCRIPT {
             return Err(Status::invalid_argument(format!(
                 "{} digests asked about; at most {MAX_ARTIFACTS_PER_SCRIPT}",

@@ -103,7 +103,7 @@ pub struct NewRollout {
 }
 
 pub struct Rollouts {
-    handles: Mutex<HashMap<String, Handle>>,
+    handles: Arc<Mutex<HashMap<String, Handle>>>,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     timing: RolloutTiming,
@@ -159,7 +159,7 @@ fn snapshot_of(
 impl Rollouts {
     pub fn new(store: Arc<dyn Store>, registry: Arc<Registry>, timing: RolloutTiming) -> Self {
         Self {
-            handles: Mutex::new(HashMap::new()),
+            handles: Arc::new(Mutex::new(HashMap::new())),
             store,
             registry,
             timing,
@@ -243,6 +243,9 @@ impl Rollouts {
                     .collect(),
             ),
             last_state: engine.state(),
+            handles: self.handles.clone(),
+            snapshot_at: tokio::time::Instant::now(),
+            snapshot_stale: false,
             engine,
             record,
             store: self.store.clone(),
@@ -348,7 +351,9 @@ impl Rollouts {
         }
         let rebuilt = snapshot_of(&engine, record.created_ms, record.status.finished_ms);
         if rebuilt != record.status {
-            tracing::warn!(rollout = %record.id, "the replayed rollout differs from its stored status; continuing with the replayed one");
+            // Expected for an unfinished rollout: its stored status is rewritten only when its
+            // rollout-level summary changes (see `summary_differs`).
+            tracing::debug!(rollout = %record.id, "the replayed rollout is ahead of its stored status");
             record.status = rebuilt;
         }
         let next_seq = self
@@ -465,12 +470,29 @@ impl Rollouts {
         rollout_id: &str,
         event: Event,
     ) -> Result<RolloutSnapshot, RolloutError> {
-        let tx = {
-            let handles = self.lock();
-            let handle = handles
-                .get(rollout_id)
+        let tx = self.lock().get(rollout_id).map(|h| h.tx.clone());
+        let Some(tx) = tx else {
+            // Not running here: a finished (retired) rollout refuses like the engine would.
+            let record = self
+                .store
+                .get_rollout(rollout_id)?
                 .ok_or_else(|| RolloutError::NotFound(rollout_id.to_string()))?;
-            handle.tx.clone()
+            if !record.status.state.is_final() {
+                return Err(RolloutError::Stopped);
+            }
+            let action = match event {
+                Event::OperatorAbort { .. } => "abort",
+                Event::OperatorPause => "pause",
+                Event::OperatorResume => "resume",
+                Event::OperatorPromote => "promote",
+                _ => "operate",
+            };
+            return Err(NotApplicable {
+                action,
+                state: record.status.state.as_str(),
+                why: "the rollout has already finished",
+            }
+            .into());
         };
         let (reply_tx, reply_rx) = oneshot::channel();
         tx.send(Input::Operator(event, reply_tx))
@@ -646,6 +668,38 @@ struct Driver {
     barrier_first_arrival: HashMap<String, Millis>,
     /// The rollout state last reported to the metrics.
     last_state: RolloutState,
+    /// The registry of running rollouts, which the driver leaves when it retires.
+    handles: Arc<Mutex<HashMap<String, Handle>>>,
+    /// When the status snapshot was last rebuilt, and whether the engine changed since.
+    snapshot_at: tokio::time::Instant,
+    snapshot_stale: bool,
+}
+
+/// How long a finished rollout with nothing left to wait for keeps its task. Then it retires:
+/// its status and history are served from the store, so the coordinator's memory does not grow
+/// with past rollouts; a node that reports on it later (its Hello's journal) revives it.
+const RETIRE_AFTER: Duration = Duration::from_secs(5);
+
+/// How stale the published status snapshot may get while a burst of node reports is handled:
+/// rebuilding it is O(nodes), so it is rebuilt at most this often, and at once for operator
+/// replies, rollout state changes and the end.
+const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(50);
+/// Up to this many nodes the snapshot is cheap enough to rebuild after every batch.
+const SNAPSHOT_ALWAYS_UP_TO: usize = 128;
+
+/// Whether the rollout-level part of a status differs (everything but the nodes and the
+/// barrier's arrival count). The stored record is rewritten only then: the node detail of an
+/// unfinished rollout is rebuilt from its stored inputs after a restart, so rewriting the whole
+/// record (O(nodes)) on every batch would only cost I/O.
+fn summary_differs(a: &RolloutSnapshot, b: &RolloutSnapshot) -> bool {
+    let barrier = |s: &RolloutSnapshot| s.barrier.as_ref().map(|b| (b.id.clone(), b.wave));
+    a.state != b.state
+        || a.failures != b.failures
+        || a.current_wave != b.current_wave
+        || a.waves != b.waves
+        || a.error != b.error
+        || a.finished_ms != b.finished_ms
+        || barrier(a) != barrier(b)
 }
 
 impl Driver {
@@ -661,6 +715,10 @@ impl Driver {
                 let wait = deadline.saturating_sub(now_ms());
                 tokio::time::Instant::now() + Duration::from_millis(wait)
             });
+            let flush_at = self
+                .snapshot_stale
+                .then(|| self.snapshot_at + SNAPSHOT_INTERVAL);
+            let idle = self.engine.state().is_final() && sleep.is_none() && flush_at.is_none();
             let input = tokio::select! {
                 input = rx.recv() => match input {
                     Some(input) => input,
@@ -672,6 +730,27 @@ impl Driver {
                         None => std::future::pending().await,
                     }
                 } => Input::Event(Event::Tick),
+                () = async {
+                    match flush_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.flush_snapshot();
+                    continue;
+                }
+                () = async {
+                    if idle {
+                        tokio::time::sleep(RETIRE_AFTER).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                } => {
+                    if self.retire(&mut rx) {
+                        return;
+                    }
+                    continue;
+                }
             };
             let mut batch = Batch::default();
             self.take(input, &mut batch);
@@ -693,6 +772,18 @@ impl Driver {
                 let _ = reply.send(result.map(|()| self.snapshot.borrow().clone()));
             }
         }
+    }
+
+    /// Leave the registry of running rollouts, unless an input arrived meanwhile (checked under
+    /// its lock, so no sender can still find this driver afterwards).
+    fn retire(&mut self, rx: &mut mpsc::UnboundedReceiver<Input>) -> bool {
+        let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        if !rx.is_empty() {
+            return false;
+        }
+        handles.remove(&self.record.id);
+        tracing::debug!(rollout = %self.record.id, "finished rollout retired; served from the store");
+        true
     }
 
     /// Run one input through the engine into `batch` (nothing is stored or sent yet).
@@ -744,6 +835,10 @@ impl Driver {
         let mut batch = Batch::default();
         self.step(event, &mut batch)?;
         self.apply(&mut batch);
+        // Used before the task runs (start, recovery): the status must be current at once.
+        if self.snapshot_stale {
+            self.flush_snapshot();
+        }
         Ok(())
     }
 
@@ -755,26 +850,27 @@ impl Driver {
         let now = batch.now;
         let stored = std::mem::take(&mut batch.stored);
         let commands = std::mem::take(&mut batch.commands);
-        let finished = if self.engine.state().is_final() {
-            Some(self.snapshot.borrow().finished_ms.unwrap_or(now))
+        let refresh = self.engine.nodes().len() <= SNAPSHOT_ALWAYS_UP_TO
+            || !batch.replies.is_empty()
+            || self.engine.state() != self.snapshot.borrow().state
+            || self.engine.state().is_final()
+            || self.snapshot_at.elapsed() >= SNAPSHOT_INTERVAL;
+        let (snapshot, write_record) = if refresh {
+            self.fresh_snapshot(now)
         } else {
-            None
+            self.snapshot_stale = true;
+            (None, false)
         };
-        let snapshot = snapshot_of(&self.engine, self.record.created_ms, finished);
-        let changed = snapshot != *self.snapshot.borrow();
-        if changed {
-            self.record.status = snapshot.clone();
-        }
         let commit = Commit {
             rollout: &self.record.id,
             inputs: &batch.inputs,
             events: &stored,
-            record: changed.then_some(&self.record),
+            record: write_record.then_some(&self.record),
         };
         if let Err(e) = self.store.commit(commit) {
             tracing::error!(rollout = %self.record.id, error = %e, "cannot store the rollout's step");
         }
-        if changed {
+        if let Some(snapshot) = snapshot {
             self.snapshot.send_replace(snapshot);
         }
         self.fault_points(&stored, &commands);
@@ -794,6 +890,39 @@ impl Driver {
         }
         for command in &commands {
             self.send(command);
+        }
+    }
+
+    /// Rebuild the status snapshot from the engine. Returns it when it changed, and whether the
+    /// stored record must be rewritten (then `self.record.status` is already updated).
+    fn fresh_snapshot(&mut self, now: Millis) -> (Option<RolloutSnapshot>, bool) {
+        self.snapshot_at = tokio::time::Instant::now();
+        self.snapshot_stale = false;
+        let finished = if self.engine.state().is_final() {
+            Some(self.snapshot.borrow().finished_ms.unwrap_or(now))
+        } else {
+            None
+        };
+        let snapshot = snapshot_of(&self.engine, self.record.created_ms, finished);
+        if snapshot == *self.snapshot.borrow() {
+            return (None, false);
+        }
+        let write_record =
+            snapshot.state.is_final() || summary_differs(&snapshot, &self.record.status);
+        if write_record {
+            self.record.status = snapshot.clone();
+        }
+        (Some(snapshot), write_record)
+    }
+
+    /// Publish a snapshot whose rebuild was put off during a burst (see [`SNAPSHOT_INTERVAL`]).
+    fn flush_snapshot(&mut self) {
+        let (snapshot, write_record) = self.fresh_snapshot(now_ms());
+        if write_record && let Err(e) = self.store.put_rollout(&self.record) {
+            tracing::error!(rollout = %self.record.id, error = %e, "cannot store the rollout's status");
+        }
+        if let Some(snapshot) = snapshot {
+            self.snapshot.send_replace(snapshot);
         }
     }
 

@@ -552,17 +552,26 @@ fn a_node_cut_off_at_the_barrier_after_the_point_of_no_return_is_rolled_back_whe
     fleet.sim.client("operator", async move {
         let mut client = control().await;
         wait_connected(&mut client, 3).await;
-        let script = TWO_BARRIERS.replace("\"4s\"", "\"20s\"");
-        let id = start(&mut client, &script).await;
-        wait_for(&mut client, &id, "node-2 prepared", |s| {
-            matches!(
-                node_state(s, "node-2"),
-                pb::NodeState::Prepared | pb::NodeState::Committing
+        let script = TWO_BARRIERS
+            .replace(
+                "[rollout]",
+                "[rollout]\ncanary = 1\npause_after_canary = true",
             )
+            .replace("\"4s\"", "\"20s\"");
+        let id = start(&mut client, &script).await;
+        // Deterministic window: after the canary wave the rollout holds; node-2 waits prepared.
+        wait_for(&mut client, &id, "paused after canary", |s| {
+            s.state() == pb::RolloutState::Paused
         })
         .await;
         // node-2 still hears the coordinator (it gets Commit), but nothing it says arrives.
         turmoil::partition_oneway("node-2", "coordinator");
+        client
+            .promote_rollout(pb::RolloutControlRequest {
+                rollout_id: id.clone(),
+                reason: String::new(),
+            })
+            .await?;
         let s = wait_for(&mut client, &id, "final state", is_final).await;
         assert_eq!(s.state(), pb::RolloutState::PartiallyRolledBack, "{s:?}");
         assert_eq!(node_state(&s, "node-1"), pb::NodeState::Committed);
