@@ -867,6 +867,12 @@ impl Driver {
             events: &stored,
             record: write_record.then_some(&self.record),
         };
+        tracing::trace!(
+            inputs = batch.inputs.len(),
+            records = stored.len(),
+            commands = commands.len(),
+            "batch"
+        );
         if let Err(e) = self.store.commit(commit) {
             tracing::error!(rollout = %self.record.id, error = %e, "cannot store the rollout's step");
         }
