@@ -1140,6 +1140,53 @@ up = [ { sync_nodes = "b" }, "point_of_no_return" ]
         }
     }
 
+    /// A finished rollout leaves memory (its task retires) but not the record: status comes
+    /// from the store with every node's final state, and operator commands are refused as for
+    /// any finished rollout.
+    #[tokio::test(start_paused = true)]
+    async fn a_finished_rollout_retires_and_is_served_from_the_store() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let rollouts = rollouts(&store);
+        let id = rollouts
+            .start(new_rollout())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .id;
+        let abort = Event::OperatorAbort {
+            reason: "test".into(),
+        };
+        rollouts
+            .operate(&id, abort.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        for node in ["a", "b"] {
+            rollouts.deliver(
+                &id,
+                Event::Outcome {
+                    node: node.into(),
+                    epoch: 1,
+                    outcome: Outcome::Aborted,
+                    error: None,
+                },
+            );
+        }
+        wait(&rollouts, &id, |s| s.state == RolloutState::Aborted).await;
+        assert!(
+            rollouts.lock().contains_key(&id),
+            "running until it retires"
+        );
+        tokio::time::sleep(RETIRE_AFTER + Duration::from_secs(1)).await;
+        assert!(!rollouts.lock().contains_key(&id), "retired");
+        let (status, names) = rollouts.status(&id).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(status.state, RolloutState::Aborted);
+        assert!(status.nodes.iter().all(|n| n.state == NodeState::Aborted));
+        assert_eq!(names.as_slice(), ["sync_nodes", "point_of_no_return"]);
+        match rollouts.operate(&id, abort).await {
+            Err(RolloutError::NotApplicable(n)) => assert_eq!(n.state, "aborted"),
+            other => panic!("abort of a retired rollout: {other:?}"),
+        }
+        assert_eq!(rollouts.list(10).unwrap_or_else(|e| panic!("{e}")).len(), 1);
+    }
+
     #[tokio::test]
     async fn a_restarted_coordinator_rebuilds_an_unfinished_rollout() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());

@@ -179,6 +179,9 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, St
     })
 }
 
+/// redb's page cache for the coordinator's store.
+const STORE_CACHE_BYTES: usize = 32 << 20;
+
 /// The durable store: one redb file. Every write is committed (fsynced) before it returns, so a
 /// state change is durable before any command that depends on it is sent.
 pub struct RedbStore {
@@ -198,7 +201,13 @@ impl RedbStore {
             path: data_dir.display().to_string(),
             source,
         })?;
-        let db = db_err!(redb::Database::create(data_dir.join("coordinator.redb")))?;
+        // redb caches pages up to its cache size (1 GiB by default): bounded here so that the
+        // coordinator's memory does not grow with its history, which lives on disk.
+        let db = db_err!(
+            redb::Builder::new()
+                .set_cache_size(STORE_CACHE_BYTES)
+                .create(data_dir.join("coordinator.redb"))
+        )?;
         // Create the tables up front so readers never see "table does not exist".
         let tx = db_err!(db.begin_write())?;
         {
