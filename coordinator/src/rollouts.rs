@@ -183,7 +183,7 @@ impl Rollouts {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
-        self.handles.lock().unwrap_or_else(|p| p.into_inner())
+        lock_handles(&self.handles)
     }
 
     /// Record a new rollout durably, start its task and send the script to every target.
@@ -675,6 +675,21 @@ struct Driver {
     snapshot_stale: bool,
 }
 
+/// The running rollouts; a panic while holding the lock leaves the map usable.
+fn lock_handles(
+    handles: &Mutex<HashMap<String, Handle>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
+    handles.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sleep until `at`, or forever when there is nothing to wait for (a `select!` branch).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// How long a finished rollout with nothing left to wait for keeps its task. Then it retires:
 /// its status and history are served from the store, so the coordinator's memory does not grow
 /// with past rollouts; a node that reports on it later (its Hello's journal) revives it.
@@ -718,34 +733,20 @@ impl Driver {
             let flush_at = self
                 .snapshot_stale
                 .then(|| self.snapshot_at + SNAPSHOT_INTERVAL);
-            let idle = self.engine.state().is_final() && sleep.is_none() && flush_at.is_none();
+            let retire_at =
+                (self.engine.state().is_final() && sleep.is_none() && flush_at.is_none())
+                    .then(|| tokio::time::Instant::now() + RETIRE_AFTER);
             let input = tokio::select! {
                 input = rx.recv() => match input {
                     Some(input) => input,
                     None => return,
                 },
-                () = async {
-                    match sleep {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                } => Input::Event(Event::Tick),
-                () = async {
-                    match flush_at {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                } => {
+                () = sleep_until_some(sleep) => Input::Event(Event::Tick),
+                () = sleep_until_some(flush_at) => {
                     self.flush_snapshot();
                     continue;
                 }
-                () = async {
-                    if idle {
-                        tokio::time::sleep(RETIRE_AFTER).await;
-                    } else {
-                        std::future::pending::<()>().await;
-                    }
-                } => {
+                () = sleep_until_some(retire_at) => {
                     if self.retire(&mut rx) {
                         return;
                     }
@@ -777,7 +778,7 @@ impl Driver {
     /// Leave the registry of running rollouts, unless an input arrived meanwhile (checked under
     /// its lock, so no sender can still find this driver afterwards).
     fn retire(&mut self, rx: &mut mpsc::UnboundedReceiver<Input>) -> bool {
-        let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let mut handles = lock_handles(&self.handles);
         if !rx.is_empty() {
             return false;
         }
