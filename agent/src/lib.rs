@@ -9,7 +9,7 @@ pub mod boot;
 pub mod cancel;
 pub mod config;
 pub mod executor;
-pub mod fault;
+pub use hotroll_fault as fault;
 pub mod hooks;
 pub mod identity;
 pub mod journal;

@@ -8,11 +8,9 @@
 //! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! * [`tls`], [`auth`]: the CA, TLS on the listener, who may call what, limits.
 //! * [`server::run`]: the daemon's one entry point.
-//! * [`cli`]: the `hotroll` command line.
 
 pub mod artifacts;
 pub mod auth;
-pub mod cli;
 pub mod control;
 pub mod convert;
 pub mod engine;

@@ -982,17 +982,17 @@ impl Driver {
     /// Crash-safety tests: die here if a fault point armed through `HOTROLL_FAULT_FILE` names
     /// one of this step's records or commands (they are durable, the commands not yet sent).
     fn fault_points(&self, stored: &[StoredEvent], commands: &[Command]) {
-        if !hotroll_agent::fault::armed() {
+        if !hotroll_fault::armed() {
             return;
         }
         for event in stored {
             if let Some(point) = record_point(&event.record) {
-                hotroll_agent::fault::point(&point);
+                hotroll_fault::point(&point);
             }
         }
         for command in commands {
             if let Some(point) = command_point(command) {
-                hotroll_agent::fault::point(&point);
+                hotroll_fault::point(&point);
             }
         }
     }

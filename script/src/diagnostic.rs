@@ -110,6 +110,8 @@ impl Diagnostics {
     }
 
     /// Full rendering: `FILE:LINE:COL: message` followed by miette's snippet for each item.
+    /// Only with the `render` feature (the CLI): the daemons never draw terminal graphics.
+    #[cfg(feature = "render")]
     pub fn render(&self, color: bool) -> String {
         self.items
             .iter()
@@ -170,6 +172,7 @@ pub fn render_short(name: &str, source: &str, d: &Diagnostic) -> String {
 
 /// One diagnostic as miette sees it. `miette::Diagnostic` is implemented by hand because the
 /// derive cannot take the severity from a field.
+#[cfg(feature = "render")]
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 struct MietteView {
@@ -181,6 +184,7 @@ struct MietteView {
     severity: miette::Severity,
 }
 
+#[cfg(feature = "render")]
 impl miette::Diagnostic for MietteView {
     fn severity(&self) -> Option<miette::Severity> {
         Some(self.severity)
@@ -204,6 +208,7 @@ impl miette::Diagnostic for MietteView {
     }
 }
 
+#[cfg(feature = "render")]
 fn render_full(name: &str, source: &str, d: &Diagnostic, color: bool) -> String {
     let view = MietteView {
         message: render_short(name, source, d),

@@ -2,11 +2,11 @@
 //!
 //! Cargo builds the binaries of a package only for that package's own tests
 //! (`CARGO_BIN_EXE_<name>`), and artifact dependencies are unstable, so a dependency on
-//! `hotroll-coordinator`/`hotroll-agent` would not give us their executables. Instead the harness
+//! `hotroll-cli`/`hotroll-agent` would not give us their executables. Instead the harness
 //! runs
 //!
 //! ```text
-//! cargo build -p hotroll-coordinator -p hotroll-agent --bins --profile <P> --target-dir <T>
+//! cargo build -p hotroll-cli -p hotroll-agent --bins --profile <P> --target-dir <T>
 //! ```
 //!
 //! once per test process, with the profile and target directory of the running test (or bench)
@@ -65,7 +65,7 @@ fn in_dir(dir: &Path) -> anyhow::Result<Binaries> {
     for path in [&bins.hotroll, &bins.agent] {
         if !path.is_file() {
             bail!(
-                "{} does not exist (build it with `cargo build -p hotroll-coordinator -p hotroll-agent --bins`, \
+                "{} does not exist (build it with `cargo build -p hotroll-cli -p hotroll-agent --bins`, \
                  or point HOTROLL_BIN_DIR at a directory that has it)",
                 path.display()
             );
@@ -137,7 +137,7 @@ impl Layout {
             .arg("build")
             .arg("--manifest-path")
             .arg(&manifest)
-            .args(["-p", "hotroll-coordinator", "-p", "hotroll-agent", "--bins"])
+            .args(["-p", "hotroll-cli", "-p", "hotroll-agent", "--bins"])
             .arg("--profile")
             .arg(&self.profile)
             .arg("--target-dir")

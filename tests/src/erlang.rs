@@ -17,16 +17,10 @@ use anyhow::{Context, bail};
 use crate::cluster::{free_port, run_command};
 use crate::poll::poll;
 
-/// Whether `erl`, `erlc`, `epmd` and `erl_call` are installed.
-pub fn available() -> bool {
-    ["erl", "erlc", "epmd", "erl_call"].iter().all(|tool| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
+/// `Ok` when `erl`, `erlc`, `epmd` and `erl_call` are installed; else an error that says how to
+/// install them (a test that needs Erlang fails without it, it never passes silently).
+pub fn require() -> anyhow::Result<()> {
+    crate::tools::require(&["erl", "erlc", "epmd", "erl_call"], "erlang-base")
 }
 
 /// `tests/erlang`.

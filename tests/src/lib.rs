@@ -38,7 +38,7 @@
 //! # Binaries and the test command
 //!
 //! The harness builds `hotroll` and `hotroll-agent` itself, once per test process, with
-//! `cargo build -p hotroll-coordinator -p hotroll-agent --bins` in the profile and target dir of
+//! `cargo build -p hotroll-cli -p hotroll-agent --bins` in the profile and target dir of
 //! the running test (see [`bins`]). So the plain commands work, and so does the README's (its
 //! prebuild makes the harness's build a no-op):
 //!
@@ -61,6 +61,7 @@ pub mod erlang;
 pub mod golden;
 pub mod hooks;
 pub mod metrics;
+pub mod modules;
 pub mod poll;
 pub mod primes;
 pub mod process;
@@ -71,6 +72,7 @@ pub mod services;
 pub mod status;
 pub mod terminal;
 pub mod timed;
+pub mod tools;
 
 pub use bins::{Binaries, binaries};
 pub use cluster::{

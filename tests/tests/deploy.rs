@@ -141,14 +141,7 @@ fn systemd_units_verify() -> anyhow::Result<()> {
             ensure!(source.contains(section), "{}: no {section}", unit.display());
         }
     }
-    let available = Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !available {
-        eprintln!("note: systemd-analyze is not installed; skipping `systemd-analyze verify`");
-        return Ok(());
-    }
+    hotroll_tests::tools::require(&["systemd-analyze"], "systemd")?;
     let bins = hotroll_tests::binaries()?;
     let temp = tempfile::tempdir()?;
     let mut copies = Vec::new();

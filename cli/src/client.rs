@@ -178,8 +178,8 @@ pub async fn connect(args: &CoordinatorArgs) -> anyhow::Result<Client> {
         (channel, Credentials::default())
     };
     Ok(ControlClient::with_interceptor(channel, credentials)
-        .max_decoding_message_size(crate::server::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(crate::server::MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(hotroll_coordinator::server::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(hotroll_coordinator::server::MAX_MESSAGE_BYTES))
 }
 
 /// An error and its sources on one line (a TLS failure is several causes deep).

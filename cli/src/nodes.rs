@@ -52,7 +52,11 @@ fn to_json(node: &pb::NodeInfo) -> NodeJson {
     }
 }
 
-pub async fn run(args: NodesArgs) -> anyhow::Result<()> {
+pub async fn run(args: NodesArgs) -> anyhow::Result<u8> {
+    list(args).await.map(|()| crate::exit::OK)
+}
+
+async fn list(args: NodesArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.coordinator).await?;
     let nodes = client
         .list_nodes(pb::ListNodesRequest {})

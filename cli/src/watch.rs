@@ -281,7 +281,7 @@ impl Screen {
         // One column and one row spare: no auto-wrap, no scrolling.
         render::render(
             view,
-            crate::rollouts::now_ms(),
+            hotroll_coordinator::rollouts::now_ms(),
             usize::from(cols.saturating_sub(1)).max(20),
             usize::from(rows.saturating_sub(1)).max(8),
         )
@@ -582,7 +582,7 @@ mod tests {
         if got != golden && std::env::var_os("HOTROLL_BLESS").is_some() {
             let path = concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/src/cli/watch/testdata/three_nodes.lines"
+                "/src/watch/testdata/three_nodes.lines"
             );
             std::fs::write(path, &got).unwrap();
         }

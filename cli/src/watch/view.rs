@@ -593,9 +593,9 @@ pub(crate) mod tests {
 
     #[test]
     fn arrival_counts_match_what_the_coordinator_writes() {
-        use crate::engine::Record;
-        use crate::store::StoredEvent;
-        let event = crate::convert::rollout_event(
+        use hotroll_coordinator::engine::Record;
+        use hotroll_coordinator::store::StoredEvent;
+        let event = hotroll_coordinator::convert::rollout_event(
             "r",
             &StoredEvent {
                 seq: 1,

@@ -50,9 +50,9 @@ pub struct BeamArgs {
     pub output: Option<PathBuf>,
 }
 
-pub fn run(command: &PlanCommand) -> anyhow::Result<()> {
+pub async fn run(command: PlanCommand) -> anyhow::Result<u8> {
     match command {
-        PlanCommand::Beam(args) => run_beam(args),
+        PlanCommand::Beam(args) => run_beam(&args).map(|()| crate::exit::OK),
     }
 }
 

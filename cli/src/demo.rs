@@ -39,8 +39,8 @@ use super::client::{Client, CoordinatorArgs, connect, status_error, upload_artif
 use super::rollout::{node_state_name, rollout_state_name};
 use super::watch::{FollowEnd, FollowMsg, GrpcSource, Until, spawn_follow};
 use super::{Output, exit, watch};
-use crate::server::{ServerConfig, run};
-use crate::store::RedbStore;
+use hotroll_coordinator::server::{self, ServerConfig};
+use hotroll_coordinator::store::RedbStore;
 use load::{Load, Tally, all_primes, stats};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -178,7 +178,7 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-pub async fn run_demo(args: DemoArgs) -> anyhow::Result<u8> {
+pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     let text = args.output == Output::Text;
     let say = |line: &str| {
         if text {
@@ -206,7 +206,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<u8> {
     let stopped = |mut rx: signal::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let coordinator = tokio::spawn(run(
+    let coordinator = tokio::spawn(server::run(
         listener,
         Arc::new(store),
         config,

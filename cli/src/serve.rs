@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::server::{ServerConfig, run};
-use crate::store::RedbStore;
+use hotroll_coordinator::server::{self, ServerConfig};
+use hotroll_coordinator::store::RedbStore;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -35,7 +35,7 @@ pub struct ServeArgs {
     /// Events buffered per rollout for live watchers; a watcher that falls further behind is
     /// told to reconnect from its last event (the CLI does so on its own). The rollout never
     /// waits for a watcher.
-    #[arg(long, default_value_t = crate::server::DEFAULT_WATCH_BUFFER, value_name = "EVENTS",
+    #[arg(long, default_value_t = hotroll_coordinator::server::DEFAULT_WATCH_BUFFER, value_name = "EVENTS",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub watch_buffer: usize,
     /// Log format on stderr: `text` (human-readable; colours on a terminal) or `json` (one
@@ -66,11 +66,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
     /// Validity of node certificates; agents renew theirs when a third is left.
-    #[arg(long, default_value = "30d", value_parser = crate::cli::token::parse_long_duration)]
+    #[arg(long, default_value = "30d", value_parser = crate::token::parse_long_duration)]
     pub node_cert_ttl: Duration,
     /// Validity of the server certificate the coordinator issues itself; it is reissued, while
     /// serving, when a third is left.
-    #[arg(long, default_value = "90d", value_parser = crate::cli::token::parse_long_duration)]
+    #[arg(long, default_value = "90d", value_parser = crate::token::parse_long_duration)]
     pub server_cert_ttl: Duration,
     /// How often the server certificate is checked for renewal (or, with --tls-cert, reload).
     #[arg(long, default_value = "60s", value_parser = parse_duration, hide = true)]
@@ -79,8 +79,8 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     /// The TLS setup these flags ask for; `None` with --insecure.
-    pub fn tls(&self) -> anyhow::Result<Option<Arc<crate::tls::ServerTls>>> {
-        use crate::tls::{ServerCertSource, ServerTls, TlsOptions};
+    pub fn tls(&self) -> anyhow::Result<Option<Arc<hotroll_coordinator::tls::ServerTls>>> {
+        use hotroll_coordinator::tls::{ServerCertSource, ServerTls, TlsOptions};
         if self.insecure {
             return Ok(None);
         }
@@ -139,7 +139,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     hotroll_script::duration::parse_duration(text).map_err(|e| e.to_string())
 }
 
-pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// `hotroll serve`: logs set up from `--log-format`, then the coordinator until SIGINT/SIGTERM.
+pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
+    init_tracing(args.log_format);
+    serve(args).await.map(|()| crate::exit::OK)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -158,7 +164,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.listen
         );
     }
-    run(listener, Arc::new(store), config, shutdown_signal()).await?;
+    server::run(listener, Arc::new(store), config, shutdown_signal()).await?;
     tracing::info!("coordinator stopped");
     Ok(())
 }

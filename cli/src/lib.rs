@@ -1,5 +1,6 @@
-//! The `hotroll` command line. Each subcommand is a module with an `Args` struct and a `run`
-//! function returning the process exit code; `main` only parses and dispatches.
+//! The `hotroll` command line. Each subcommand is a module with its clap arguments and an
+//! `async fn run(args) -> anyhow::Result<u8>` returning the process exit code (see [`exit`]);
+//! `main` only parses and dispatches, and turns an `Err` into exit 1 in one place.
 
 pub mod check;
 pub mod client;

@@ -11,8 +11,8 @@ use hotroll_tls::identity::valid_name;
 use hotroll_tls::{Identity, Role, files};
 
 use super::Output;
-use crate::auth::{TokenRole, TokenStore};
-use crate::tls::Pki;
+use hotroll_coordinator::auth::{TokenRole, TokenStore};
+use hotroll_coordinator::tls::Pki;
 
 /// Where the coordinator keeps its state, and optionally a CA of the operator's.
 #[derive(Debug, Clone, clap::Args)]
@@ -142,7 +142,12 @@ pub fn parse_long_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-pub fn run_token(command: &TokenCommand) -> anyhow::Result<()> {
+/// `hotroll token ...` (local: reads and writes the data dir, no server needed).
+pub async fn run_token(command: TokenCommand) -> anyhow::Result<u8> {
+    token(&command).map(|()| crate::exit::OK)
+}
+
+fn token(command: &TokenCommand) -> anyhow::Result<()> {
     match command {
         TokenCommand::Create(args) => create(args),
         TokenCommand::List(args) => list(args),
@@ -167,7 +172,7 @@ fn create(args: &CreateArgs) -> anyhow::Result<()> {
         }
     }
     let ttl = args.ttl.unwrap_or(match args.role {
-        TokenRole::Agent => crate::auth::DEFAULT_TOKEN_TTL,
+        TokenRole::Agent => hotroll_coordinator::auth::DEFAULT_TOKEN_TTL,
         TokenRole::Operator | TokenRole::Viewer => Duration::from_secs(24 * 3600),
     });
     let pki = args.data.pki()?;
@@ -242,7 +247,12 @@ fn list(args: &ListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run_cert(command: &CertCommand) -> anyhow::Result<()> {
+/// `hotroll cert issue` (local, like `token`).
+pub async fn run_cert(command: CertCommand) -> anyhow::Result<u8> {
+    cert(&command).map(|()| crate::exit::OK)
+}
+
+fn cert(command: &CertCommand) -> anyhow::Result<()> {
     let CertCommand::Issue(args) = command;
     if !valid_name(&args.name) {
         bail!(
@@ -280,7 +290,7 @@ pub fn run_cert(command: &CertCommand) -> anyhow::Result<()> {
 /// certificate in the coordinator's data dir, a join token per agent, an operator token for the
 /// client. The same setup as `hotroll serve` + `hotroll token create`, without the processes.
 pub struct LocalFleetTls {
-    tls: std::sync::Arc<crate::tls::ServerTls>,
+    tls: std::sync::Arc<hotroll_coordinator::tls::ServerTls>,
     data_dir: PathBuf,
     ca_pin: [u8; 32],
     operator: String,
@@ -298,8 +308,12 @@ impl LocalFleetTls {
     /// Make (or load) the CA and the server certificate in `coordinator_data_dir`, and an
     /// operator token.
     pub fn new(coordinator_data_dir: &std::path::Path) -> anyhow::Result<Self> {
-        let options = crate::tls::TlsOptions::new(coordinator_data_dir.to_path_buf(), None, &[]);
-        let tls = std::sync::Arc::new(crate::tls::ServerTls::new(options)?);
+        let options = hotroll_coordinator::tls::TlsOptions::new(
+            coordinator_data_dir.to_path_buf(),
+            None,
+            &[],
+        );
+        let tls = std::sync::Arc::new(hotroll_coordinator::tls::ServerTls::new(options)?);
         let ca_pin = tls.pki().ca_pin();
         let (operator, _) = TokenStore::new(coordinator_data_dir).create(
             ca_pin,
@@ -315,8 +329,8 @@ impl LocalFleetTls {
         })
     }
 
-    /// For [`crate::ServerConfig::tls`].
-    pub fn server(&self) -> std::sync::Arc<crate::tls::ServerTls> {
+    /// For [`hotroll_coordinator::ServerConfig::tls`].
+    pub fn server(&self) -> std::sync::Arc<hotroll_coordinator::tls::ServerTls> {
         self.tls.clone()
     }
 
@@ -325,7 +339,7 @@ impl LocalFleetTls {
         let (token, _) = TokenStore::new(&self.data_dir).create(
             self.ca_pin,
             TokenRole::Agent,
-            crate::auth::DEFAULT_TOKEN_TTL,
+            hotroll_coordinator::auth::DEFAULT_TOKEN_TTL,
             Some(node.to_string()),
         )?;
         Ok(token.expose())
@@ -335,7 +349,7 @@ impl LocalFleetTls {
     pub fn client(&self, url: &str) -> super::client::CoordinatorArgs {
         let mut args = super::client::CoordinatorArgs::new(url);
         args.token = Some(self.operator.clone());
-        args.ca = Some(crate::tls::ca_cert_path(&self.data_dir));
+        args.ca = Some(hotroll_coordinator::tls::ca_cert_path(&self.data_dir));
         args
     }
 }

@@ -7,7 +7,6 @@
 use std::fs::File;
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use hotroll_script::diagnostic::{DiagnosticRecord, Diagnostics};
 use hotroll_script::plan::{self, Plan};
@@ -51,7 +50,12 @@ struct UnreadableReport {
     error: String,
 }
 
-pub fn run(args: &CheckArgs) -> ExitCode {
+/// `hotroll check`: exit 0 valid, 2 invalid, 1 unreadable (its own messages; never `Err`).
+pub async fn run(args: CheckArgs) -> anyhow::Result<u8> {
+    Ok(check(&args))
+}
+
+fn check(args: &CheckArgs) -> u8 {
     let name = args.file.display().to_string();
     let bytes = match std::fs::read(&args.file) {
         Ok(bytes) => bytes,
@@ -198,7 +202,7 @@ fn stderr_color() -> bool {
     io::stderr().is_terminal()
 }
 
-fn invalid(args: &CheckArgs, diagnostics: &Diagnostics) -> ExitCode {
+fn invalid(args: &CheckArgs, diagnostics: &Diagnostics) -> u8 {
     let written = match args.output {
         OutputFormat::Text => {
             let errors = diagnostics.errors().count();
@@ -225,14 +229,14 @@ fn invalid(args: &CheckArgs, diagnostics: &Diagnostics) -> ExitCode {
             diagnostics: diagnostics.to_records(),
         }),
     };
-    if written == ExitCode::SUCCESS {
-        ExitCode::from(exit::INVALID)
+    if written == exit::OK {
+        exit::INVALID
     } else {
         written
     }
 }
 
-fn unreadable(args: &CheckArgs, message: String) -> ExitCode {
+fn unreadable(args: &CheckArgs, message: String) -> u8 {
     write_stderr(&format!("error: {message}\n"));
     if args.output == OutputFormat::Json {
         write_json(&UnreadableReport {
@@ -240,38 +244,38 @@ fn unreadable(args: &CheckArgs, message: String) -> ExitCode {
             error: message,
         });
     }
-    ExitCode::from(exit::ERROR)
+    exit::ERROR
 }
 
-fn write_json(report: &impl Serialize) -> ExitCode {
+fn write_json(report: &impl Serialize) -> u8 {
     match serde_json::to_string_pretty(report) {
         Ok(json) => write_stdout(&format!("{json}\n")),
         Err(error) => {
             write_stderr(&format!(
                 "error: cannot encode the report as JSON: {error}\n"
             ));
-            ExitCode::from(exit::ERROR)
+            exit::ERROR
         }
     }
 }
 
 /// Writes to stdout; a closed pipe (`hotroll check … | head`) is not a panic.
-fn write_stdout(text: &str) -> ExitCode {
+fn write_stdout(text: &str) -> u8 {
     let mut stdout = io::stdout().lock();
     match stdout
         .write_all(text.as_bytes())
         .and_then(|()| stdout.flush())
     {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        Err(_) => ExitCode::from(exit::ERROR),
+        Ok(()) => exit::OK,
+        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => exit::OK,
+        Err(_) => exit::ERROR,
     }
 }
 
-fn write_stderr(text: &str) -> ExitCode {
+fn write_stderr(text: &str) -> u8 {
     let mut stderr = io::stderr().lock();
     match stderr.write_all(text.as_bytes()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(_) => ExitCode::from(exit::ERROR),
+        Ok(()) => exit::OK,
+        Err(_) => exit::ERROR,
     }
 }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use hotroll_coordinator::cli::{self, check, demo, nodes, plan, rollout, serve, token};
+use hotroll_cli::{check, demo, nodes, plan, rollout, serve, token};
 
 /// hotroll coordinates upgrades across a fleet: it pushes upgrade scripts to the agents, holds
 /// them at sync_nodes barriers and at the point of no return until the fleet is ready, and rolls
@@ -43,58 +43,31 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Check(args) = &cli.command {
-        return check::run(args);
-    }
-    if let Command::Plan(command) = &cli.command {
-        return match plan::run(command) {
-            Ok(()) => ExitCode::from(cli::exit::OK),
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(cli::exit::ERROR)
-            }
-        };
-    }
-    let local = match &cli.command {
-        Command::Token(command) => Some(token::run_token(command)),
-        Command::Cert(command) => Some(token::run_cert(command)),
-        _ => None,
-    };
-    if let Some(result) = local {
-        return match result {
-            Ok(()) => ExitCode::from(cli::exit::OK),
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(cli::exit::ERROR)
-            }
-        };
-    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(cli::exit::ERROR);
-        }
+        Err(e) => return failed(&anyhow::Error::new(e).context("cannot start the async runtime")),
     };
+    // Every subcommand has the same shape: `async fn run(args) -> anyhow::Result<exit code>`.
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => {
-                serve::init_tracing(args.log_format);
-                serve::serve(args).await.map(|()| cli::exit::OK)
-            }
-            Command::Demo(args) => demo::run_demo(args).await,
-            Command::Nodes(args) => nodes::run(args).await.map(|()| cli::exit::OK),
+            Command::Demo(args) => demo::run(args).await,
+            Command::Serve(args) => serve::run(args).await,
+            Command::Check(args) => check::run(args).await,
+            Command::Nodes(args) => nodes::run(args).await,
             Command::Rollout(command) => rollout::run(command).await,
-            Command::Check(_) | Command::Plan(_) | Command::Token(_) | Command::Cert(_) => {
-                Ok(cli::exit::OK)
-            }
+            Command::Plan(command) => plan::run(command).await,
+            Command::Token(command) => token::run_token(command).await,
+            Command::Cert(command) => token::run_cert(command).await,
         }
     });
     match result {
         Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(cli::exit::ERROR)
-        }
+        Err(e) => failed(&e),
     }
+}
+
+/// The one error-to-exit-code path: the error and its causes on one line, exit 1.
+fn failed(error: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {error:#}");
+    ExitCode::from(hotroll_cli::exit::ERROR)
 }

@@ -379,7 +379,7 @@ async fn list(args: ListArgs) -> anyhow::Result<u8> {
         Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         Output::Text => {
             use super::watch::text::{format_duration_ms, format_unix_ms};
-            let now = crate::rollouts::now_ms();
+            let now = hotroll_coordinator::rollouts::now_ms();
             let mut table = comfy_table::Table::new();
             table.load_preset(comfy_table::presets::NOTHING);
             table.set_header([

@@ -11,7 +11,7 @@ use hotroll_proto::v1 as pb;
 use tokio::sync::mpsc;
 
 use super::view::is_final_state;
-use crate::control::HISTORY_SEQ_HEADER;
+use hotroll_coordinator::control::HISTORY_SEQ_HEADER;
 
 /// Consecutive failed attempts (no event received) before giving up.
 pub const MAX_RETRIES: u32 = 8;
@@ -36,7 +36,7 @@ pub trait EventSource: Send + 'static {
 /// `WatchRollout` on a coordinator.
 #[derive(Debug, Clone)]
 pub struct GrpcSource {
-    pub client: crate::cli::client::Client,
+    pub client: crate::client::Client,
     pub rollout_id: String,
 }
 
