@@ -52,7 +52,7 @@ pub enum TokenCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = token_role())]
     pub role: TokenRole,
     /// How long the token stays valid, e.g. 30m, 1h, 7d (default: 1h for agent tokens, 24h for
     /// operator and viewer tokens; at most 365d).
@@ -105,6 +105,13 @@ pub struct IssueArgs {
     pub ttl: Duration,
     #[command(flatten)]
     pub data: DataDirArgs,
+}
+
+/// `--role agent|operator|viewer`, listed in `--help` and checked by clap.
+fn token_role() -> impl clap::builder::TypedValueParser<Value = TokenRole> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(TokenRole::ALL.map(TokenRole::as_str))
+        .try_map(|text| text.parse::<TokenRole>())
 }
 
 /// The roles a CLI certificate can have.
