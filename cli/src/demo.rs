@@ -14,7 +14,7 @@
 //!
 //! It exits 0 when everything behaved as described (1 otherwise, saying what did not).
 //!
-//! The agents are the real agent library (`hotroll_agent::run`) talking real gRPC to the real
+//! The agents are the real agent library (`hotroll_agent::Agent`) talking real gRPC to the real
 //! coordinator (`server::run`); only those processes are folded into one. The `primes`
 //! instances are real processes, found or built by [`primes_bin`].
 //!
@@ -242,10 +242,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
                 }
             };
         ports.push(port);
-        agents.push(tokio::spawn(hotroll_agent::run(
-            config,
-            stopped(stop_rx.clone()),
-        )));
+        agents.push(tokio::spawn(
+            hotroll_agent::Agent::builder(config)
+                .build()
+                .run(stopped(stop_rx.clone())),
+        ));
     }
     say(&format!(
         "hotroll demo: a local fleet of {} node(s), each supervising `primes`, a prime miner that \
