@@ -5,6 +5,7 @@
 //! * [`session`]: the `Agent` gRPC service (node sessions, artifact download).
 //! * [`control`]: the `Control` gRPC service (what the CLI calls).
 //! * [`registry`], [`store`], [`artifacts`]: nodes, durable state, content store.
+//! * [`outbound`]: what the coordinator sends a node, before it becomes a wire message.
 //! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! * [`tls`], [`auth`]: the CA, TLS on the listener, who may call what, limits.
 //! * [`server::run`]: the daemon's one entry point.
@@ -15,6 +16,7 @@ pub mod control;
 pub mod convert;
 pub mod engine;
 pub mod metrics;
+pub mod outbound;
 pub mod registry;
 pub mod rollouts;
 pub mod server;
