@@ -33,7 +33,10 @@ pub struct FailingStore<S = MemoryStore> {
 impl<S> std::fmt::Debug for FailingStore<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FailingStore")
-            .field("failed_commits", &self.failed_commits.load(Ordering::Relaxed))
+            .field(
+                "failed_commits",
+                &self.failed_commits.load(Ordering::Relaxed),
+            )
             .finish_non_exhaustive()
     }
 }
