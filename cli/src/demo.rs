@@ -36,7 +36,7 @@ use hotroll_proto::v1 as pb;
 use tokio::sync::watch as signal;
 
 use super::client::{Client, CoordinatorArgs, connect, status_error, upload_artifacts};
-use super::rollout::{node_state_name, rollout_state_name};
+use super::states::{node_state_name, rollout_state_name};
 use super::watch::{FollowEnd, FollowMsg, GrpcSource, Until, spawn_follow};
 use super::{Output, exit, watch};
 use hotroll_coordinator::server::{self, ServerConfig};

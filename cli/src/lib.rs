@@ -9,6 +9,7 @@ pub mod nodes;
 pub mod plan;
 pub mod rollout;
 pub mod serve;
+pub mod states;
 pub mod token;
 pub mod watch;
 

@@ -18,8 +18,8 @@ use anyhow::Context;
 use hotroll_proto::v1 as pb;
 
 use super::client::{CoordinatorArgs, connect, status_error};
-use super::rollout::{rollout_state_name, wait_exit_code};
 use super::{Output, exit};
+use crate::states::{rollout_state_name, wait_exit_code};
 
 pub mod follow;
 pub mod render;
@@ -423,7 +423,7 @@ pub async fn run_events(args: EventsArgs) -> anyhow::Result<u8> {
 
 /// The history as a table: seq, time, node, what, outcome, duration, error or detail.
 pub fn events_table(events: &[pb::RolloutEvent]) -> comfy_table::Table {
-    use super::rollout::node_state_name;
+    use crate::states::node_state_name;
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::NOTHING);
     table.set_header([

@@ -1,6 +1,6 @@
 //! The hotroll coordinator: holds the fleet's rollouts.
 //!
-//! * [`engine`]: the rollout state machine (pure, no I/O).
+//! * [`engine`]: the rollout state machine (pure, no I/O), re-exported from `hotroll-engine`.
 //! * [`rollouts`]: one task per rollout that drives its engine, persists, and sends commands.
 //! * [`session`]: the `Agent` gRPC service (node sessions, artifact download).
 //! * [`control`]: the `Control` gRPC service (what the CLI calls).
@@ -14,7 +14,6 @@ pub mod artifacts;
 pub mod auth;
 pub mod control;
 pub mod convert;
-pub mod engine;
 pub mod metrics;
 pub mod outbound;
 pub mod registry;
@@ -25,3 +24,7 @@ pub mod store;
 pub mod tls;
 
 pub use server::{ServerConfig, run, serve};
+
+/// The rollout state machine lives in its own crate (so it cannot do I/O or see wire types);
+/// re-exported so `crate::engine::..` paths stay as they were.
+pub use hotroll_engine as engine;

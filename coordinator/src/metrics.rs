@@ -37,20 +37,6 @@ use crate::registry::Registry;
 /// Content type of the OpenMetrics text format.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Every rollout state, so `hotroll_rollouts` lists each one (0 included) from the start.
-const ROLLOUT_STATES: [RolloutState; 10] = [
-    RolloutState::Pending,
-    RolloutState::Preparing,
-    RolloutState::Committing,
-    RolloutState::Paused,
-    RolloutState::Succeeded,
-    RolloutState::Aborted,
-    RolloutState::RolledBack,
-    RolloutState::PartiallyRolledBack,
-    RolloutState::Halted,
-    RolloutState::Failed,
-];
-
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
@@ -127,7 +113,8 @@ impl Metrics {
             connected_agents.clone(),
         );
         let rollouts = Family::<StateLabels, Gauge>::default();
-        for state in ROLLOUT_STATES {
+        // Every state, so `hotroll_rollouts` lists each one (0 included) from the start.
+        for state in RolloutState::ALL {
             let _ = rollouts.get_or_create(&StateLabels {
                 state: state.as_str(),
             });

@@ -872,7 +872,7 @@ impl Cluster {
             }
             let _ = agent.process.kill();
             // The services a SIGKILLed agent supervised (process runtime) keep running.
-            crate::services::kill_leftover_services(&agent.data_dir);
+            crate::process::kill_leftover_services(&agent.data_dir);
         }
         if self.coordinator.is_stopped() {
             let _ = self.coordinator.cont();

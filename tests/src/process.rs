@@ -253,3 +253,43 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// SIGKILL the process group of every service an agent with data dir `data_dir` left running
+/// (the agent's pid files, `run/<service>.pid`: pid and start time). The cluster calls it after
+/// it killed the agents, so no service outlives a test.
+pub fn kill_leftover_services(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("run")) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "pid") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let mut fields = text.split_whitespace();
+        let (Some(pid), Some(start)) = (
+            fields.next().and_then(|p| p.parse::<i32>().ok()),
+            fields.next().and_then(|s| s.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        // Only the process the agent started (a pid may have been reused since).
+        if start == 0 || start_time(pid) != Some(start) {
+            continue;
+        }
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Field 22 of `/proc/<pid>/stat`.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}

@@ -6,7 +6,7 @@ use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
 use super::text::format_duration_ms;
 use super::view::{NodeRow, View};
-use crate::rollout::{node_state_name, rollout_state_name};
+use crate::states::{node_state_name, rollout_state_name};
 
 /// How a piece of text is emphasised on a colour terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 
 use hotroll_proto::v1 as pb;
 
-use crate::rollout::{node_state_name, rollout_state_name};
+use crate::states::{node_state_name, rollout_state_name};
 
 /// `started`, `ok` or `FAILED` for a step event.
 pub fn step_phase_name(phase: i32) -> &'static str {

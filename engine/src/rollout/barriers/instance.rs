@@ -1,6 +1,6 @@
-//! Deadline barriers (`sync_nodes`), keyed by (rollout, epoch, barrier id[, wave]).
+//! One barrier instance (`sync_nodes`), keyed by (rollout, epoch, barrier id[, wave]).
 //!
-//! One [`Rollout`](super::Rollout) is one (rollout, epoch): events of another epoch never reach
+//! One [`Rollout`](crate::Rollout) is one (rollout, epoch): events of another epoch never reach
 //! its barriers. Inside it an instance is keyed by the barrier id and, for a barrier after the
 //! point of no return that names no members, the wave. An instance is created by its first
 //! arrival and is never reopened once released or failed, so an arrival for an instance that is
@@ -9,23 +9,11 @@
 
 use std::collections::BTreeSet;
 
-use serde::{Deserialize, Serialize};
-
-use super::Millis;
-
-/// The barrier currently being waited at, for status and watch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BarrierView {
-    pub id: String,
-    /// `None` before the point of no return (every target takes part), else the 1-based wave.
-    pub wave: Option<u32>,
-    pub arrived: u32,
-    pub expected: u32,
-    pub deadline: Millis,
-}
+use crate::Millis;
+use crate::view::BarrierView;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Status {
+pub(in crate::rollout) enum Status {
     Open,
     Released,
     Failed,
@@ -37,7 +25,7 @@ pub(super) enum Status {
 /// [`Instance::leave`], which keep the number of participants that arrived up to date: an
 /// arrival is O(log n) however many nodes take part, not a set intersection.
 #[derive(Debug, Clone)]
-pub(super) struct Instance {
+pub(in crate::rollout) struct Instance {
     pub id: String,
     /// `Some(wave)` for a wave-scoped barrier after the point of no return.
     pub wave: Option<u32>,

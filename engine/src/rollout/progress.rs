@@ -1,0 +1,259 @@
+//! Progress: start, waves, pauses, make-permanent, final states.
+
+use super::{Guard, Mode, PauseKind, Rollout, record};
+use crate::Millis;
+use crate::command::{Command, Record};
+use crate::state::{NodeState, RolloutState};
+
+impl Rollout {
+    pub(super) fn start(&mut self, now: Millis, out: &mut Vec<Command>) {
+        if self.state != RolloutState::Pending {
+            return;
+        }
+        self.set_rollout_state(RolloutState::Preparing, None, out);
+        for i in 0..self.nodes.len() {
+            out.push(Command::RunScript {
+                node: self.nodes[i].name.clone(),
+            });
+            self.set_node_state(i, NodeState::Preparing, None, out);
+            self.arm(i, now, Guard::Idle);
+        }
+    }
+
+    /// Move on as far as the current state allows.
+    pub(super) fn advance(&mut self, now: Millis, out: &mut Vec<Command>) {
+        loop {
+            if self.state.is_final() {
+                return;
+            }
+            match self.mode {
+                Mode::Aborting => {
+                    if self.all_settled() {
+                        let reason = self.error.clone();
+                        self.finish(RolloutState::Aborted, reason, out);
+                    }
+                    return;
+                }
+                Mode::RollingBackAll => {
+                    if self.all_settled() {
+                        let (state, reason) = if self.rollback_failed {
+                            (RolloutState::Failed, self.rollback_failed_reason())
+                        } else {
+                            (RolloutState::RolledBack, self.error.clone())
+                        };
+                        if state == RolloutState::Failed {
+                            self.error = Some(reason.clone().unwrap_or_default());
+                        }
+                        self.finish(state, reason, out);
+                    }
+                    return;
+                }
+                Mode::Halting => {
+                    let settled = (0..self.nodes.len())
+                        .filter(|&i| self.track[i].commit_sent)
+                        .all(|i| self.nodes[i].state.is_settled());
+                    if settled {
+                        let reason = self.error.clone();
+                        self.finish(RolloutState::Halted, reason, out);
+                    }
+                    return;
+                }
+                Mode::MakingPermanent => {
+                    // Every node told to make the release permanent confirmed, or is no longer
+                    // committed.
+                    if self.tally.awaiting_permanent == 0 {
+                        self.finish_permanent(&[], out);
+                    }
+                    return;
+                }
+                Mode::Normal => {}
+            }
+            match self.state {
+                RolloutState::Preparing => {
+                    if self.tally.prepared != self.nodes.len() {
+                        return;
+                    }
+                    if self.pause_requested {
+                        self.pause(
+                            PauseKind::Operator,
+                            "paused by the operator before wave 1",
+                            out,
+                        );
+                        return;
+                    }
+                    self.set_rollout_state(RolloutState::Committing, None, out);
+                }
+                RolloutState::Committing => {
+                    if !self.settled_through(self.wave) {
+                        return;
+                    }
+                    let canary = self.spec.policy.canary > 0
+                        && self.spec.policy.pause_after_canary
+                        && self.wave == 1
+                        && !self.promoted;
+                    if canary {
+                        self.pause(
+                            PauseKind::Canary,
+                            "canary wave done: promote to continue",
+                            out,
+                        );
+                        return;
+                    }
+                    if self.pause_requested {
+                        self.pause(PauseKind::Operator, "paused by the operator", out);
+                        return;
+                    }
+                    if self.wave >= self.waves() {
+                        self.start_permanent(now, out);
+                    } else {
+                        self.start_wave(now, self.wave + 1, out);
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    fn pause(&mut self, kind: PauseKind, reason: &str, out: &mut Vec<Command>) {
+        self.pause_requested = false;
+        self.paused = Some(kind);
+        self.set_rollout_state(RolloutState::Paused, Some(reason.to_string()), out);
+    }
+
+    fn start_wave(&mut self, now: Millis, wave: u32, out: &mut Vec<Command>) {
+        self.wave = wave;
+        let members = self
+            .waves
+            .get(
+                usize::try_from(wave)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(1),
+            )
+            .cloned()
+            .unwrap_or_default();
+        // A node that failed while waiting (lost, aborted) is not committed.
+        let go: Vec<usize> = members
+            .into_iter()
+            .filter(|&i| self.nodes[i].state == NodeState::Prepared && !self.track[i].counted)
+            .collect();
+        record(
+            out,
+            Record::WaveStarted {
+                wave,
+                nodes: self.names_list(&go),
+            },
+        );
+        for i in go {
+            self.track[i].commit_sent = true;
+            out.push(Command::Commit {
+                node: self.nodes[i].name.clone(),
+            });
+            self.set_node_state(i, NodeState::Committing, None, out);
+            self.arm(i, now, Guard::Idle);
+        }
+    }
+
+    fn start_permanent(&mut self, now: Millis, out: &mut Vec<Command>) {
+        self.mode = Mode::MakingPermanent;
+        self.pause_requested = false;
+        let mut sent = false;
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].state == NodeState::Committed && !self.track[i].counted {
+                let awaiting = self.awaiting_permanent(i);
+                let t = &mut self.track[i];
+                t.make_permanent_sent = true;
+                t.grace = None;
+                self.retally_permanent(i, awaiting);
+                out.push(Command::MakePermanent {
+                    node: self.nodes[i].name.clone(),
+                });
+                sent = true;
+            }
+        }
+        if sent {
+            self.permanent_deadline = Some(now.saturating_add(self.confirm_allowance()));
+        } else {
+            self.finish_permanent(&[], out);
+        }
+    }
+
+    /// End after make-permanent; `unconfirmed` nodes did not confirm in time.
+    pub(super) fn finish_permanent(&mut self, unconfirmed: &[usize], out: &mut Vec<Command>) {
+        let committed = self
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Committed)
+            .count();
+        let others: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].state != NodeState::Committed)
+            .collect();
+        let (state, mut reason) = if self.rollback_failed {
+            (RolloutState::Failed, self.rollback_failed_reason())
+        } else if others.is_empty() {
+            (RolloutState::Succeeded, None)
+        } else if committed == 0 {
+            (
+                RolloutState::RolledBack,
+                Some("every node failed and rolled back".to_string()),
+            )
+        } else {
+            (
+                RolloutState::PartiallyRolledBack,
+                Some(format!("not upgraded: {}", self.names(&others))),
+            )
+        };
+        if !unconfirmed.is_empty() {
+            let note = format!(
+                "make_permanent not confirmed within {} ms by {}",
+                self.confirm_allowance(),
+                self.names(unconfirmed)
+            );
+            reason = Some(match reason {
+                Some(r) => format!("{r}; {note}"),
+                None => note,
+            });
+        }
+        if reason.is_some() {
+            self.error = reason.clone();
+        }
+        self.finish(state, reason, out);
+    }
+
+    fn rollback_failed_reason(&self) -> Option<String> {
+        let failed: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| {
+                self.track[i].commit_sent
+                    && self.track[i].confirmed
+                    && self.nodes[i].state == NodeState::Failed
+            })
+            .collect();
+        Some(format!("rollback failed on {}", self.names(&failed)))
+    }
+
+    /// Enter a final state: nothing is armed any more.
+    pub(super) fn finish(
+        &mut self,
+        state: RolloutState,
+        reason: Option<String>,
+        out: &mut Vec<Command>,
+    ) {
+        self.pause_requested = false;
+        self.paused = None;
+        self.permanent_deadline = None;
+        for t in &mut self.track {
+            t.deadline = None;
+            t.grace = None;
+        }
+        self.close_barriers(None, out);
+        // A node that is away when the rollout ends cannot say where it stands: show it failed
+        // rather than forever "preparing". It is told again when it returns, and its late
+        // outcome (aborted, rolled back) still replaces this.
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].connected && !self.nodes[i].state.is_settled() {
+                let error = Some("unreachable when the rollout ended".to_string());
+                self.set_node_state(i, NodeState::Failed, error, out);
+            }
+        }
+        self.set_rollout_state(state, reason, out);
+    }
+}

@@ -1,0 +1,36 @@
+//! What a rollout is, fixed when it is created.
+
+use std::time::Duration;
+
+use hotroll_script::{BarrierSpec, RolloutPolicy};
+use serde::{Deserialize, Serialize};
+
+/// Everything the engine needs to know about a rollout, fixed when it is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    pub id: String,
+    pub app: String,
+    pub from: String,
+    pub to: String,
+    /// Target nodes in wave order: the first `canary` form the canary wave, and so on.
+    pub targets: Vec<String>,
+    #[serde(skip, default)]
+    pub policy: RolloutPolicy,
+    #[serde(skip, default)]
+    pub barriers: Vec<BarrierSpec>,
+    /// Number of instructions in `up`.
+    pub steps_total: u32,
+    /// Index in `up` of the first instruction that runs only after Commit.
+    pub first_commit_step: u32,
+    /// Deadline of each instruction of `up` (barrier timeout for `sync_nodes`), by index. The
+    /// engine fails a node whose step runs past its deadline plus `step_slack`.
+    #[serde(skip, default)]
+    pub step_deadlines: Vec<Duration>,
+    /// How long a node whose session dropped may take to come back before it counts as failed.
+    #[serde(skip, default)]
+    pub session_grace: Duration,
+    /// Extra time granted over an instruction's own deadline before the coordinator gives up on
+    /// a node that does not report (the agent enforces the deadline itself).
+    #[serde(skip, default)]
+    pub step_slack: Duration,
+}

@@ -1,0 +1,218 @@
+//! Start, prepare, waves, the canary and pauses.
+
+use super::harness::*;
+
+// ------------------------------------------------------------------------------------------
+// Start and prepare.
+
+#[test]
+fn start_sends_the_script_to_every_target() {
+    let mut h = H::new(spec(&["a", "b", "c"], one_wave(), vec![]));
+    assert_eq!(h.r.state(), R::Pending);
+    let out = h.ev(Event::Start);
+    assert_eq!(run_scripts(&out), s(&["a", "b", "c"]));
+    assert_eq!(h.r.state(), R::Preparing);
+    assert_eq!(h.states(), vec![N::Preparing; 3]);
+    assert_eq!(rollout_states(&out), vec![R::Preparing]);
+    assert_eq!(h.r.current_wave(), 0);
+    assert_eq!(h.r.waves(), 1);
+    // A second Start changes nothing.
+    assert!(h.ev(Event::Start).is_empty());
+}
+
+#[test]
+fn all_prepared_starts_wave_one_then_make_permanent_then_succeeded() {
+    let mut h = H::started(spec(&["a", "b"], one_wave(), vec![]));
+    let out = h.prepare("a");
+    assert!(commits(&out).is_empty(), "b is not prepared yet");
+    let out = h.prepare("b");
+    assert_eq!(commits(&out), s(&["a", "b"]));
+    assert_eq!(waves_started(&out), vec![(1, s(&["a", "b"]))]);
+    assert_eq!(h.r.state(), R::Committing);
+    assert_eq!(h.r.current_wave(), 1);
+    assert_eq!(h.states(), vec![N::Committing; 2]);
+
+    assert!(permanents(&h.commit("a")).is_empty());
+    let out = h.commit("b");
+    assert_eq!(permanents(&out), s(&["a", "b"]));
+    assert_eq!(h.r.state(), R::Committing, "waits for the confirmations");
+    h.outcome("a", Outcome::Permanent);
+    let out = h.outcome("b", Outcome::Permanent);
+    assert_eq!(rollout_states(&out), vec![R::Succeeded]);
+    assert_eq!(h.r.state(), R::Succeeded);
+    assert_eq!(h.r.error(), None);
+    assert_eq!(h.r.next_deadline(), None);
+    assert_eq!(h.r.failures(), 0);
+}
+
+#[test]
+fn steps_are_recorded_on_the_node_view() {
+    let mut h = H::started(spec(&["a"], one_wave(), vec![]));
+    h.at(500);
+    let out = h.started_step("a", 0);
+    assert_eq!(
+        records(&out),
+        vec![&Record::Step {
+            node: "a".into(),
+            step: 0,
+            phase: StepPhase::Started,
+            error: None,
+            duration_ms: None,
+        }]
+    );
+    assert_eq!(h.node("a").step, Some(0));
+    assert_eq!(h.node("a").step_started, Some(500));
+    h.at(700);
+    h.step_ok("a", 0);
+    assert_eq!(h.node("a").step_started, Some(500));
+    // A commit step before Commit is inconsistent with the node's state: ignored.
+    assert!(h.started_step("a", 3).is_empty());
+    assert_eq!(h.node("a").step, Some(0));
+}
+
+#[test]
+fn zero_targets_succeed_at_once() {
+    let mut h = H::new(spec(&[], one_wave(), vec![]));
+    h.ev(Event::Start);
+    assert_eq!(h.r.state(), R::Succeeded);
+    assert_eq!(h.r.waves(), 0);
+}
+
+// ------------------------------------------------------------------------------------------
+// Waves, canary, pause.
+
+#[test]
+fn canary_then_waves_commit_in_order_and_one_wave_at_a_time() {
+    let mut h = H::started(spec(
+        &["a", "b", "c"],
+        policy(OnFailure::RollbackNode, 1, 1, 0),
+        vec![],
+    ));
+    assert_eq!(h.r.waves(), 3);
+    assert_eq!(
+        h.r.nodes().iter().map(|n| n.wave).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    h.prepare("a");
+    h.prepare("b");
+    assert!(commits(&h.log).is_empty(), "c is not prepared");
+    let out = h.prepare("c");
+    assert_eq!(commits(&out), s(&["a"]));
+    assert_eq!(h.r.current_wave(), 1);
+    // Reports from nodes of later waves change nothing.
+    assert!(h.started_step("b", 3).is_empty());
+    assert!(h.outcome("b", Outcome::Committed).is_empty());
+    h.started_step("a", 3);
+    assert!(commits(&h.step_ok("a", 3)).is_empty());
+    let out = h.outcome("a", Outcome::Committed);
+    assert_eq!(commits(&out), s(&["b"]));
+    assert_eq!(waves_started(&out), vec![(2, s(&["b"]))]);
+    assert_eq!(h.r.current_wave(), 2);
+    let out = h.commit("b");
+    assert_eq!(commits(&out), s(&["c"]));
+    let out = h.commit("c");
+    assert_eq!(permanents(&out), s(&["a", "b", "c"]));
+    assert_eq!(commits(&h.log), s(&["a", "b", "c"]));
+}
+
+#[test]
+fn pause_after_canary_waits_for_promote() {
+    let mut p = policy(OnFailure::RollbackNode, 1, 0, 0);
+    p.pause_after_canary = true;
+    let mut h = H::started(spec(&["a", "b", "c"], p, vec![]));
+    h.prepare_all();
+    let out = h.commit("a");
+    assert!(commits(&out).is_empty());
+    assert_eq!(rollout_states(&out), vec![R::Paused]);
+    assert_eq!(h.r.state(), R::Paused);
+    assert!(h.op(Event::OperatorResume).is_err(), "promote, not resume");
+    let out = h.op(Event::OperatorPromote).expect("promote applies");
+    assert_eq!(commits(&out), s(&["b", "c"]));
+    assert_eq!(h.r.state(), R::Committing);
+    assert_eq!(h.r.current_wave(), 2);
+    assert!(h.op(Event::OperatorPromote).is_err(), "only once");
+    h.commit("b");
+    let out = h.commit("c");
+    assert_eq!(permanents(&out), s(&["a", "b", "c"]));
+}
+
+#[test]
+fn pause_after_canary_applies_when_the_canary_is_the_only_wave() {
+    let mut p = policy(OnFailure::RollbackNode, 2, 0, 0);
+    p.pause_after_canary = true;
+    let mut h = H::started(spec(&["a", "b"], p, vec![]));
+    h.prepare_all();
+    h.commit("a");
+    h.commit("b");
+    assert_eq!(h.r.state(), R::Paused);
+    let out = h.op(Event::OperatorPromote).expect("promote applies");
+    assert_eq!(permanents(&out), s(&["a", "b"]));
+}
+
+#[test]
+fn operator_pause_takes_effect_between_waves() {
+    let mut h = H::started(spec(
+        &["a", "b", "c"],
+        policy(OnFailure::RollbackNode, 0, 1, 0),
+        vec![],
+    ));
+    h.prepare_all();
+    let out = h.op(Event::OperatorPause).expect("pause applies");
+    assert!(records(&out).contains(&&Record::Operator {
+        action: "pause".into(),
+        reason: Some("takes effect before the next wave starts".into())
+    }));
+    assert_eq!(h.r.state(), R::Committing, "wave 1 is in flight");
+    assert!(h.op(Event::OperatorPause).is_err(), "already pending");
+    let out = h.commit("a");
+    assert!(commits(&out).is_empty());
+    assert_eq!(h.r.state(), R::Paused);
+    assert!(h.op(Event::OperatorPromote).is_err(), "not a canary pause");
+    let out = h.op(Event::OperatorResume).expect("resume applies");
+    assert_eq!(commits(&out), s(&["b"]));
+    assert_eq!(h.r.state(), R::Committing);
+}
+
+#[test]
+fn operator_pause_during_prepare_holds_before_wave_one() {
+    let mut h = H::started(spec(&["a", "b"], one_wave(), vec![]));
+    h.op(Event::OperatorPause).expect("pause applies");
+    h.prepare("a");
+    let out = h.prepare("b");
+    assert!(commits(&out).is_empty());
+    assert_eq!(h.r.state(), R::Paused);
+    assert_eq!(h.r.current_wave(), 0);
+    let out = h.op(Event::OperatorResume).expect("resume applies");
+    assert_eq!(commits(&out), s(&["a", "b"]));
+}
+
+#[test]
+fn resume_cancels_a_pending_pause() {
+    let mut h = H::started(spec(
+        &["a", "b"],
+        policy(OnFailure::RollbackNode, 0, 1, 0),
+        vec![],
+    ));
+    h.prepare_all();
+    h.op(Event::OperatorPause).expect("pause applies");
+    h.op(Event::OperatorResume).expect("resume cancels");
+    let out = h.commit("a");
+    assert_eq!(commits(&out), s(&["b"]));
+}
+
+#[test]
+fn a_failure_while_paused_before_wave_one_still_aborts() {
+    let mut h = H::started(spec(&["a", "b"], one_wave(), vec![]));
+    h.op(Event::OperatorPause).expect("pause applies");
+    h.prepare_all();
+    h.lost("a");
+    h.tick(h.now + GRACE);
+    assert_eq!(aborts(&h.log), s(&["a", "b"]));
+    assert_eq!(
+        h.r.state(),
+        R::Preparing,
+        "aborting: b has not confirmed yet"
+    );
+    h.confirm_aborted(&["b"]);
+    assert_eq!(h.r.state(), R::Aborted);
+}
