@@ -121,7 +121,17 @@ pub struct StatusJson {
     pub wave: u32,
     pub waves: u32,
     pub error: Option<String>,
+    /// Present while the rollout holds because the coordinator's store cannot record its step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_on_store: Option<HeldJson>,
     pub nodes: Vec<NodeStatusJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HeldJson {
+    pub error: String,
+    /// When the hold began (UTC, RFC 3339).
+    pub since: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -150,6 +160,10 @@ pub fn status_json(status: &pb::RolloutStatus) -> StatusJson {
         wave: status.current_wave,
         waves: status.waves,
         error: non_empty(&status.error),
+        held_on_store: non_empty(&status.held_on_store).map(|error| HeldJson {
+            error,
+            since: super::watch::text::format_unix_ms(status.held_since_unix_ms),
+        }),
         nodes: status
             .nodes
             .iter()
@@ -190,6 +204,9 @@ pub fn print_status(status: &pb::RolloutStatus, output: Output) -> anyhow::Resul
             }
             if let Some(e) = &json.error {
                 println!("error: {e}");
+            }
+            if let Some(held) = &json.held_on_store {
+                println!("held: {} (since {})", held.error, held.since);
             }
             let mut table = comfy_table::Table::new();
             table.load_preset(comfy_table::presets::NOTHING);

@@ -16,7 +16,7 @@ use crate::auth::MAX_ARTIFACTS_PER_SCRIPT;
 use crate::convert;
 use crate::engine::{Event, Record};
 use crate::registry::Registry;
-use crate::rollouts::{NewRollout, RolloutError, Rollouts, instruction_namer};
+use crate::rollouts::{LiveEvent, NewRollout, RolloutError, Rollouts, instruction_namer};
 use crate::store::ArtifactBinding;
 
 /// Largest script source accepted.
@@ -56,7 +56,9 @@ fn rollout_status_error(e: RolloutError) -> Status {
         RolloutError::NotFound(_) => Status::not_found(e.to_string()),
         RolloutError::NotApplicable(_) => Status::failed_precondition(e.to_string()),
         RolloutError::Store(_) => Status::internal(e.to_string()),
-        RolloutError::Stopped => Status::unavailable(e.to_string()),
+        RolloutError::Stopped | RolloutError::Held(_) | RolloutError::HeldQueued(_) => {
+            Status::unavailable(e.to_string())
+        }
     }
 }
 
@@ -406,7 +408,7 @@ async fn forward_watch(
     id: String,
     from_seq: u64,
     past: Vec<crate::store::StoredEvent>,
-    live: Option<broadcast::Receiver<crate::store::StoredEvent>>,
+    live: Option<broadcast::Receiver<LiveEvent>>,
     names: crate::rollouts::InstructionNames,
     tx: mpsc::Sender<Result<pb::RolloutEvent, Status>>,
 ) {
@@ -446,6 +448,18 @@ async fn forward_watch(
         };
         // What arrived before a lag is still good: send it, then say where to resume.
         for event in batch {
+            let event = match event {
+                LiveEvent::Stored(event) => event,
+                notice => {
+                    // Not part of the history (seq 0): a hold on the store and its end.
+                    if let Some(notice) = convert::live_notice(&id, &notice)
+                        && tx.send(Ok(notice)).await.is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+            };
             if event.seq <= last_seq {
                 continue;
             }

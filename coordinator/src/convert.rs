@@ -4,8 +4,10 @@
 use hotroll_proto::v1 as pb;
 
 use crate::engine::{
-    BarrierView, Command, Event, NodeState, NodeView, Outcome, Record, RolloutState, StepPhase,
+    BarrierView, Event, NodeState, NodeView, Outcome, Record, RolloutState, StepPhase,
 };
+use crate::outbound::{NodeCommand, Order, Outbound, ScriptToRun};
+use crate::rollouts::LiveEvent;
 use crate::store::{RolloutSnapshot, StoredEvent};
 
 pub fn rollout_state(state: RolloutState) -> pb::RolloutState {
@@ -96,6 +98,12 @@ pub fn rollout_status(
         waves: snapshot.waves,
         barrier: snapshot.barrier.as_ref().map(barrier_status),
         error: snapshot.error.clone().unwrap_or_default(),
+        held_on_store: snapshot
+            .held_on_store
+            .as_ref()
+            .map(|h| h.error.clone())
+            .unwrap_or_default(),
+        held_since_unix_ms: snapshot.held_on_store.as_ref().map_or(0, |h| h.since_ms),
     }
 }
 
@@ -193,54 +201,110 @@ pub fn rollout_event(
     out
 }
 
-/// The wire message for an engine command addressed to a node, or `None` for records.
-pub fn command_message(
-    rollout_id: &str,
-    epoch: u64,
-    command: &Command,
-) -> Option<(String, pb::CoordinatorMessage)> {
+/// A live watch notice that is not part of the history (seq 0): the rollout started holding on
+/// its store (`held_on_store`, the error) or stopped (`store_recovered`). `None` for history.
+pub fn live_notice(rollout_id: &str, event: &LiveEvent) -> Option<pb::RolloutEvent> {
+    let (kind, at_ms, error, message) = match event {
+        LiveEvent::Stored(_) => return None,
+        LiveEvent::Held(hold) => (
+            "held_on_store",
+            hold.since_ms,
+            hold.error.clone(),
+            "no command is sent until the store records the rollout's step".to_string(),
+        ),
+        LiveEvent::Resumed {
+            at_ms,
+            held_since_ms,
+        } => (
+            "store_recovered",
+            *at_ms,
+            String::new(),
+            format!(
+                "the store recorded the held step after {} ms; its commands are sent",
+                at_ms.saturating_sub(*held_since_ms)
+            ),
+        ),
+    };
+    Some(pb::RolloutEvent {
+        rollout_id: rollout_id.to_string(),
+        seq: 0,
+        at_unix_ms: at_ms,
+        kind: kind.into(),
+        step: -1,
+        error,
+        message,
+        ..Default::default()
+    })
+}
+
+/// The wire message of what a session queued for its node.
+pub fn coordinator_message(outbound: Outbound) -> pb::CoordinatorMessage {
     use pb::coordinator_message::Msg;
-    let rollout_id = rollout_id.to_string();
-    let (node, msg) = match command {
-        Command::RunScript { .. } | Command::Record(_) => return None,
-        Command::ReleaseBarrier {
-            node,
+    let msg = match outbound {
+        Outbound::Heartbeat { seq, sent_ms } => Msg::Heartbeat(pb::Heartbeat {
+            seq,
+            sent_unix_ms: sent_ms,
+        }),
+        Outbound::Rollout(command) => node_command(command),
+    };
+    pb::CoordinatorMessage { msg: Some(msg) }
+}
+
+fn node_command(command: NodeCommand) -> pb::coordinator_message::Msg {
+    use pb::coordinator_message::Msg;
+    let NodeCommand {
+        rollout_id,
+        epoch,
+        order,
+    } = command;
+    match order {
+        Order::RunScript(script) => Msg::RunScript(run_script(rollout_id, epoch, &script)),
+        Order::ReleaseBarrier {
             barrier,
             ok,
             reason,
-        } => (
-            node,
-            Msg::BarrierRelease(pb::BarrierRelease {
-                rollout_id,
-                epoch,
-                barrier_id: barrier.clone(),
-                ok: *ok,
-                reason: reason.clone().unwrap_or_default(),
-            }),
-        ),
-        Command::Commit { node } => (node, Msg::Commit(pb::Commit { rollout_id, epoch })),
-        Command::Abort { node, reason } => (
-            node,
-            Msg::Abort(pb::Abort {
-                rollout_id,
-                epoch,
-                reason: reason.clone(),
-            }),
-        ),
-        Command::Rollback { node, reason } => (
-            node,
-            Msg::Rollback(pb::Rollback {
-                rollout_id,
-                epoch,
-                reason: reason.clone(),
-            }),
-        ),
-        Command::MakePermanent { node } => (
-            node,
-            Msg::MakePermanent(pb::MakePermanent { rollout_id, epoch }),
-        ),
-    };
-    Some((node.clone(), pb::CoordinatorMessage { msg: Some(msg) }))
+        } => Msg::BarrierRelease(pb::BarrierRelease {
+            rollout_id,
+            epoch,
+            barrier_id: barrier,
+            ok,
+            reason: reason.unwrap_or_default(),
+        }),
+        Order::Commit => Msg::Commit(pb::Commit { rollout_id, epoch }),
+        Order::Abort { reason } => Msg::Abort(pb::Abort {
+            rollout_id,
+            epoch,
+            reason,
+        }),
+        Order::Rollback { reason } => Msg::Rollback(pb::Rollback {
+            rollout_id,
+            epoch,
+            reason,
+        }),
+        Order::MakePermanent => Msg::MakePermanent(pb::MakePermanent { rollout_id, epoch }),
+    }
+}
+
+fn run_script(rollout_id: String, epoch: u64, script: &ScriptToRun) -> pb::RunScript {
+    pb::RunScript {
+        rollout_id,
+        epoch,
+        script_name: script.script_name.clone(),
+        script_source: script.script_source.clone(),
+        artifacts: script
+            .artifacts
+            .iter()
+            .map(|a| pb::ScriptArtifact {
+                name: a.name.clone(),
+                digest: a.digest.clone(),
+                size: a.size,
+                mode: a.mode,
+                unpack: a.unpack,
+            })
+            .collect(),
+        step_timeout_ms: script.step_timeout_ms,
+        barrier_timeout_ms: script.barrier_timeout_ms,
+    }
 }
 
 fn outcome(state: pb::NodeState) -> Option<Outcome> {

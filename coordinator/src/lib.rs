@@ -5,6 +5,7 @@
 //! * [`session`]: the `Agent` gRPC service (node sessions, artifact download).
 //! * [`control`]: the `Control` gRPC service (what the CLI calls).
 //! * [`registry`], [`store`], [`artifacts`]: nodes, durable state, content store.
+//! * [`outbound`]: what the coordinator sends a node, before it becomes a wire message.
 //! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! * [`tls`], [`auth`]: the CA, TLS on the listener, who may call what, limits.
 //! * [`server::run`]: the daemon's one entry point.
@@ -14,6 +15,7 @@ pub mod auth;
 pub mod control;
 pub mod convert;
 pub mod metrics;
+pub mod outbound;
 pub mod registry;
 pub mod rollouts;
 pub mod server;

@@ -14,6 +14,7 @@
 //! | `hotroll_rollbacks_total` | counter | | nodes that confirmed a rollback to their permanent release |
 //! | `hotroll_artifact_bytes_sent_total` | counter | | artifact bytes sent to agents (`FetchArtifact`) |
 //! | `hotroll_watch_streams` | gauge | | open `WatchRollout` streams |
+//! | `hotroll_store_commit_failures_total` | counter | | rollout steps the store failed to record (each retry of a held step counts) |
 //!
 //! [`Metrics`] is always there (instrumenting costs an atomic add); only the HTTP server is
 //! optional. Every update is lock-free or takes a short read lock, so nothing on the rollout
@@ -77,6 +78,7 @@ pub struct Metrics {
     rollbacks: Counter,
     artifact_bytes_sent: Counter,
     watch_streams: Gauge,
+    store_commit_failures: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -162,6 +164,12 @@ impl Metrics {
             "Open WatchRollout streams",
             watch_streams.clone(),
         );
+        let store_commit_failures = Counter::default();
+        registry.register(
+            "store_commit_failures",
+            "Rollout steps the store failed to record; the rollout holds until one succeeds",
+            store_commit_failures.clone(),
+        );
         Self {
             registry,
             connected_agents,
@@ -172,6 +180,7 @@ impl Metrics {
             rollbacks,
             artifact_bytes_sent,
             watch_streams,
+            store_commit_failures,
         }
     }
 
@@ -228,6 +237,11 @@ impl Metrics {
 
     pub fn rollback_confirmed(&self) {
         self.rollbacks.inc();
+    }
+
+    /// A rollout step the store could not record (its rollout holds; see `rollouts::driver`).
+    pub fn store_commit_failed(&self) {
+        self.store_commit_failures.inc();
     }
 
     pub fn artifact_bytes_sent(&self, bytes: u64) {

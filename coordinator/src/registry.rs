@@ -12,10 +12,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 
-use hotroll_proto::v1::CoordinatorMessage;
 use tokio::sync::mpsc;
 
 use crate::engine::Millis;
+use crate::outbound::{NodeCommand, Outbound};
 use crate::store::{NodeRecord, Store};
 
 /// How the rest of the coordinator reaches a connected node.
@@ -24,7 +24,7 @@ pub struct SessionLink {
     /// Unique per accepted session, so a stale session's cleanup never detaches a newer one.
     pub id: u64,
     pub epoch: u64,
-    pub tx: mpsc::Sender<CoordinatorMessage>,
+    pub tx: mpsc::Sender<Outbound>,
     pub peer: String,
 }
 
@@ -212,7 +212,7 @@ impl Registry {
     pub fn attach(
         &self,
         record: NodeRecord,
-        tx: mpsc::Sender<CoordinatorMessage>,
+        tx: mpsc::Sender<Outbound>,
         peer: String,
     ) -> Result<SessionLink, AttachError> {
         let link = {
@@ -288,12 +288,13 @@ impl Registry {
         }
     }
 
-    /// Queue a message for a connected node. Returns false when the node is not connected or its
-    /// outbound queue is full (the session is then torn down by its own timeout).
-    pub fn send(&self, node: &str, message: CoordinatorMessage) -> bool {
+    /// Queue a rollout's command for a connected node. Returns false when the node is not
+    /// connected or its outbound queue is full (the session is then torn down by its own
+    /// timeout).
+    pub fn send(&self, node: &str, command: NodeCommand) -> bool {
         // `try_send` never waits, so it can run under the lock (no clone of the link).
         match self.lock().get(node).and_then(|e| e.session.as_ref()) {
-            Some(link) => link.tx.try_send(message).is_ok(),
+            Some(link) => link.tx.try_send(Outbound::Rollout(command)).is_ok(),
             None => false,
         }
     }

@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::artifacts::ArtifactStore;
 use crate::auth::{NodeIdentity, check_hello};
 use crate::convert;
+use crate::outbound::Outbound;
 use crate::registry::Registry;
 use crate::rollouts::{Rollouts, now_ms};
 use crate::store::{AppVersions, NodeRecord};
@@ -143,8 +144,6 @@ impl pb::agent_server::Agent for AgentService {
                     .unwrap_or(u64::MAX),
             })),
         };
-        // The queue is fresh, so this cannot be full.
-        let _ = tx.try_send(welcome);
         self.rollouts.session_changed(&node, true);
         // Outcomes the node reached while it had no session (it finished, or its agent restarted
         // and recovered): its journal says so.
@@ -163,7 +162,10 @@ impl pb::agent_server::Agent for AgentService {
             }
         });
 
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+        // The Welcome first, then what the rollouts and the heartbeat queue, as wire messages.
+        let outbound = ReceiverStream::new(rx).map(convert::coordinator_message);
+        let messages = tokio_stream::once(welcome).chain(outbound);
+        Ok(Response::new(Box::pin(messages.map(Ok))))
     }
 
     async fn fetch_artifact(
@@ -257,7 +259,7 @@ fn app_versions(apps: &[pb::AppState]) -> BTreeMap<String, AppVersions> {
 async fn serve_session(
     node: &str,
     inbound: &mut Streaming<pb::AgentMessage>,
-    tx: &mpsc::Sender<pb::CoordinatorMessage>,
+    tx: &mpsc::Sender<Outbound>,
     registry: &Registry,
     rollouts: &Rollouts,
     interval: Duration,
@@ -304,10 +306,7 @@ async fn serve_session(
                     return "no message for three heartbeat intervals";
                 }
                 seq += 1;
-                let beat = pb::CoordinatorMessage {
-                    msg: Some(CoordMsg::Heartbeat(pb::Heartbeat { seq, sent_unix_ms: now_ms() })),
-                };
-                if tx.try_send(beat).is_err() {
+                if tx.try_send(Outbound::Heartbeat { seq, sent_ms: now_ms() }).is_err() {
                     return "outbound queue full or closed";
                 }
             }

@@ -8,11 +8,14 @@
 //! replaying its inputs ([`Store::inputs`]); the engine is deterministic, so that gives back its
 //! exact state: barriers, deadlines, waves, what each node was told.
 //!
-//! Values are JSON so a record can grow fields without a migration.
+//! Values are JSON so a record can grow fields without a migration. [`faults`] has a store that
+//! fails on demand, for tests.
+
+pub mod faults;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -41,6 +44,13 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    /// The database was closed after a failed write and could not be opened again yet (every
+    /// later call tries again).
+    #[error("store: the database is closed after a failed write and cannot be reopened: {0}")]
+    Closed(String),
+    /// A fault injected by a test store ([`faults::FailingStore`]).
+    #[error("store: {0}")]
+    Injected(String),
 }
 
 macro_rules! db_err {
@@ -98,6 +108,18 @@ pub struct RolloutSnapshot {
     pub error: Option<String>,
     pub created_ms: Millis,
     pub finished_ms: Option<Millis>,
+    /// Set while the rollout holds because the store failed to record its latest step: none
+    /// of that step's commands has been sent. Live only (never stored: the store is what fails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_on_store: Option<StoreHold>,
+}
+
+/// Why and since when a rollout holds on its store (see [`RolloutSnapshot::held_on_store`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreHold {
+    /// The store's error, e.g. `cannot store the rollout's step: ... No space left on device`.
+    pub error: String,
+    pub since_ms: Millis,
 }
 
 /// One entry in a rollout's history.
@@ -184,13 +206,29 @@ const STORE_CACHE_BYTES: usize = 32 << 20;
 
 /// The durable store: one redb file. Every write is committed (fsynced) before it returns, so a
 /// state change is durable before any command that depends on it is sent.
+///
+/// After a failed write redb refuses every later one ("Previous I/O error occurred") until the
+/// database is closed and opened again, so a failed write closes it and opens it afresh: the
+/// file holds what was committed before, and the caller's retry can succeed once the cause
+/// (a full disk) is gone. Every call holds a read lock on the open database for its duration;
+/// reopening takes the write lock, so it waits for calls in flight and no transaction outlives
+/// the database it was begun on.
 pub struct RedbStore {
-    db: redb::Database,
+    path: PathBuf,
+    open: RwLock<OpenDb>,
+}
+
+/// The open database, if any, and how many times it has been (re)opened.
+struct OpenDb {
+    db: Result<redb::Database, String>,
+    generation: u64,
 }
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedbStore").finish_non_exhaustive()
+        f.debug_struct("RedbStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -201,80 +239,166 @@ impl RedbStore {
             path: data_dir.display().to_string(),
             source,
         })?;
-        // redb caches pages up to its cache size (1 GiB by default): bounded here so that the
-        // coordinator's memory does not grow with its history, which lives on disk.
-        let db = db_err!(
-            redb::Builder::new()
-                .set_cache_size(STORE_CACHE_BYTES)
-                .create(data_dir.join("coordinator.redb"))
-        )?;
-        // Create the tables up front so readers never see "table does not exist".
-        let tx = db_err!(db.begin_write())?;
-        {
-            db_err!(tx.open_table(ROLLOUTS))?;
-            db_err!(tx.open_table(EVENTS))?;
-            db_err!(tx.open_table(INPUTS))?;
-            db_err!(tx.open_table(NODES))?;
-        }
-        db_err!(tx.commit())?;
-        Ok(Self { db })
+        let path = data_dir.join("coordinator.redb");
+        let db = open_db(&path)?;
+        Ok(Self {
+            path,
+            open: RwLock::new(OpenDb {
+                db: Ok(db),
+                generation: 0,
+            }),
+        })
     }
+
+    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, OpenDb> {
+        // A panic under the lock leaves the database open or closed, both consistent.
+        self.open.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run a read-only call on the open database (reopening a closed one first).
+    fn read<T>(
+        &self,
+        call: impl FnOnce(&redb::Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let generation = {
+            let open = self.read_lock();
+            match &open.db {
+                Ok(db) => return call(db),
+                Err(_) => open.generation,
+            }
+        };
+        self.reopen(generation);
+        match &self.read_lock().db {
+            Ok(db) => call(db),
+            Err(why) => Err(StoreError::Closed(why.clone())),
+        }
+    }
+
+    /// Run a write on the open database; when it fails on the database, close and reopen it
+    /// (see the type's docs) and return the error: the caller retries.
+    fn write(
+        &self,
+        call: impl FnOnce(&redb::Database) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let (result, generation) = {
+            let open = self.read_lock();
+            let result = match &open.db {
+                Ok(db) => call(db),
+                Err(why) => Err(StoreError::Closed(why.clone())),
+            };
+            (result, open.generation)
+        };
+        if matches!(result, Err(StoreError::Db(_) | StoreError::Closed(_))) {
+            self.reopen(generation);
+        }
+        result
+    }
+
+    /// Close the database and open it again, unless that already happened since `generation`.
+    fn reopen(&self, generation: u64) {
+        let mut open = self.open.write().unwrap_or_else(|p| p.into_inner());
+        if open.generation != generation {
+            return;
+        }
+        open.generation += 1;
+        // Dropped before it is opened again: redb allows one open handle per file.
+        open.db = Err("reopening".into());
+        open.db = open_db(&self.path).map_err(|e| e.to_string());
+        match &open.db {
+            Ok(_) => {
+                tracing::info!(path = %self.path.display(), "store reopened after a failed write")
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot reopen the store yet")
+            }
+        }
+    }
+}
+
+fn open_db(path: &Path) -> Result<redb::Database, StoreError> {
+    // redb caches pages up to its cache size (1 GiB by default): bounded here so that the
+    // coordinator's memory does not grow with its history, which lives on disk.
+    let db = db_err!(
+        redb::Builder::new()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(path)
+    )?;
+    // Create the tables up front so readers never see "table does not exist".
+    let tx = db_err!(db.begin_write())?;
+    {
+        db_err!(tx.open_table(ROLLOUTS))?;
+        db_err!(tx.open_table(EVENTS))?;
+        db_err!(tx.open_table(INPUTS))?;
+        db_err!(tx.open_table(NODES))?;
+    }
+    db_err!(tx.commit())?;
+    Ok(db)
 }
 
 impl Store for RedbStore {
     fn put_rollout(&self, record: &RolloutRecord) -> Result<(), StoreError> {
         let bytes = encode(record)?;
-        let tx = db_err!(self.db.begin_write())?;
-        {
-            let mut table = db_err!(tx.open_table(ROLLOUTS))?;
-            db_err!(table.insert(record.id.as_str(), bytes.as_slice()))?;
-        }
-        db_err!(tx.commit())
+        self.write(|db| {
+            let tx = db_err!(db.begin_write())?;
+            {
+                let mut table = db_err!(tx.open_table(ROLLOUTS))?;
+                db_err!(table.insert(record.id.as_str(), bytes.as_slice()))?;
+            }
+            db_err!(tx.commit())
+        })
     }
 
     fn get_rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError> {
-        let tx = db_err!(self.db.begin_read())?;
-        let table = db_err!(tx.open_table(ROLLOUTS))?;
-        match db_err!(table.get(id))? {
-            Some(value) => Ok(Some(decode(id, value.value())?)),
-            None => Ok(None),
-        }
+        self.read(|db| {
+            let tx = db_err!(db.begin_read())?;
+            let table = db_err!(tx.open_table(ROLLOUTS))?;
+            match db_err!(table.get(id))? {
+                Some(value) => Ok(Some(decode(id, value.value())?)),
+                None => Ok(None),
+            }
+        })
     }
 
     fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
-        let tx = db_err!(self.db.begin_read())?;
-        let table = db_err!(tx.open_table(ROLLOUTS))?;
-        let mut out = Vec::new();
-        for entry in db_err!(table.iter())? {
-            let (key, value) = db_err!(entry)?;
-            out.push(decode::<RolloutRecord>(key.value(), value.value())?);
-        }
-        // uuid v7 ids sort by creation time.
-        out.sort_by(|a, b| b.id.cmp(&a.id));
-        Ok(out)
+        self.read(|db| {
+            let tx = db_err!(db.begin_read())?;
+            let table = db_err!(tx.open_table(ROLLOUTS))?;
+            let mut out = Vec::new();
+            for entry in db_err!(table.iter())? {
+                let (key, value) = db_err!(entry)?;
+                out.push(decode::<RolloutRecord>(key.value(), value.value())?);
+            }
+            // uuid v7 ids sort by creation time.
+            out.sort_by(|a, b| b.id.cmp(&a.id));
+            Ok(out)
+        })
     }
 
     fn append_events(&self, rollout: &str, events: &[StoredEvent]) -> Result<(), StoreError> {
-        let tx = db_err!(self.db.begin_write())?;
-        {
-            let mut table = db_err!(tx.open_table(EVENTS))?;
-            for event in events {
-                let bytes = encode(event)?;
-                db_err!(table.insert((rollout, event.seq), bytes.as_slice()))?;
+        self.write(|db| {
+            let tx = db_err!(db.begin_write())?;
+            {
+                let mut table = db_err!(tx.open_table(EVENTS))?;
+                for event in events {
+                    let bytes = encode(event)?;
+                    db_err!(table.insert((rollout, event.seq), bytes.as_slice()))?;
+                }
             }
-        }
-        db_err!(tx.commit())
+            db_err!(tx.commit())
+        })
     }
 
     fn events(&self, rollout: &str, from_seq: u64) -> Result<Vec<StoredEvent>, StoreError> {
-        let tx = db_err!(self.db.begin_read())?;
-        let table = db_err!(tx.open_table(EVENTS))?;
-        let mut out = Vec::new();
-        for entry in db_err!(table.range((rollout, from_seq)..=(rollout, u64::MAX)))? {
-            let (_, value) = db_err!(entry)?;
-            out.push(decode::<StoredEvent>(rollout, value.value())?);
-        }
-        Ok(out)
+        self.read(|db| {
+            let tx = db_err!(db.begin_read())?;
+            let table = db_err!(tx.open_table(EVENTS))?;
+            let mut out = Vec::new();
+            for entry in db_err!(table.range((rollout, from_seq)..=(rollout, u64::MAX)))? {
+                let (_, value) = db_err!(entry)?;
+                out.push(decode::<StoredEvent>(rollout, value.value())?);
+            }
+            Ok(out)
+        })
     }
 
     fn commit(&self, commit: Commit<'_>) -> Result<(), StoreError> {
@@ -289,37 +413,41 @@ impl Store for RedbStore {
             .map(|e| encode(e).map(|bytes| (e.seq, bytes)))
             .collect::<Result<Vec<_>, _>>()?;
         let record = commit.record.map(encode).transpose()?;
-        let tx = db_err!(self.db.begin_write())?;
-        {
-            if !inputs.is_empty() {
-                let mut table = db_err!(tx.open_table(INPUTS))?;
-                for (seq, bytes) in &inputs {
-                    db_err!(table.insert((commit.rollout, *seq), bytes.as_slice()))?;
+        self.write(|db| {
+            let tx = db_err!(db.begin_write())?;
+            {
+                if !inputs.is_empty() {
+                    let mut table = db_err!(tx.open_table(INPUTS))?;
+                    for (seq, bytes) in &inputs {
+                        db_err!(table.insert((commit.rollout, *seq), bytes.as_slice()))?;
+                    }
+                }
+                if !events.is_empty() {
+                    let mut table = db_err!(tx.open_table(EVENTS))?;
+                    for (seq, bytes) in &events {
+                        db_err!(table.insert((commit.rollout, *seq), bytes.as_slice()))?;
+                    }
+                }
+                if let Some(bytes) = &record {
+                    let mut table = db_err!(tx.open_table(ROLLOUTS))?;
+                    db_err!(table.insert(commit.rollout, bytes.as_slice()))?;
                 }
             }
-            if !events.is_empty() {
-                let mut table = db_err!(tx.open_table(EVENTS))?;
-                for (seq, bytes) in &events {
-                    db_err!(table.insert((commit.rollout, *seq), bytes.as_slice()))?;
-                }
-            }
-            if let Some(bytes) = &record {
-                let mut table = db_err!(tx.open_table(ROLLOUTS))?;
-                db_err!(table.insert(commit.rollout, bytes.as_slice()))?;
-            }
-        }
-        db_err!(tx.commit())
+            db_err!(tx.commit())
+        })
     }
 
     fn inputs(&self, rollout: &str) -> Result<Vec<StoredInput>, StoreError> {
-        let tx = db_err!(self.db.begin_read())?;
-        let table = db_err!(tx.open_table(INPUTS))?;
-        let mut out = Vec::new();
-        for entry in db_err!(table.range((rollout, 0)..=(rollout, u64::MAX)))? {
-            let (_, value) = db_err!(entry)?;
-            out.push(decode::<StoredInput>(rollout, value.value())?);
-        }
-        Ok(out)
+        self.read(|db| {
+            let tx = db_err!(db.begin_read())?;
+            let table = db_err!(tx.open_table(INPUTS))?;
+            let mut out = Vec::new();
+            for entry in db_err!(table.range((rollout, 0)..=(rollout, u64::MAX)))? {
+                let (_, value) = db_err!(entry)?;
+                out.push(decode::<StoredInput>(rollout, value.value())?);
+            }
+            Ok(out)
+        })
     }
 
     fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
@@ -331,25 +459,29 @@ impl Store for RedbStore {
             .iter()
             .map(|node| encode(node).map(|bytes| (node.name.as_str(), bytes)))
             .collect::<Result<Vec<_>, _>>()?;
-        let tx = db_err!(self.db.begin_write())?;
-        {
-            let mut table = db_err!(tx.open_table(NODES))?;
-            for (name, bytes) in &encoded {
-                db_err!(table.insert(*name, bytes.as_slice()))?;
+        self.write(|db| {
+            let tx = db_err!(db.begin_write())?;
+            {
+                let mut table = db_err!(tx.open_table(NODES))?;
+                for (name, bytes) in &encoded {
+                    db_err!(table.insert(*name, bytes.as_slice()))?;
+                }
             }
-        }
-        db_err!(tx.commit())
+            db_err!(tx.commit())
+        })
     }
 
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        let tx = db_err!(self.db.begin_read())?;
-        let table = db_err!(tx.open_table(NODES))?;
-        let mut out = Vec::new();
-        for entry in db_err!(table.iter())? {
-            let (key, value) = db_err!(entry)?;
-            out.push(decode::<NodeRecord>(key.value(), value.value())?);
-        }
-        Ok(out)
+        self.read(|db| {
+            let tx = db_err!(db.begin_read())?;
+            let table = db_err!(tx.open_table(NODES))?;
+            let mut out = Vec::new();
+            for entry in db_err!(table.iter())? {
+                let (key, value) = db_err!(entry)?;
+                out.push(decode::<NodeRecord>(key.value(), value.value())?);
+            }
+            Ok(out)
+        })
     }
 }
 
@@ -478,6 +610,7 @@ mod tests {
                 error: None,
                 created_ms: 1,
                 finished_ms: None,
+                held_on_store: None,
             },
             session_grace_ms: Some(10_000),
             step_slack_ms: None,

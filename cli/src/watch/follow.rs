@@ -156,6 +156,14 @@ pub async fn follow<S: EventSource>(
                 loop {
                     match events.next().await {
                         Some(Ok(event)) => {
+                            // A live notice outside the history (a hold on the coordinator's
+                            // store): shown, but no position in the history.
+                            if event.seq == 0 {
+                                if tx.send(FollowMsg::Event(event)).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
                             if event.seq < next_seq {
                                 continue;
                             }

@@ -258,6 +258,9 @@ pub fn render(view: &View, now_ms: u64, width: usize, height: usize) -> Vec<Line
     if let Some(note) = &view.operator {
         second.push(span(format!("  {note}"), Tone::Warn));
     }
+    if let Some(held) = &view.held {
+        second.push(span(format!("  held: {held}"), Tone::Bad));
+    }
     if let Some(notice) = &view.notice {
         second.push(span(format!("  ({notice})"), Tone::Dim));
     }

@@ -48,6 +48,8 @@ pub fn describe(event: &pb::RolloutEvent) -> String {
             event.wave, event.message
         ),
         "operator" => format!("operator: {}", event.message),
+        "held_on_store" => format!("HELD: {}", event.message),
+        "store_recovered" => format!("resumed: {}", event.message),
         other => other.to_string(),
     };
     let mut line = format!("{who:<10} {what}");

@@ -80,6 +80,8 @@ pub struct View {
     pub operator: Option<String>,
     /// The last note about the stream itself (reconnecting...), until the next event.
     pub notice: Option<String>,
+    /// Why the rollout holds on the coordinator's store, while it does.
+    pub held: Option<String>,
     /// Seq of the last event folded in.
     pub last_seq: u64,
 }
@@ -151,6 +153,7 @@ impl View {
             error: None,
             operator: None,
             notice: None,
+            held: non_empty(&status.held_on_store),
             last_seq: 0,
         }
     }
@@ -272,6 +275,8 @@ impl View {
             "operator" => {
                 self.operator = non_empty(&event.message);
             }
+            "held_on_store" => self.held = error.or_else(|| non_empty(&event.message)),
+            "store_recovered" => self.held = None,
             _ => {}
         }
     }

@@ -1,0 +1,30 @@
+//! A batch: the inputs the driver handles together, and what the engine made of them, until it
+//! is durable and sent (see `Driver::run`).
+
+use tokio::sync::oneshot;
+
+use crate::engine::{Command, Millis, NotApplicable};
+use crate::store::{RolloutSnapshot, StoredEvent, StoredInput};
+
+/// Most inputs the driver handles before it makes them durable and sends their commands.
+pub(super) const MAX_BATCH: usize = 4096;
+
+/// Inputs handled together.
+#[derive(Default)]
+pub(super) struct Batch {
+    pub(super) inputs: Vec<StoredInput>,
+    pub(super) stored: Vec<StoredEvent>,
+    pub(super) commands: Vec<Command>,
+    /// The time given to the engine with the last input.
+    pub(super) now: Millis,
+    /// Nodes whose session came back.
+    pub(super) restored: Vec<String>,
+    /// Operator commands, answered once the batch is durable and sent.
+    pub(super) replies: Vec<PendingReply>,
+}
+
+/// An operator command's reply channel and the engine's verdict on it.
+pub(super) type PendingReply = (
+    oneshot::Sender<Result<RolloutSnapshot, NotApplicable>>,
+    Result<(), NotApplicable>,
+);
