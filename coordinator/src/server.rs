@@ -34,8 +34,8 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// Size of the request headers of one RPC.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 
-/// Default of [`ServerConfig::watch_buffer`].
-pub const DEFAULT_WATCH_BUFFER: usize = 1024;
+/// Default of [`ServerConfig::watch_buffer`] (the rollouts' own default).
+pub use crate::rollouts::DEFAULT_WATCH_BUFFER;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
