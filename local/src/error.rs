@@ -28,7 +28,7 @@ pub enum FleetError {
     #[error("agent {node}: {source}")]
     Agent {
         node: String,
-        source: hotroll_agent::AgentError,
+        source: Box<hotroll_agent::AgentError>,
     },
     #[error("the coordinator: {0}")]
     Server(#[from] hotroll_coordinator::server::ServerError),

@@ -517,7 +517,7 @@ fn agent_stopped(
         }
         Some(Ok(result)) => result.map_err(|source| FleetError::Agent {
             node: name.to_string(),
-            source,
+            source: Box::new(source),
         }),
         Some(Err(source)) => Err(FleetError::Task {
             what: format!("agent {name}"),

@@ -1,13 +1,14 @@
-//! Protocol edge cases under a simulated network (turmoil): the real coordinator (`serve`) and
-//! real agents (`hotroll_agent::Agent` with a simulated dialer) on simulated hosts, with partitions between them and
-//! simulated time, so deadlines and grace periods play out deterministically and fast.
+//! Protocol edge cases under a simulated network (turmoil): the real coordinator and real agents
+//! of a local fleet (`hotroll_local`'s specs, served and run with turmoil's connections) on
+//! simulated hosts, with partitions between them and simulated time, so deadlines and grace
+//! periods play out deterministically and fast.
 //!
 //! Network faults: partitions at the barriers before and after the point of no return and
 //! during make-permanent, held (delayed) and re-sent (duplicated) messages, random latency,
 //! nodes back within and after their grace period. Process faults: the coordinator (its
 //! `MemoryStore` survives, standing for its disk) and agents (their data dir survives) crash and
-//! restart (`Fleet::run` bounces the hosts a client asks for). After each run the coordinator's
-//! view is checked against every node's journal (`assert_agrees`).
+//! restart (`SimFleet::run` bounces the hosts a client asks for). After each run the
+//! coordinator's view is checked against every node's journal (`assert_agrees`).
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -21,7 +22,7 @@ use hotroll_agent::journal::{Journal, JournalRecord};
 use hotroll_agent::report::NodeState as AgentState;
 use hotroll_agent::{Dialer, HooksOnlyRuntime};
 use hotroll_coordinator::store::MemoryStore;
-use hotroll_coordinator::{ServerConfig, serve};
+use hotroll_local::{Fleet, FleetPlan};
 use hotroll_proto::v1 as pb;
 use hotroll_proto::v1::control_client::ControlClient;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -79,10 +80,11 @@ fn sim_dialer() -> Dialer {
     Arc::new(|endpoint: Endpoint| Box::pin(sim_channel(endpoint)))
 }
 
-struct Fleet {
+struct SimFleet {
     sim: turmoil::Sim<'static>,
-    dirs: Vec<tempfile::TempDir>,
-    /// Hosts a client asked to crash and restart (see [`Fleet::run`]).
+    /// The fleet's set-up (and its files: the agents' data dirs outlive the simulation).
+    plan: FleetPlan,
+    /// Hosts a client asked to crash and restart (see [`SimFleet::run`]).
     bounces: Bounces,
 }
 
@@ -108,7 +110,7 @@ impl Bounces {
     }
 }
 
-impl Fleet {
+impl SimFleet {
     /// Run until the clients are done, bouncing the hosts they ask for.
     fn run(&mut self) {
         loop {
@@ -124,50 +126,60 @@ impl Fleet {
 
     /// Stop every host and read each node's journal: node name -> (rollout id -> record).
     fn journals(self) -> BTreeMap<String, BTreeMap<String, JournalRecord>> {
-        let Fleet { sim, dirs, .. } = self;
+        let SimFleet { sim, plan, .. } = self;
         drop(sim);
-        dirs.iter()
-            .skip(1)
-            .enumerate()
-            .map(|(k, dir)| {
-                let journal = Journal::open(dir.path()).unwrap();
+        plan.agents
+            .iter()
+            .map(|agent| {
+                let journal = Journal::open(agent.data_dir()).unwrap();
                 let records = journal
                     .entries()
                     .unwrap()
                     .into_iter()
                     .map(|r| (r.rollout_id.clone(), r))
                     .collect();
-                (format!("node-{}", k + 1), records)
+                (agent.name().to_string(), records)
             })
             .collect()
     }
 }
 
 /// A coordinator and `nodes` agents (`node-1`..) on simulated hosts.
-fn fleet(nodes: usize, session_grace: Duration) -> Fleet {
+fn fleet(nodes: usize, session_grace: Duration) -> SimFleet {
     fleet_with(nodes, session_grace, |_| {})
 }
 
-/// [`fleet`] with the simulation's builder adjusted (latency, seed).
+/// [`fleet`] with the simulation's builder adjusted (latency, seed). The fleet is set up by
+/// `hotroll_local` like any local fleet; only the connections and the dialer are turmoil's.
 fn fleet_with(
     nodes: usize,
     session_grace: Duration,
     tweak: impl FnOnce(&mut turmoil::Builder),
-) -> Fleet {
+) -> SimFleet {
     let mut builder = turmoil::Builder::new();
     builder
         .simulation_duration(Duration::from_secs(300))
         .enable_tokio_io();
     tweak(&mut builder);
     let mut sim = builder.build();
-    let mut dirs = Vec::new();
-    let coordinator_dir = tempfile::tempdir().unwrap();
-    let data_dir = coordinator_dir.path().to_path_buf();
-    dirs.push(coordinator_dir);
-    let store = Arc::new(MemoryStore::default());
+    // A MemoryStore shared across restarts stands for the coordinator's disk.
+    let plan = Fleet::builder()
+        .insecure()
+        .agents(nodes)
+        .store(Arc::new(MemoryStore::default()))
+        .server_config(move |config| {
+            config.heartbeat_interval = Duration::from_millis(500);
+            config.session_grace = session_grace;
+            config.step_slack = Duration::from_secs(5);
+        })
+        .agent_config(|_, config| config.reconnect_max_backoff = Duration::from_millis(500))
+        .label("role", "sim")
+        .runtime(|_| HooksOnlyRuntime)
+        .plan(URL)
+        .unwrap();
+    let coordinator = plan.coordinator.clone();
     sim.host("coordinator", move || {
-        let data_dir = data_dir.clone();
-        let store = store.clone();
+        let coordinator = coordinator.clone();
         async move {
             let listener =
                 turmoil::net::TcpListener::bind((IpAddr::from(Ipv4Addr::UNSPECIFIED), PORT))
@@ -176,36 +188,27 @@ fn fleet_with(
                 let accepted = listener.accept().await.map(|(stream, _)| SimStream(stream));
                 Some((accepted, listener))
             });
-            let mut config = ServerConfig::new(data_dir);
-            config.heartbeat_interval = Duration::from_millis(500);
-            config.session_grace = session_grace;
-            config.step_slack = Duration::from_secs(5);
-            serve(Box::pin(incoming), store, config, std::future::pending()).await?;
+            coordinator
+                .serve(Box::pin(incoming), std::future::pending())
+                .await?;
             Ok(())
         }
     });
-    for i in 1..=nodes {
-        let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().to_path_buf();
-        dirs.push(dir);
-        sim.host(format!("node-{i}").as_str(), move || {
-            let mut config = hotroll_agent::Config::new(format!("node-{i}"), URL, data_dir.clone());
-            config.reconnect_max_backoff = Duration::from_millis(500);
-            config.labels.insert("role".into(), "sim".into());
+    for agent in &plan.agents {
+        let (host, agent) = (agent.name().to_string(), agent.clone());
+        sim.host(host.as_str(), move || {
+            let agent = agent.clone();
             async move {
-                hotroll_agent::Agent::builder(config)
-                    .runtime(Arc::new(HooksOnlyRuntime))
-                    .dialer(sim_dialer())
-                    .build()
-                    .run(std::future::pending())
+                agent
+                    .run(Some(sim_dialer()), std::future::pending())
                     .await?;
                 Ok(())
             }
         });
     }
-    Fleet {
+    SimFleet {
         sim,
-        dirs,
+        plan,
         bounces: Bounces::default(),
     }
 }

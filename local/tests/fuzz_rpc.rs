@@ -13,10 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut};
-use hotroll_coordinator::auth::{TokenRole, TokenStore};
 use hotroll_coordinator::store::MemoryStore;
-use hotroll_coordinator::tls::{ServerTls, TlsOptions};
-use hotroll_coordinator::{ServerConfig, run};
+use hotroll_local::Fleet;
 use hotroll_proto::v1 as pb;
 use hotroll_tls::client::{ClientCert, channel_uri};
 use hotroll_tls::{ClientTls, Trust, files};
@@ -96,9 +94,19 @@ struct Fixture {
     /// Operator certificate (Control), and a node certificate (Agent, Renew).
     operator: Channel,
     node: Channel,
+    // Before `runtime`: the servers are aborted while their runtime still exists.
+    _fleets: Vec<Fleet>,
     runtime: tokio::runtime::Runtime,
-    _stops: Vec<tokio::sync::oneshot::Sender<()>>,
-    _dirs: Vec<tempfile::TempDir>,
+}
+
+/// A coordinator alone on a MemoryStore: plaintext, or TLS.
+async fn server(tls: bool) -> Fleet {
+    let builder = Fleet::builder()
+        .agents(0)
+        .store(Arc::new(MemoryStore::default()))
+        .server_config(|config| config.heartbeat_interval = Duration::from_millis(200));
+    let builder = if tls { builder } else { builder.insecure() };
+    builder.build().await.unwrap()
 }
 
 fn fixture() -> Fixture {
@@ -107,47 +115,11 @@ fn fixture() -> Fixture {
         .enable_all()
         .build()
         .unwrap();
-    let (plain, operator, node, stops, dirs) = runtime.block_on(async {
-        let mut stops = Vec::new();
-        let mut dirs = Vec::new();
-        // Plaintext.
-        let dir = tempfile::tempdir().unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let plain_url = format!("http://{}", listener.local_addr().unwrap());
-        let mut config = ServerConfig::new(dir.path().to_path_buf());
-        config.heartbeat_interval = Duration::from_millis(200);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(run(
-            listener,
-            Arc::new(MemoryStore::default()),
-            config,
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        stops.push(stop);
-        dirs.push(dir);
-        // TLS.
-        let dir = tempfile::tempdir().unwrap();
-        let tls =
-            Arc::new(ServerTls::new(TlsOptions::new(dir.path().to_path_buf(), None, &[])).unwrap());
-        let pki = tls.pki().clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let tls_url = format!("https://{}", listener.local_addr().unwrap());
-        let mut config = ServerConfig::new(dir.path().to_path_buf());
-        config.heartbeat_interval = Duration::from_millis(200);
-        config.tls = Some(tls);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(run(
-            listener,
-            Arc::new(MemoryStore::default()),
-            config,
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        stops.push(stop);
-        let _ = TokenStore::new(dir.path()); // tokens are not needed: certificates are used
+    let (plain, operator, node, fleets) = runtime.block_on(async {
+        let plain_fleet = server(false).await;
+        let tls_fleet = server(true).await;
+        // Certificates, not tokens: the guards see a client identity on every call.
+        let pki = tls_fleet.credentials().unwrap().server().pki().clone();
         let ca = Trust::Ca(files::parse_certs(pki.ca_pem().as_bytes()).unwrap());
         let cert = |role, name: &str| {
             let key = rcgen::KeyPair::generate().unwrap();
@@ -163,7 +135,7 @@ fn fixture() -> Fixture {
                 key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
             }
         };
-        let endpoint = || Endpoint::from_shared(channel_uri(&tls_url)).unwrap();
+        let endpoint = || Endpoint::from_shared(channel_uri(tls_fleet.url())).unwrap();
         let operator = ClientTls::new(&ca, Some(cert(hotroll_tls::Role::Operator, "fuzz")))
             .unwrap()
             .connect(endpoint())
@@ -174,22 +146,15 @@ fn fixture() -> Fixture {
             .connect(endpoint())
             .await
             .unwrap();
-        dirs.push(dir);
-        let _ = TokenRole::Operator;
-        let plain = Endpoint::from_shared(plain_url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        (plain, operator, node, stops, dirs)
+        let plain = plain_fleet.channel().await.unwrap();
+        (plain, operator, node, vec![plain_fleet, tls_fleet])
     });
     Fixture {
         plain,
         operator,
         node,
+        _fleets: fleets,
         runtime,
-        _stops: stops,
-        _dirs: dirs,
     }
 }
 

@@ -1,4 +1,4 @@
-//! Hostile clients against a real TLS coordinator on 127.0.0.1 (in-process, `server::run`):
+//! Hostile clients against a real TLS coordinator on 127.0.0.1 (in-process, a local fleet):
 //! every case gets a clear error, is logged, changes nothing, and the server keeps serving
 //! others (checked after each case with a legitimate call).
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns may unwrap too
@@ -9,18 +9,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hotroll_coordinator::auth::{
-    FREE_FAILURES, MAX_ARTIFACTS_PER_SCRIPT, MAX_CONCURRENT_UPLOADS, TokenRole, TokenStore,
+    FREE_FAILURES, MAX_ARTIFACTS_PER_SCRIPT, MAX_CONCURRENT_UPLOADS, TokenRole,
 };
 use hotroll_coordinator::store::MemoryStore;
-use hotroll_coordinator::tls::{ServerTls, TlsOptions};
-use hotroll_coordinator::{ServerConfig, run};
+use hotroll_local::Fleet;
 use hotroll_proto::v1 as pb;
 use hotroll_proto::v1::agent_client::AgentClient;
 use hotroll_proto::v1::control_client::ControlClient;
 use hotroll_proto::v1::identity_client::IdentityClient;
 use hotroll_tls::client::{ClientCert, channel_uri};
 use hotroll_tls::{ClientTls, Trust, files};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -50,16 +49,14 @@ impl Logs {
     }
 }
 
+/// A TLS coordinator alone (a local fleet without agents) on a MemoryStore, its log captured.
 struct Server {
+    fleet: Fleet,
     url: String,
-    data_dir: PathBuf,
     ca: PathBuf,
     pin: [u8; 32],
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
     logs: Logs,
     _guard: tracing::subscriber::DefaultGuard,
-    _dir: tempfile::TempDir,
 }
 
 impl Server {
@@ -73,44 +70,26 @@ impl Server {
                 .with_max_level(tracing::Level::DEBUG)
                 .finish(),
         );
-        let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().to_path_buf();
-        let mut options = TlsOptions::new(data_dir.clone(), None, &[]);
-        options.node_cert_ttl = node_cert_ttl;
-        let tls = Arc::new(ServerTls::new(options).unwrap());
-        let pin = tls.pki().ca_pin();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("https://{}", listener.local_addr().unwrap());
-        let mut config = ServerConfig::new(data_dir.clone());
-        config.heartbeat_interval = Duration::from_millis(200);
-        config.tls = Some(tls);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            run(listener, Arc::new(MemoryStore::default()), config, async {
-                let _ = stopped.await;
-            })
+        let fleet = Fleet::builder()
+            .agents(0)
+            .store(Arc::new(MemoryStore::default()))
+            .tls_options(move |options| options.node_cert_ttl = node_cert_ttl)
+            .server_config(|config| config.heartbeat_interval = Duration::from_millis(200))
+            .build()
             .await
             .unwrap();
-        });
         Self {
-            url,
-            ca: data_dir.join("tls/ca.pem"),
-            data_dir,
-            pin,
-            stop: Some(stop),
-            task,
+            url: fleet.url().to_string(),
+            ca: fleet.ca_path().unwrap(),
+            pin: fleet.ca_pin().unwrap(),
+            fleet,
             logs,
             _guard: guard,
-            _dir: dir,
         }
     }
 
     fn token(&self, role: TokenRole, ttl: Duration, node: Option<&str>) -> String {
-        TokenStore::new(&self.data_dir)
-            .create(self.pin, role, ttl, node.map(str::to_string))
-            .unwrap()
-            .0
-            .expose()
+        self.fleet.token(role, ttl, node).unwrap()
     }
 
     async fn try_channel(
@@ -199,12 +178,8 @@ impl Server {
             .len()
     }
 
-    async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
-        self.task.abort();
+    async fn shutdown(self) {
+        self.fleet.shutdown().await.unwrap();
     }
 }
 

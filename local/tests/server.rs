@@ -1,65 +1,45 @@
-//! The coordinator's gRPC services, driven through a real server on 127.0.0.1 with raw clients:
+//! The coordinator's gRPC services, driven through a real server on 127.0.0.1 (a local fleet
+//! without agents) with raw clients: session handshake rules, liveness, and the artifact store.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns may unwrap too
-//! session handshake rules, liveness, and the artifact store.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hotroll_coordinator::store::MemoryStore;
-use hotroll_coordinator::{ServerConfig, run};
+use hotroll_local::Fleet;
 use hotroll_proto::v1 as pb;
 use hotroll_proto::v1::agent_client::AgentClient;
 use hotroll_proto::v1::control_client::ControlClient;
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+/// A plaintext coordinator alone, on a MemoryStore.
 struct TestServer {
-    url: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
+    fleet: Fleet,
 }
 
 impl TestServer {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let mut config = ServerConfig::new(dir.path().to_path_buf());
-        config.heartbeat_interval = Duration::from_millis(200);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            run(listener, Arc::new(MemoryStore::default()), config, async {
-                let _ = stopped.await;
-            })
+        let fleet = Fleet::builder()
+            .insecure()
+            .agents(0)
+            .store(Arc::new(MemoryStore::default()))
+            .server_config(|config| config.heartbeat_interval = Duration::from_millis(200))
+            .build()
             .await
             .unwrap();
-        });
-        Self {
-            url,
-            stop: Some(stop),
-            task,
-            _dir: dir,
-        }
+        Self { fleet }
     }
 
     async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        self.fleet.channel().await.unwrap()
     }
 
-    async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
-        self.task.abort();
+    async fn shutdown(self) {
+        self.fleet.shutdown().await.unwrap();
     }
 }
 
