@@ -23,8 +23,8 @@ use sha2::{Digest, Sha256};
 use tonic::Code;
 use tonic::transport::Endpoint;
 
-use crate::Dialer;
 use crate::cancel::CancelToken;
+use crate::dialer::Dialer;
 
 /// TCP connect bound of a download connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

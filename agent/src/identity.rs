@@ -22,7 +22,7 @@ use tonic::Code;
 use tonic::transport::Endpoint;
 
 use crate::config::Config;
-use crate::session::Dialer;
+use crate::dialer::Dialer;
 
 /// How long one Join or Renew attempt may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);

@@ -1,5 +1,5 @@
 //! The agent's durable journal (DESIGN §5): one record per rollout, written before each
-//! instruction, so that a restarted agent knows where it was ([`crate::recovery`] acts on it at
+//! instruction, so that a restarted agent knows where it was ([`crate::executor::recovery`] acts on it at
 //! start) and can tell the coordinator in Hello.
 //!
 //! Stored in `<data_dir>/journal.redb`, one redb table keyed by rollout id with JSON values, so

@@ -1,12 +1,12 @@
-//! `hotroll-agent`: the node agent binary. Parses flags, sets up logging and signals, and calls
-//! [`hotroll_agent::run`].
+//! `hotroll-agent`: the node agent binary. Parses flags, sets up logging and signals, and runs
+//! [`hotroll_agent::Agent`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use hotroll_agent::Config;
+use hotroll_agent::{Agent, Config};
 
 /// hotroll node agent.
 ///
@@ -108,7 +108,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        hotroll_agent::run(config, shutdown).await?;
+        Agent::builder(config).build().run(shutdown).await?;
         Ok(())
     })
 }

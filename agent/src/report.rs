@@ -111,7 +111,7 @@ pub enum Report {
         error: String,
         step: u32,
         /// The node's apps after this change; empty = unchanged.
-        apps: Vec<crate::runtime::AppStatus>,
+        apps: Vec<AppStatus>,
     },
 }
 
@@ -131,4 +131,13 @@ pub fn now_unix_ms() -> u64 {
 
 pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// An app and its releases on this node, for Hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppStatus {
+    pub app: String,
+    /// Version `current` names; empty when the node never had the app.
+    pub current: String,
+    pub permanent: String,
 }

@@ -17,6 +17,7 @@ use tonic::Code;
 use tonic::transport::Endpoint;
 
 use crate::cancel::CancelToken;
+use crate::dialer::Dialer;
 use crate::executor::{Env, Node};
 use crate::wire::{self, Inbound};
 
@@ -41,26 +42,6 @@ const SILENT_INTERVALS: u32 = 3;
 /// Bounds on the heartbeat interval a coordinator may ask for.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(50);
 const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
-
-/// How the agent opens a connection to the coordinator. The default dials TCP; a network
-/// simulation (turmoil) passes its own.
-pub type Dialer = std::sync::Arc<
-    dyn Fn(
-            Endpoint,
-        ) -> std::pin::Pin<
-            Box<
-                dyn std::future::Future<
-                        Output = Result<tonic::transport::Channel, tonic::transport::Error>,
-                    > + Send,
-            >,
-        > + Send
-        + Sync,
->;
-
-/// The dialer of real deployments: TCP to the endpoint's address.
-pub fn tcp_dialer() -> Dialer {
-    std::sync::Arc::new(|endpoint: Endpoint| Box::pin(async move { endpoint.connect().await }))
-}
 
 /// The session loop's fixed inputs.
 pub struct Sessions<'a> {

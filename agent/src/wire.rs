@@ -9,8 +9,8 @@ use hotroll_proto::v1::coordinator_message::Msg as In;
 
 use crate::executor::{Command, CommandKind, RunScript};
 use crate::journal::JournalRecord;
-use crate::report::{NodeState, Phase, Report, StepList, StepPhase, millis};
-use crate::runtime::{AppStatus, ArtifactRef};
+use crate::report::{AppStatus, NodeState, Phase, Report, StepList, StepPhase, millis};
+use crate::runtime::ArtifactRef;
 
 /// A coordinator message, sorted by who handles it.
 #[derive(Debug)]

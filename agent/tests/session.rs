@@ -157,8 +157,10 @@ async fn a_second_agent_on_the_same_data_dir_fails_clearly() {
     let mut fake = Fake::start(Duration::from_secs(1)).await;
     let agent = RunningAgent::spawn(agent_config(dir.path(), "node-1", &fake.url()));
     fake.expect_hello().await;
-    let second =
-        hotroll_agent::run(agent_config(dir.path(), "node-1", &fake.url()), async {}).await;
+    let second = hotroll_agent::Agent::builder(agent_config(dir.path(), "node-1", &fake.url()))
+        .build()
+        .run(async {})
+        .await;
     let error = second.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(error.contains("journal.redb"), "{error}");
     agent.stop().await.unwrap_or_else(|e| panic!("{e}"));

@@ -14,8 +14,8 @@
 //!
 //! It exits 0 when everything behaved as described (1 otherwise, saying what did not).
 //!
-//! The agents are the real agent library (`hotroll_agent::run`) talking real gRPC to the real
-//! coordinator (`server::run`); only those processes are folded into one. The `primes`
+//! The fleet is `hotroll_local`'s: the real agent library talking real gRPC to the real
+//! coordinator; only those processes are folded into one. The `primes`
 //! instances are real processes, found or built by [`primes_bin`].
 //!
 //! The fleet uses TLS like any other: the embedded coordinator makes its CA and server
@@ -28,19 +28,16 @@ mod primes_bin;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use hotroll_proto::v1 as pb;
-use tokio::sync::watch as signal;
 
 use super::client::{Client, CoordinatorArgs, connect, status_error, upload_artifacts};
 use super::states::{node_state_name, rollout_state_name};
 use super::watch::{FollowEnd, FollowMsg, GrpcSource, Until, spawn_follow};
 use super::{Output, exit, watch};
-use hotroll_coordinator::server::{self, ServerConfig};
-use hotroll_coordinator::store::RedbStore;
+use hotroll_local::{Fleet, NodeSlot};
 use load::{Load, Tally, all_primes, stats};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -146,10 +143,9 @@ up = [
 }
 
 /// One node's agent: `primes` as a handover service on its own port.
-fn agent_toml(root: &Path, url: &str, index: u32, port: u16) -> String {
-    let data_dir = root.join(format!("node-{index}"));
+fn agent_toml(node: &NodeSlot, port: u16) -> String {
     format!(
-        r#"node = "node-{index}"
+        r#"node = "{name}"
 coordinator = "{url}"
 data_dir = "{data_dir}"
 labels = {{ role = "miner", zone = "{zone}" }}
@@ -167,8 +163,14 @@ handover = true
 stop_signal = "SIGTERM"
 stop_timeout = "5s"
 "#,
-        data_dir = data_dir.display(),
-        zone = if index.is_multiple_of(2) { "b" } else { "a" },
+        name = node.name,
+        url = node.coordinator_url,
+        data_dir = node.data_dir.display(),
+        zone = if (node.index + 1).is_multiple_of(2) {
+            "b"
+        } else {
+            "a"
+        },
     )
 }
 
@@ -192,61 +194,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
         .context("cannot create a temp dir for the demo fleet")?;
     let root: PathBuf = dir.path().to_path_buf();
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("cannot listen on 127.0.0.1")?;
-    let url = format!("https://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = signal::channel(false);
-    let store = RedbStore::open(&root.join("coordinator"))?;
-    let mut config = ServerConfig::new(root.join("coordinator"));
-    config.heartbeat_interval = Duration::from_millis(500);
+    let ports = (0..args.nodes)
+        .map(|_| free_port())
+        .collect::<anyhow::Result<Vec<u16>>>()?;
+    let toml_ports = ports.clone();
     // TLS like any fleet: a CA, a join token per agent, an operator token for the client.
-    let fleet_tls = super::token::LocalFleetTls::new(&root.join("coordinator"))?;
-    config.tls = Some(fleet_tls.server());
-    let stopped = |mut rx: signal::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let coordinator = tokio::spawn(server::run(
-        listener,
-        Arc::new(store),
-        config,
-        stopped(stop_rx.clone()),
-    ));
-    let mut ports = Vec::new();
-    let mut agents = Vec::new();
-    let mut started = Ok(());
-    for i in 1..=args.nodes {
-        let port = match free_port() {
-            Ok(port) => port,
-            Err(e) => {
-                started = Err(e);
-                break;
-            }
-        };
-        let path = root.join(format!("node-{i}.toml"));
-        let config =
-            match hotroll_agent::Config::from_toml(&path, &agent_toml(&root, &url, i, port)) {
-                Ok(mut config) => match fleet_tls.join_token(&config.node) {
-                    Ok(token) => {
-                        config.join_token = Some(token);
-                        config
-                    }
-                    Err(e) => {
-                        started = Err(e);
-                        break;
-                    }
-                },
-                Err(e) => {
-                    started = Err(anyhow::anyhow!("the demo's agent config is invalid: {e}"));
-                    break;
-                }
-            };
-        ports.push(port);
-        agents.push(tokio::spawn(hotroll_agent::run(
-            config,
-            stopped(stop_rx.clone()),
-        )));
-    }
+    let fleet = Fleet::builder()
+        .agents(ports.len())
+        .root(&root)
+        .server_config(|config| config.heartbeat_interval = Duration::from_millis(500))
+        .agent_toml(move |node| agent_toml(node, toml_ports[node.index]))
+        .build()
+        .await?;
+    let url = fleet.url().to_string();
     say(&format!(
         "hotroll demo: a local fleet of {} node(s), each supervising `primes`, a prime miner that \
          keeps every prime it finds in memory\n  coordinator {url} (TLS, 127.0.0.1 only), \
@@ -256,30 +216,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
         primes.display()
     ));
 
+    let mut access = CoordinatorArgs::new(&url);
+    access.token = fleet.operator_token().map(str::to_string);
+    access.ca = Some(fleet.ca_path()?);
     let story = Story {
-        access: fleet_tls.client(&url),
+        access,
         root: root.clone(),
         primes,
         ports,
         output: args.output,
     };
-    let result = match started {
-        Err(e) => Err(e),
-        Ok(()) => tokio::select! {
-            result = story.run() => result,
-            _ = tokio::signal::ctrl_c() => {
-                eprintln!("interrupted: stopping the fleet");
-                Ok(super::watch::INTERRUPTED)
-            }
-        },
+    let result = tokio::select! {
+        result = story.run() => result,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: stopping the fleet");
+            Ok(super::watch::INTERRUPTED)
+        }
     };
 
     // The agents stop the services they supervise when they shut down.
-    let _ = stop_tx.send(true);
-    for agent in agents {
-        let _ = tokio::time::timeout(Duration::from_secs(15), agent).await;
+    if let Err(e) = fleet.shutdown().await {
+        tracing::warn!(error = %e, "the demo fleet did not stop cleanly");
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), coordinator).await;
     if args.keep {
         let kept = dir.keep();
         say(&format!("kept the fleet's files in {}", kept.display()));

@@ -52,7 +52,7 @@ pub enum TokenCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = token_role())]
     pub role: TokenRole,
     /// How long the token stays valid, e.g. 30m, 1h, 7d (default: 1h for agent tokens, 24h for
     /// operator and viewer tokens; at most 365d).
@@ -105,6 +105,13 @@ pub struct IssueArgs {
     pub ttl: Duration,
     #[command(flatten)]
     pub data: DataDirArgs,
+}
+
+/// `--role agent|operator|viewer`, listed in `--help` and checked by clap.
+fn token_role() -> impl clap::builder::TypedValueParser<Value = TokenRole> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(TokenRole::ALL.map(TokenRole::as_str))
+        .try_map(|text| text.parse::<TokenRole>())
 }
 
 /// The roles a CLI certificate can have.
@@ -284,74 +291,6 @@ fn cert(command: &CertCommand) -> anyhow::Result<()> {
         args.out.join("ca.pem").display()
     );
     Ok(())
-}
-
-/// TLS for a fleet run in one process on 127.0.0.1 (`hotroll demo`): the CA and server
-/// certificate in the coordinator's data dir, a join token per agent, an operator token for the
-/// client. The same setup as `hotroll serve` + `hotroll token create`, without the processes.
-pub struct LocalFleetTls {
-    tls: std::sync::Arc<hotroll_coordinator::tls::ServerTls>,
-    data_dir: PathBuf,
-    ca_pin: [u8; 32],
-    operator: String,
-}
-
-impl std::fmt::Debug for LocalFleetTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalFleetTls")
-            .field("data_dir", &self.data_dir)
-            .finish_non_exhaustive()
-    }
-}
-
-impl LocalFleetTls {
-    /// Make (or load) the CA and the server certificate in `coordinator_data_dir`, and an
-    /// operator token.
-    pub fn new(coordinator_data_dir: &std::path::Path) -> anyhow::Result<Self> {
-        let options = hotroll_coordinator::tls::TlsOptions::new(
-            coordinator_data_dir.to_path_buf(),
-            None,
-            &[],
-        );
-        let tls = std::sync::Arc::new(hotroll_coordinator::tls::ServerTls::new(options)?);
-        let ca_pin = tls.pki().ca_pin();
-        let (operator, _) = TokenStore::new(coordinator_data_dir).create(
-            ca_pin,
-            TokenRole::Operator,
-            Duration::from_secs(24 * 3600),
-            None,
-        )?;
-        Ok(Self {
-            tls,
-            data_dir: coordinator_data_dir.to_path_buf(),
-            ca_pin,
-            operator: operator.expose(),
-        })
-    }
-
-    /// For [`hotroll_coordinator::ServerConfig::tls`].
-    pub fn server(&self) -> std::sync::Arc<hotroll_coordinator::tls::ServerTls> {
-        self.tls.clone()
-    }
-
-    /// A single-use join token for `node` (for `hotroll_agent::Config::join_token`).
-    pub fn join_token(&self, node: &str) -> anyhow::Result<String> {
-        let (token, _) = TokenStore::new(&self.data_dir).create(
-            self.ca_pin,
-            TokenRole::Agent,
-            hotroll_coordinator::auth::DEFAULT_TOKEN_TTL,
-            Some(node.to_string()),
-        )?;
-        Ok(token.expose())
-    }
-
-    /// Client arguments for `url` (https://) with the operator token and the CA.
-    pub fn client(&self, url: &str) -> super::client::CoordinatorArgs {
-        let mut args = super::client::CoordinatorArgs::new(url);
-        args.token = Some(self.operator.clone());
-        args.ca = Some(hotroll_coordinator::tls::ca_cert_path(&self.data_dir));
-        args
-    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::artifacts::{ArtifactError, ArtifactStore};
+use crate::auth::MAX_ARTIFACTS_PER_SCRIPT;
 use crate::convert;
 use crate::engine::{Event, Record};
 use crate::registry::Registry;
@@ -154,9 +155,14 @@ impl pb::control_server::Control for ControlService {
         &self,
         request: Request<pb::HasArtifactsRequest>,
     ) -> Result<Response<pb::HasArtifactsResponse>, Status> {
-        let present = request
-            .into_inner()
-            .digests
+        let digests = request.into_inner().digests;
+        if digests.len() > MAX_ARTIFACTS_PER_SCRIPT {
+            return Err(Status::invalid_argument(format!(
+                "{} digests asked about; at most {MAX_ARTIFACTS_PER_SCRIPT}",
+                digests.len()
+            )));
+        }
+        let present = digests
             .into_iter()
             .filter(|d| self.artifacts.contains(d))
             .collect();
@@ -168,6 +174,13 @@ impl pb::control_server::Control for ControlService {
         request: Request<pb::StartRolloutRequest>,
     ) -> Result<Response<pb::StartRolloutResponse>, Status> {
         let request = request.into_inner();
+        let bound = request.artifacts.len();
+        if bound > MAX_ARTIFACTS_PER_SCRIPT {
+            tracing::warn!(artifacts = bound, "start refused: too many artifacts");
+            return Err(Status::invalid_argument(format!(
+                "the script binds {bound} artifacts; at most {MAX_ARTIFACTS_PER_SCRIPT}"
+            )));
+        }
         if request.script_source.len() > MAX_SCRIPT_BYTES {
             return Err(Status::invalid_argument(format!(
                 "script is {} bytes; the limit is {MAX_SCRIPT_BYTES}",

@@ -21,6 +21,7 @@ pub mod rollouts;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod throttle;
 pub mod tls;
 
 pub use server::{ServerConfig, run, serve};

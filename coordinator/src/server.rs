@@ -14,6 +14,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::artifacts::{ArtifactError, ArtifactStore};
+use crate::auth::{Guarded, IdentityService};
 use crate::control::ControlService;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -33,8 +34,8 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// Size of the request headers of one RPC.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 
-/// Default of [`ServerConfig::watch_buffer`].
-pub const DEFAULT_WATCH_BUFFER: usize = 1024;
+/// Default of [`ServerConfig::watch_buffer`] (the rollouts' own default).
+pub use crate::rollouts::DEFAULT_WATCH_BUFFER;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -236,7 +237,8 @@ where
         }));
     }
 
-    // Every RPC is authorized (and limited) by the guards before the services see it.
+    // Every RPC is authorized (and limited) by its guard, from the table of methods
+    // (`auth::METHODS`), before the service sees it.
     let result = tonic::transport::Server::builder()
         // Agent sessions exchange heartbeats every interval and are ended after three silent
         // ones; the HTTP/2 ping is the backstop for other connections (CLI, watch streams) and
@@ -246,27 +248,24 @@ where
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-        .add_service(
-            AgentServer::new(crate::auth::GuardedAgent {
-                inner: agent,
-                auth: auth.clone(),
-            })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            ControlServer::new(crate::auth::GuardedControl {
-                inner: control,
-                auth: auth.clone(),
-            })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            IdentityServer::new(crate::auth::IdentityService { auth })
+        .add_service(Guarded::new(
+            AgentServer::new(agent)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            auth.clone(),
+        ))
+        .add_service(Guarded::new(
+            ControlServer::new(control)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            auth.clone(),
+        ))
+        .add_service(Guarded::new(
+            IdentityServer::new(IdentityService { auth: auth.clone() })
                 .max_decoding_message_size(MAX_IDENTITY_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_IDENTITY_MESSAGE_BYTES),
-        )
+            auth,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = stop_metrics.send(true);

@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::artifacts::ArtifactStore;
+use crate::auth::{NodeIdentity, check_hello};
 use crate::convert;
 use crate::outbound::Outbound;
 use crate::registry::Registry;
@@ -75,11 +76,8 @@ impl pb::agent_server::Agent for AgentService {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown peer".to_string(), |a| a.to_string());
-        // With TLS, the node the session's certificate names (see `auth::GuardedAgent`).
-        let certified = request
-            .extensions()
-            .get::<crate::auth::NodeIdentity>()
-            .cloned();
+        // With TLS, the node the session's certificate names (see `auth::Guarded`).
+        let certified = request.extensions().get::<NodeIdentity>().cloned();
         let mut inbound = request.into_inner();
 
         let first = tokio::time::timeout(self.heartbeat_interval * 5, inbound.next())
@@ -105,7 +103,7 @@ impl pb::agent_server::Agent for AgentService {
             )));
         }
         // Only the node the certificate names, and a Hello within bounds.
-        crate::auth::check_hello(certified.as_ref(), &hello, &peer)?;
+        check_hello(certified.as_ref(), &hello, &peer)?;
         let Some(version) = negotiate(hello.min_protocol_version, hello.max_protocol_version)
         else {
             tracing::warn!(%peer, node = %hello.node, min = hello.min_protocol_version, max = hello.max_protocol_version, "session refused: protocol version");
@@ -174,6 +172,20 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        // With TLS, a node fetches as itself only (the guard put its certificate's name here).
+        if let Some(identity) = request.extensions().get::<NodeIdentity>()
+            && !request.get_ref().node.is_empty()
+            && request.get_ref().node != identity.name
+        {
+            let peer = request
+                .remote_addr()
+                .map_or_else(|| "unknown peer".to_string(), |a| a.to_string());
+            tracing::warn!(%peer, certificate = %identity.name, asked = %request.get_ref().node, "artifact fetch for another node refused");
+            return Err(Status::permission_denied(format!(
+                "this certificate is for node `{}`",
+                identity.name
+            )));
+        }
         let request = request.into_inner();
         let path = self
             .artifacts

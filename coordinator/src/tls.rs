@@ -32,7 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::auth::AuthThrottle;
+use crate::throttle::AuthThrottle;
 
 /// Validity of the CA made on first start.
 pub const CA_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);

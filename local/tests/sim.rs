@@ -1,5 +1,5 @@
 //! Protocol edge cases under a simulated network (turmoil): the real coordinator (`serve`) and
-//! real agents (`hotroll_agent::run_with`) on simulated hosts, with partitions between them and
+//! real agents (`hotroll_agent::Agent` with a simulated dialer) on simulated hosts, with partitions between them and
 //! simulated time, so deadlines and grace periods play out deterministically and fast.
 //!
 //! Network faults: partitions at the barriers before and after the point of no return and
@@ -193,13 +193,12 @@ fn fleet_with(
             config.reconnect_max_backoff = Duration::from_millis(500);
             config.labels.insert("role".into(), "sim".into());
             async move {
-                hotroll_agent::run_with(
-                    config,
-                    Arc::new(HooksOnlyRuntime),
-                    sim_dialer(),
-                    std::future::pending(),
-                )
-                .await?;
+                hotroll_agent::Agent::builder(config)
+                    .runtime(Arc::new(HooksOnlyRuntime))
+                    .dialer(sim_dialer())
+                    .build()
+                    .run(std::future::pending())
+                    .await?;
                 Ok(())
             }
         });

@@ -2,11 +2,14 @@
 //! barriers, the point of no return, abort, rollback, timeouts, and command filtering.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use hotroll_script::{Located, RolloutPolicy, Span};
+use hotroll_script::{Instruction, Located, RolloutPolicy, Span, Step};
 
 use super::*;
 use crate::config::HookConfig;
+use crate::journal::JournalRecord;
+use crate::report::{NodeState, Phase, StepList, StepPhase, StepReport};
 
 const WAIT: Duration = Duration::from_secs(10);
 

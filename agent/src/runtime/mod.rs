@@ -1,7 +1,8 @@
 //! Runtimes: how the instructions that change a node (DESIGN §3) are carried out. The executor
 //! runs `sync_nodes`, `point_of_no_return`, and the hook forms of `check` and `apply` itself;
-//! everything else goes through a [`Runtime`]. The process runtime (releases, services, handover)
-//! and the BEAM runtime plug in here.
+//! everything else goes through [`Runtime::step`]. The process runtime (releases, services,
+//! handover) and the BEAM runtime plug in here; [`RuntimeDispatch`] gives each script the one of
+//! its kind.
 //!
 //! The trait returns boxed futures so that it stays object safe (`Arc<dyn Runtime>`) without
 //! `async_trait`.
@@ -12,15 +13,16 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
-use hotroll_script::{ChangeMode, Located};
+use hotroll_script::{Instruction, Runtime as ScriptRuntime};
 
 use crate::cancel::CancelToken;
+pub use crate::report::AppStatus;
 use crate::report::StepList;
 
 pub mod beam;
+mod dispatch;
 pub mod process;
-mod set;
-pub use set::RuntimeSet;
+pub use dispatch::RuntimeDispatch;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -97,45 +99,32 @@ pub struct StepContext<'a> {
     pub cancel: CancelToken,
 }
 
-/// An app and its releases on this node, for Hello.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppStatus {
-    pub app: String,
-    /// Version `current` names; empty when the node never had the app.
-    pub current: String,
-    pub permanent: String,
-}
-
-fn unsupported<'a>(name: &'static str) -> BoxFuture<'a, StepResult> {
-    Box::pin(async move { Err(RuntimeError::Unsupported(name)) })
-}
-
-/// The operations of a runtime. Every instruction method defaults to "not supported"; a runtime
-/// overrides the ones it implements and lists them in [`Runtime::supported_instructions`], which
-/// the agent uses to refuse a script before anything runs.
+/// What a runtime does for the rollouts of one agent. The executor runs `sync_nodes`,
+/// `point_of_no_return` and the hook forms of `check` and `apply` itself and hands every other
+/// instruction to [`Runtime::step`]; a runtime lists the ones it carries out in
+/// [`Runtime::supported_instructions`], which the agent uses to refuse a script before anything
+/// runs.
 pub trait Runtime: Send + Sync + 'static {
     /// For logs.
     fn name(&self) -> &'static str;
 
-    /// Names (as in scripts) of the instructions this runtime carries out.
-    fn supported_instructions(&self) -> BTreeSet<&'static str>;
+    /// Names (as in scripts) of the instructions this runtime carries out for a script of
+    /// `runtime`. A runtime that serves one kind of app supports nothing for the other.
+    fn supported_instructions(&self, runtime: ScriptRuntime) -> BTreeSet<&'static str>;
 
-    /// Whether `check` with `modules` (an old-code check) is supported.
-    /// The instructions this runtime can run for a script of `runtime`. A runtime that serves
-    /// one kind of app supports nothing for the other.
-    fn supported_for(&self, _runtime: hotroll_script::Runtime) -> BTreeSet<&'static str> {
-        self.supported_instructions()
-    }
-
-    fn supports_module_checks(&self) -> bool {
+    /// Whether `check` with `modules` (an old-code check) is supported for a script of
+    /// `runtime`.
+    fn supports_module_checks(&self, _runtime: ScriptRuntime) -> bool {
         false
     }
 
     /// Apps on this node with their current and permanent versions.
     fn apps(&self) -> Vec<AppStatus>;
 
-    /// Once, when the agent starts: after it holds its data dir (the journal lock), before the
-    /// first session. The process runtime starts the services it supervises here.
+    /// Once, when the agent starts: after it holds its data dir (the journal lock), before
+    /// journal recovery and the first session. The process runtime starts the services it
+    /// supervises here; the BEAM runtime rolls back an upgrade an earlier agent process left
+    /// unfinished.
     fn boot(&self) -> BoxFuture<'_, Result<(), RuntimeError>> {
         Box::pin(async { Ok(()) })
     }
@@ -145,112 +134,13 @@ pub trait Runtime: Send + Sync + 'static {
         Box::pin(async {})
     }
 
-    fn load_object_code<'a>(
+    /// Carry out one instruction of the script (of `up` or `down`, as `ctx.list` says). An
+    /// instruction this runtime does not list answers [`RuntimeError::Unsupported`].
+    fn step<'a>(
         &'a self,
-        _ctx: &'a StepContext<'a>,
-        _artifacts: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        unsupported("load_object_code")
-    }
-
-    fn check_modules<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        _modules: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        unsupported("check")
-    }
-
-    fn suspend<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        _targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        unsupported("suspend")
-    }
-
-    fn load<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        _targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        unsupported("load")
-    }
-
-    fn code_change<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        _targets: &'a [Located<String>],
-        _extra: Option<&'a str>,
-        _mode: ChangeMode,
-    ) -> BoxFuture<'a, StepResult> {
-        unsupported("code_change")
-    }
-
-    fn resume<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        _targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        unsupported("resume")
-    }
-
-    fn stop<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        _targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        unsupported("stop")
-    }
-
-    fn start<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        _targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        unsupported("start")
-    }
-
-    fn restart<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        _targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        unsupported("restart")
-    }
-
-    fn health<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        _service: &'a Located<String>,
-    ) -> BoxFuture<'a, StepResult> {
-        unsupported("health")
-    }
-
-    fn purge<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        _targets: &'a [Located<String>],
-        _brutal: bool,
-    ) -> BoxFuture<'a, StepResult> {
-        unsupported("purge")
-    }
-
-    fn restart_new_emulator<'a>(&'a self, _ctx: &'a StepContext<'a>) -> BoxFuture<'a, StepResult> {
-        unsupported("restart_new_emulator")
-    }
-
-    /// `apply` of a runtime that calls functions rather than hooks (beam: an allow-listed
-    /// `module:function/arity`, each arg passed as a binary). The process runtime's `apply` runs
-    /// a declared hook in the executor and never comes here.
-    fn apply<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        _mfa: &'a Located<String>,
-        _args: &'a [String],
-    ) -> BoxFuture<'a, StepResult> {
-        unsupported("apply")
-    }
+        ctx: &'a StepContext<'a>,
+        instruction: &'a Instruction,
+    ) -> BoxFuture<'a, StepResult>;
 
     /// After MakePermanent: the new release becomes the one a rollback or a restart returns to;
     /// deferred purges run.
@@ -278,12 +168,20 @@ impl Runtime for HooksOnlyRuntime {
         "hooks-only"
     }
 
-    fn supported_instructions(&self) -> BTreeSet<&'static str> {
+    fn supported_instructions(&self, _runtime: ScriptRuntime) -> BTreeSet<&'static str> {
         BTreeSet::new()
     }
 
     fn apps(&self) -> Vec<AppStatus> {
         Vec::new()
+    }
+
+    fn step<'a>(
+        &'a self,
+        _ctx: &'a StepContext<'a>,
+        instruction: &'a Instruction,
+    ) -> BoxFuture<'a, StepResult> {
+        Box::pin(async move { Err(RuntimeError::Unsupported(instruction.name())) })
     }
 
     fn make_permanent<'a>(

@@ -322,7 +322,7 @@ impl Fake {
     }
 }
 
-/// The real agent, running `hotroll_agent::run` in a task.
+/// The real agent, running [`hotroll_agent::Agent::run`] in a task.
 pub struct RunningAgent {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), AgentError>>>,
@@ -331,7 +331,7 @@ pub struct RunningAgent {
 impl RunningAgent {
     pub fn spawn(config: Config) -> Self {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(hotroll_agent::run(config, async {
+        let task = tokio::spawn(hotroll_agent::Agent::builder(config).build().run(async {
             let _ = stop_rx.await;
         }));
         Self {

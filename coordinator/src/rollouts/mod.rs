@@ -119,6 +119,9 @@ pub struct NewRollout {
     pub targets: Vec<String>,
 }
 
+/// Live events a rollout buffers for its watchers before a slow one is told it fell behind.
+pub const DEFAULT_WATCH_BUFFER: usize = 1024;
+
 pub struct Rollouts {
     handles: Arc<Mutex<HashMap<String, Handle>>>,
     store: Arc<dyn Store>,
@@ -144,7 +147,7 @@ impl Rollouts {
             registry,
             timing,
             metrics: Arc::new(Metrics::new()),
-            watch_buffer: crate::server::DEFAULT_WATCH_BUFFER,
+            watch_buffer: DEFAULT_WATCH_BUFFER,
             reviving: Mutex::new(()),
         }
     }

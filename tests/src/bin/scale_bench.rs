@@ -1,5 +1,5 @@
 //! `scale-bench`: one coordinator (the real `hotroll serve` process) and N agents (the real
-//! session and executor code, `hotroll_agent::run_with` with a runtime that does nothing) over
+//! session and executor code, `hotroll_agent::Agent` with a runtime that does nothing) over
 //! real gRPC on 127.0.0.1, spread over a few worker processes.
 //!
 //! ```text

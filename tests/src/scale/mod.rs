@@ -1,5 +1,5 @@
 //! The scale bench (`scale-bench`): one real `hotroll serve` process and thousands of agents —
-//! the real `hotroll_agent::run_with` session and executor code — spread over a few worker
+//! the real `hotroll_agent::Agent` session and executor code — spread over a few worker
 //! processes, over real gRPC on 127.0.0.1.
 //!
 //! * [`worker`] runs M agents in one process (the bench binary re-executed with `worker ...`)

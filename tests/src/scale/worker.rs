@@ -1,5 +1,5 @@
 //! One worker process of the scale bench: M agents in this process, each the real
-//! `hotroll_agent::run_with` (session, executor, journal) with the hooks-only runtime, which
+//! `hotroll_agent::Agent` (session, executor, journal) with the hooks-only runtime, which
 //! does nothing for `sync_nodes`, `point_of_no_return` and make-permanent.
 //!
 //! Protocol with the bench (one JSON object per stdout line): `{"event":"started",...}` once
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hotroll_agent::{Config, HooksOnlyRuntime, Runtime, run_with, tcp_dialer};
+use hotroll_agent::{Agent, Config, HooksOnlyRuntime, Runtime, tcp_dialer};
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::filter::{LevelFilter, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
@@ -114,7 +114,11 @@ async fn agents(options: WorkerOptions, marks: MarkLayer) -> anyhow::Result<()> 
             let shutdown = async move {
                 let _ = stop.wait_for(|stop| *stop).await;
             };
-            run_with(config, agent_runtime, tcp_dialer(), shutdown)
+            Agent::builder(config)
+                .runtime(agent_runtime)
+                .dialer(tcp_dialer())
+                .build()
+                .run(shutdown)
                 .await
                 .map_err(|e| format!("{node}: {e}"))
         });

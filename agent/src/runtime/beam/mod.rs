@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use erl_dist::term::Term;
-use hotroll_script::{ChangeMode, Located};
+use hotroll_script::{ChangeMode, Instruction, Located, Runtime as ScriptRuntime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
@@ -235,8 +235,8 @@ impl BeamRuntime {
     }
 
     /// After an agent restart: a rollout that changed a node and was not made permanent is
-    /// rolled back to the permanent release (DESIGN §5). Call once at start, before rollouts.
-    pub async fn recover(&self) {
+    /// rolled back to the permanent release (DESIGN §5). Once at boot, before rollouts.
+    async fn recover(&self) {
         for app in self.apps.values() {
             let mut run = app.run.lock().await;
             let Some(state) = read_json::<RunState>(&app.dir.join("rollout.json")) else {
@@ -761,7 +761,7 @@ impl App {
 }
 
 impl BeamRuntime {
-    async fn load_object_code_impl(
+    async fn load_object_code(
         &self,
         ctx: &StepContext<'_>,
         artifacts: &[Located<String>],
@@ -884,7 +884,10 @@ impl Runtime for BeamRuntime {
         "beam"
     }
 
-    fn supported_instructions(&self) -> BTreeSet<&'static str> {
+    fn supported_instructions(&self, runtime: ScriptRuntime) -> BTreeSet<&'static str> {
+        if runtime != ScriptRuntime::Beam || self.apps.is_empty() {
+            return BTreeSet::new();
+        }
         [
             "load_object_code",
             "check",
@@ -904,15 +907,16 @@ impl Runtime for BeamRuntime {
         .collect()
     }
 
-    fn supported_for(&self, runtime: hotroll_script::Runtime) -> BTreeSet<&'static str> {
-        match runtime {
-            hotroll_script::Runtime::Beam if !self.apps.is_empty() => self.supported_instructions(),
-            _ => BTreeSet::new(),
-        }
+    fn supports_module_checks(&self, runtime: ScriptRuntime) -> bool {
+        runtime == ScriptRuntime::Beam && !self.apps.is_empty()
     }
 
-    fn supports_module_checks(&self) -> bool {
-        !self.apps.is_empty()
+    /// An upgrade an earlier agent process left unfinished is rolled back first (DESIGN §5).
+    fn boot(&self) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            self.recover().await;
+            Ok(())
+        })
     }
 
     fn apps(&self) -> Vec<AppStatus> {
@@ -929,322 +933,43 @@ impl Runtime for BeamRuntime {
             .collect()
     }
 
-    fn load_object_code<'a>(
+    fn step<'a>(
         &'a self,
         ctx: &'a StepContext<'a>,
-        artifacts: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(self.load_object_code_impl(ctx, artifacts))
-    }
-
-    fn check_modules<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
+        instruction: &'a Instruction,
     ) -> BoxFuture<'a, StepResult> {
         Box::pin(async move {
-            let mods = modules(targets)?;
-            let app = self.app(ctx.rollout)?;
-            app.helper_ok("check_old_code", vec![atoms(&mods)], ctx.deadline)
-                .await?;
-            ok(format!("no process runs old code of {}", mods.join(", ")))
-        })
-    }
-
-    fn suspend<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(async move {
-            let mods = modules(targets)?;
-            let deadline = ctx.deadline;
-            self.with_state(ctx, move |_app, state| {
-                Box::pin(async move {
-                    let group = state.group.get_or_insert_with(|| Group {
-                        suspend_timeout: deadline,
-                        change_timeout: deadline,
-                        ..Group::default()
-                    });
-                    group.suspend_timeout = group.suspend_timeout.min(deadline);
-                    group.suspend.extend(mods.iter().cloned());
-                    ok(format!(
-                        "{}: suspended inside the node together with the load and code_change that follow, at `resume`",
-                        mods.join(", ")
-                    ))
-                })
-            })
-            .await
-        })
-    }
-
-    fn load<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(async move {
-            let mods = modules(targets)?;
-            let deadline = ctx.deadline;
-            self.with_state(ctx, move |app, state| {
-                Box::pin(async move {
-                    for m in &mods {
-                        if !state.staged.contains_key(m) {
-                            return Err(failed(format!(
-                                "`load` of `{m}`, which `load_object_code` did not stage"
-                            )));
-                        }
-                    }
-                    let ops = mods.iter().map(|m| Op::Load { module: m.clone() });
-                    if let Some(group) = state.group.as_mut() {
-                        group.ops.extend(ops);
-                        return ok(format!(
-                            "{}: loaded inside the node at `resume`",
-                            mods.join(", ")
-                        ));
-                    }
-                    // Not within suspend…resume: load at once (one helper call, undone
-                    // together on failure).
-                    let group = Group {
-                        suspend: Vec::new(),
-                        suspend_timeout: deadline,
-                        change_timeout: deadline,
-                        ops: ops.collect(),
-                    };
-                    app.execute_group(state, group, deadline).await
-                })
-            })
-            .await
-        })
-    }
-
-    fn code_change<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-        extra: Option<&'a str>,
-        mode: ChangeMode,
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(async move {
-            let mods = modules(targets)?;
-            let deadline = ctx.deadline;
-            let extra = extra.unwrap_or_default().to_string();
-            self.with_state(ctx, move |_app, state| {
-                Box::pin(async move {
-                    let Some(group) = state.group.as_mut() else {
-                        return Err(failed(format!(
-                            "`code_change` of {} outside suspend…resume",
-                            mods.join(", ")
-                        )));
-                    };
-                    group.change_timeout = group.change_timeout.min(deadline);
-                    group.ops.push(Op::CodeChange {
-                        modules: mods.clone(),
-                        extra,
-                        mode,
-                    });
-                    ok(format!(
-                        "{}: code_change inside the node at `resume`",
-                        mods.join(", ")
-                    ))
-                })
-            })
-            .await
-        })
-    }
-
-    fn resume<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(async move {
-            let mods = modules(targets)?;
-            let deadline = ctx.deadline;
-            self.with_state(ctx, move |app, state| {
-                Box::pin(async move {
-                    let Some(group) = state.group.take() else {
-                        return ok(format!("{}: already resumed", mods.join(", ")));
-                    };
-                    // The group's own timeouts bound the suspend and code_change parts; the
-                    // call as a whole gets the longest of the steps' deadlines.
-                    let timeout = deadline
-                        .max(group.suspend_timeout)
-                        .max(group.change_timeout);
-                    app.execute_group(state, group, timeout).await
-                })
-            })
-            .await
-        })
-    }
-
-    fn stop<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(self.children(ctx, targets, "stop_child"))
-    }
-
-    fn start<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(self.children(ctx, targets, "start_child"))
-    }
-
-    fn restart<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(self.children(ctx, targets, "restart_child"))
-    }
-
-    fn health<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        _service: &'a Located<String>,
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(async move {
-            let app = self.app(ctx.rollout)?;
-            let deadline = Instant::now() + ctx.deadline;
-            loop {
-                match app.app_running(Duration::from_secs(2)).await {
-                    Ok(true) => {
-                        return ok(format!("{} runs `{}`", app.config.node, app.config.app));
-                    }
-                    Ok(false) | Err(_)
-                        if Instant::now() < deadline && !ctx.cancel.is_cancelled() =>
-                    {
-                        tokio::time::sleep(POLL * 2).await;
-                    }
-                    Ok(false) => {
-                        return Err(failed(format!(
-                            "{} does not run `{}`",
-                            app.config.node, app.config.app
-                        )));
-                    }
-                    Err(e) => return Err(e),
+            match instruction {
+                Instruction::LoadObjectCode { artifacts } => {
+                    self.load_object_code(ctx, artifacts).await
                 }
-            }
-        })
-    }
-
-    fn purge<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-        brutal: bool,
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(async move {
-            let mods = modules(targets)?;
-            let deadline = ctx.deadline;
-            self.with_state(ctx, move |app, state| {
-                Box::pin(async move {
-                    let mods = if mods.is_empty() {
-                        state.touched.iter().map(|t| t.module.clone()).collect()
-                    } else {
-                        mods
-                    };
-                    if mods.is_empty() {
-                        return ok("no module to purge");
-                    }
-                    if brutal {
-                        state.brutal.extend(mods.iter().cloned());
-                        app.save_run(state)?;
-                    }
-                    // Soft now; brutal (killing what still runs old code) only at make-permanent.
-                    match app
-                        .helper_ok("purge", vec![atoms(&mods), boolean(false)], deadline)
+                Instruction::Check { modules, .. } => self.check_modules(ctx, modules).await,
+                Instruction::Suspend { targets, .. } => self.suspend(ctx, targets).await,
+                Instruction::Load { targets } => self.load(ctx, targets).await,
+                Instruction::CodeChange {
+                    targets,
+                    extra,
+                    mode,
+                    ..
+                } => {
+                    self.code_change(ctx, targets, extra.as_deref(), *mode)
                         .await
-                    {
-                        Ok(_) => ok(format!("old code of {} purged", mods.join(", "))),
-                        Err(e) => ok(format!(
-                            "soft purge left old code in place: {e}{}",
-                            if brutal {
-                                "; purged brutally at make-permanent"
-                            } else {
-                                ""
-                            }
-                        )),
-                    }
-                })
-            })
-            .await
-        })
-    }
-
-    fn restart_new_emulator<'a>(&'a self, ctx: &'a StepContext<'a>) -> BoxFuture<'a, StepResult> {
-        Box::pin(async move {
-            let deadline = ctx.deadline;
-            self.with_state(ctx, move |app, state| {
-                Box::pin(async move {
-                    let versions = app.versions();
-                    let permanent = if versions.permanent.is_empty() {
-                        state.from.clone()
-                    } else {
-                        versions.permanent
-                    };
-                    app.snapshot_code_dir(&permanent)?;
-                    state.restarted = true;
-                    app.save_run(state)?;
-                    app.install_code_dir(state)?;
-                    app.restart_node(deadline).await?;
-                    app.set_versions(Versions {
-                        current: state.to.clone(),
-                        permanent,
-                    })?;
-                    ok(format!(
-                        "{} restarted on release {}",
-                        app.config.node, state.to
-                    ))
-                })
-            })
-            .await
-        })
-    }
-
-    fn apply<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        mfa: &'a Located<String>,
-        args: &'a [String],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(async move {
-            let app = self.app(ctx.rollout)?;
-            // Validation refused unlisted MFAs already; this lookup is what makes it impossible
-            // to call anything else.
-            if !app.config.mfa_allow.contains(&mfa.value) {
-                return Err(failed(format!(
-                    "MFA `{}` is not in the mfa_allow list of beam app `{}`",
-                    mfa.value, app.config.app
-                )));
+                }
+                Instruction::Resume { targets } => self.resume(ctx, targets).await,
+                Instruction::Stop { targets } => self.children(ctx, targets, "stop_child").await,
+                Instruction::Start { targets } => self.children(ctx, targets, "start_child").await,
+                Instruction::Restart { targets } => {
+                    self.children(ctx, targets, "restart_child").await
+                }
+                // `apply` in a beam script names an allow-listed MFA, never a hook.
+                Instruction::Apply {
+                    hook: mfa, args, ..
+                } => self.apply(ctx, mfa, args).await,
+                Instruction::Health { .. } => self.health(ctx).await,
+                Instruction::Purge { targets, brutal } => self.purge(ctx, targets, *brutal).await,
+                Instruction::RestartNewEmulator => self.restart_new_emulator(ctx).await,
+                other => Err(RuntimeError::Unsupported(other.name())),
             }
-            let parsed = mfa.value.split_once(':').and_then(|(m, rest)| {
-                let (f, a) = rest.split_once('/')?;
-                Some((m, f, a.parse::<usize>().ok()?))
-            });
-            let Some((module, function, arity)) = parsed else {
-                return Err(failed(format!(
-                    "`{}` is not module:function/arity",
-                    mfa.value
-                )));
-            };
-            if arity != args.len() {
-                return Err(failed(format!(
-                    "`{}` takes {arity} arguments, the script gives {}",
-                    mfa.value,
-                    args.len()
-                )));
-            }
-            let args = args.iter().map(|a| bin(a.as_bytes().to_vec())).collect();
-            let answer = app.call(module, function, args, ctx.deadline).await?;
-            if tagged(&answer, "error").is_some() || is_atom(&answer, "error") {
-                return Err(failed(format!("{} returned {answer}", mfa.value)));
-            }
-            ok(format!("{} returned {answer}", mfa.value))
         })
     }
 
@@ -1320,6 +1045,257 @@ impl Runtime for BeamRuntime {
 }
 
 impl BeamRuntime {
+    async fn check_modules(
+        &self,
+        ctx: &StepContext<'_>,
+        targets: &[Located<String>],
+    ) -> StepResult {
+        let mods = modules(targets)?;
+        let app = self.app(ctx.rollout)?;
+        app.helper_ok("check_old_code", vec![atoms(&mods)], ctx.deadline)
+            .await?;
+        ok(format!("no process runs old code of {}", mods.join(", ")))
+    }
+
+    async fn suspend(&self, ctx: &StepContext<'_>, targets: &[Located<String>]) -> StepResult {
+        let mods = modules(targets)?;
+        let deadline = ctx.deadline;
+        self.with_state(ctx, move |_app, state| {
+            Box::pin(async move {
+                let group = state.group.get_or_insert_with(|| Group {
+                    suspend_timeout: deadline,
+                    change_timeout: deadline,
+                    ..Group::default()
+                });
+                group.suspend_timeout = group.suspend_timeout.min(deadline);
+                group.suspend.extend(mods.iter().cloned());
+                ok(format!(
+                    "{}: suspended inside the node together with the load and code_change that follow, at `resume`",
+                    mods.join(", ")
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn load(&self, ctx: &StepContext<'_>, targets: &[Located<String>]) -> StepResult {
+        let mods = modules(targets)?;
+        let deadline = ctx.deadline;
+        self.with_state(ctx, move |app, state| {
+            Box::pin(async move {
+                for m in &mods {
+                    if !state.staged.contains_key(m) {
+                        return Err(failed(format!(
+                            "`load` of `{m}`, which `load_object_code` did not stage"
+                        )));
+                    }
+                }
+                let ops = mods.iter().map(|m| Op::Load { module: m.clone() });
+                if let Some(group) = state.group.as_mut() {
+                    group.ops.extend(ops);
+                    return ok(format!(
+                        "{}: loaded inside the node at `resume`",
+                        mods.join(", ")
+                    ));
+                }
+                // Not within suspend…resume: load at once (one helper call, undone
+                // together on failure).
+                let group = Group {
+                    suspend: Vec::new(),
+                    suspend_timeout: deadline,
+                    change_timeout: deadline,
+                    ops: ops.collect(),
+                };
+                app.execute_group(state, group, deadline).await
+            })
+        })
+        .await
+    }
+
+    async fn code_change(
+        &self,
+        ctx: &StepContext<'_>,
+        targets: &[Located<String>],
+        extra: Option<&str>,
+        mode: ChangeMode,
+    ) -> StepResult {
+        let mods = modules(targets)?;
+        let deadline = ctx.deadline;
+        let extra = extra.unwrap_or_default().to_string();
+        self.with_state(ctx, move |_app, state| {
+            Box::pin(async move {
+                let Some(group) = state.group.as_mut() else {
+                    return Err(failed(format!(
+                        "`code_change` of {} outside suspend…resume",
+                        mods.join(", ")
+                    )));
+                };
+                group.change_timeout = group.change_timeout.min(deadline);
+                group.ops.push(Op::CodeChange {
+                    modules: mods.clone(),
+                    extra,
+                    mode,
+                });
+                ok(format!(
+                    "{}: code_change inside the node at `resume`",
+                    mods.join(", ")
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn resume(&self, ctx: &StepContext<'_>, targets: &[Located<String>]) -> StepResult {
+        let mods = modules(targets)?;
+        let deadline = ctx.deadline;
+        self.with_state(ctx, move |app, state| {
+            Box::pin(async move {
+                let Some(group) = state.group.take() else {
+                    return ok(format!("{}: already resumed", mods.join(", ")));
+                };
+                // The group's own timeouts bound the suspend and code_change parts; the
+                // call as a whole gets the longest of the steps' deadlines.
+                let timeout = deadline
+                    .max(group.suspend_timeout)
+                    .max(group.change_timeout);
+                app.execute_group(state, group, timeout).await
+            })
+        })
+        .await
+    }
+
+    async fn health(&self, ctx: &StepContext<'_>) -> StepResult {
+        let app = self.app(ctx.rollout)?;
+        let deadline = Instant::now() + ctx.deadline;
+        loop {
+            match app.app_running(Duration::from_secs(2)).await {
+                Ok(true) => {
+                    return ok(format!("{} runs `{}`", app.config.node, app.config.app));
+                }
+                Ok(false) | Err(_) if Instant::now() < deadline && !ctx.cancel.is_cancelled() => {
+                    tokio::time::sleep(POLL * 2).await;
+                }
+                Ok(false) => {
+                    return Err(failed(format!(
+                        "{} does not run `{}`",
+                        app.config.node, app.config.app
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn purge(
+        &self,
+        ctx: &StepContext<'_>,
+        targets: &[Located<String>],
+        brutal: bool,
+    ) -> StepResult {
+        let mods = modules(targets)?;
+        let deadline = ctx.deadline;
+        self.with_state(ctx, move |app, state| {
+            Box::pin(async move {
+                let mods = if mods.is_empty() {
+                    state.touched.iter().map(|t| t.module.clone()).collect()
+                } else {
+                    mods
+                };
+                if mods.is_empty() {
+                    return ok("no module to purge");
+                }
+                if brutal {
+                    state.brutal.extend(mods.iter().cloned());
+                    app.save_run(state)?;
+                }
+                // Soft now; brutal (killing what still runs old code) only at make-permanent.
+                match app
+                    .helper_ok("purge", vec![atoms(&mods), boolean(false)], deadline)
+                    .await
+                {
+                    Ok(_) => ok(format!("old code of {} purged", mods.join(", "))),
+                    Err(e) => ok(format!(
+                        "soft purge left old code in place: {e}{}",
+                        if brutal {
+                            "; purged brutally at make-permanent"
+                        } else {
+                            ""
+                        }
+                    )),
+                }
+            })
+        })
+        .await
+    }
+
+    async fn restart_new_emulator(&self, ctx: &StepContext<'_>) -> StepResult {
+        let deadline = ctx.deadline;
+        self.with_state(ctx, move |app, state| {
+            Box::pin(async move {
+                let versions = app.versions();
+                let permanent = if versions.permanent.is_empty() {
+                    state.from.clone()
+                } else {
+                    versions.permanent
+                };
+                app.snapshot_code_dir(&permanent)?;
+                state.restarted = true;
+                app.save_run(state)?;
+                app.install_code_dir(state)?;
+                app.restart_node(deadline).await?;
+                app.set_versions(Versions {
+                    current: state.to.clone(),
+                    permanent,
+                })?;
+                ok(format!(
+                    "{} restarted on release {}",
+                    app.config.node, state.to
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn apply(
+        &self,
+        ctx: &StepContext<'_>,
+        mfa: &Located<String>,
+        args: &[String],
+    ) -> StepResult {
+        let app = self.app(ctx.rollout)?;
+        // Validation refused unlisted MFAs already; this lookup is what makes it impossible
+        // to call anything else.
+        if !app.config.mfa_allow.contains(&mfa.value) {
+            return Err(failed(format!(
+                "MFA `{}` is not in the mfa_allow list of beam app `{}`",
+                mfa.value, app.config.app
+            )));
+        }
+        let parsed = mfa.value.split_once(':').and_then(|(m, rest)| {
+            let (f, a) = rest.split_once('/')?;
+            Some((m, f, a.parse::<usize>().ok()?))
+        });
+        let Some((module, function, arity)) = parsed else {
+            return Err(failed(format!(
+                "`{}` is not module:function/arity",
+                mfa.value
+            )));
+        };
+        if arity != args.len() {
+            return Err(failed(format!(
+                "`{}` takes {arity} arguments, the script gives {}",
+                mfa.value,
+                args.len()
+            )));
+        }
+        let args = args.iter().map(|a| bin(a.as_bytes().to_vec())).collect();
+        let answer = app.call(module, function, args, ctx.deadline).await?;
+        if tagged(&answer, "error").is_some() || is_atom(&answer, "error") {
+            return Err(failed(format!("{} returned {answer}", mfa.value)));
+        }
+        ok(format!("{} returned {answer}", mfa.value))
+    }
+
     async fn children(
         &self,
         ctx: &StepContext<'_>,

@@ -41,11 +41,11 @@ use tokio::net::{UnixDatagram, UnixStream};
 use tokio::time::Instant;
 
 use super::super::probe;
-use super::super::spec::{Ready, ServiceSpec};
 use super::{
     Instance, ServiceEnv, Status, Task, describe_exit, signal_group, start_time, write_pid_file,
 };
 use crate::cancel::CancelToken;
+use crate::config::{Ready, ServiceConfig};
 
 /// The protocol version the agent speaks (`HOTROLL_HANDOVER_PROTOCOL`).
 pub const PROTOCOL_VERSION: &str = "1";
@@ -160,7 +160,7 @@ fn bytes(n: u64) -> String {
 }
 
 /// `<run>/handover/<service>`.
-pub fn dir(env: &ServiceEnv, spec: &ServiceSpec) -> PathBuf {
+pub fn dir(env: &ServiceEnv, spec: &ServiceConfig) -> PathBuf {
     absolute(&env.run.join("handover").join(&spec.name))
 }
 
@@ -168,12 +168,16 @@ fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-fn leftover_pid_path(env: &ServiceEnv, spec: &ServiceSpec) -> PathBuf {
+fn leftover_pid_path(env: &ServiceEnv, spec: &ServiceConfig) -> PathBuf {
     env.run.join(format!("{}.handover.pid", spec.name))
 }
 
 /// The control socket of instance `number`, checked to fit a unix socket address.
-pub fn control_path(env: &ServiceEnv, spec: &ServiceSpec, number: u64) -> Result<PathBuf, String> {
+pub fn control_path(
+    env: &ServiceEnv,
+    spec: &ServiceConfig,
+    number: u64,
+) -> Result<PathBuf, String> {
     let path = dir(env, spec).join(format!("{number}.sock"));
     if path.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(format!(
@@ -189,7 +193,7 @@ pub fn control_path(env: &ServiceEnv, spec: &ServiceSpec, number: u64) -> Result
 /// The environment every instance of a handover service gets, and its control socket.
 pub fn instance_env(
     env: &ServiceEnv,
-    spec: &ServiceSpec,
+    spec: &ServiceConfig,
     number: u64,
 ) -> Result<(Vec<(String, String)>, PathBuf), String> {
     let path = control_path(env, spec, number)?;
@@ -213,7 +217,7 @@ pub fn instance_env(
 /// At launch: stop an incoming instance that a crashed agent left in the middle of a handover
 /// (its pid file names it; the start time proves the pid was not reused), and remove the
 /// handover files of earlier runs.
-pub async fn stop_leftover(spec: &ServiceSpec, env: &ServiceEnv) {
+pub async fn stop_leftover(spec: &ServiceConfig, env: &ServiceEnv) {
     let path = leftover_pid_path(env, spec);
     if let Ok(text) = std::fs::read_to_string(&path) {
         let _ = std::fs::remove_file(&path);
@@ -672,7 +676,7 @@ mod tests {
         let config =
             crate::config::Config::from_toml(Path::new("deploy/examples/primes/agent.toml"), text)
                 .map_err(|e| e.to_string())?;
-        let spec = ServiceSpec::from_config(&config.services[0], &config.hook_names())?;
+        let spec = config.services.first().ok_or("no [[services]] entry")?;
         assert!(spec.handover);
         assert_eq!(spec.ready, Ready::Notify);
         Ok(())

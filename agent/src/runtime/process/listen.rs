@@ -10,7 +10,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
-use super::spec::{ListenAddress, ListenSpec};
+use crate::config::{ListenAddress, ListenSpec};
 
 /// One bound socket.
 #[derive(Debug)]

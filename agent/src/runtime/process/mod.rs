@@ -28,36 +28,32 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use hotroll_script::{ChangeMode, Located};
+use hotroll_script::{ChangeMode, Instruction, Located, Runtime as ScriptRuntime};
 use nix::sys::signal::Signal;
 
 use crate::artifacts::{ArtifactStore, Fetcher};
 use crate::cancel::CancelToken;
-use crate::config::{Config, HookConfig};
+use crate::config::{Config, HookConfig, ServiceConfig, check_name};
+use crate::dialer::Dialer;
 use crate::hooks::{self, Invocation};
 use crate::report::StepList;
-use crate::session::Dialer;
 
 use super::{
     AppStatus, ArtifactRef, BoxFuture, RolloutContext, Runtime, RuntimeError, StepContext,
     StepOutput, StepResult,
 };
 
+mod confine;
 mod listen;
 mod probe;
 pub mod release;
-pub mod spec;
 mod supervisor;
 mod unpack;
 
 pub use release::Apps;
-pub use spec::{ListenAddress, ListenSpec, Ready, ServiceSpec};
 pub use supervisor::Status as ServiceStatus;
 pub use supervisor::handover::{self, Mode as HandoverMode, Report as HandoverReport};
 use supervisor::{ServiceEnv, Supervisor};
-
-/// Releases kept per app by make-permanent when the config names no number.
-pub const DEFAULT_KEEP_RELEASES: usize = 3;
 
 /// The instructions this runtime carries out.
 const INSTRUCTIONS: [&str; 11] = [
@@ -85,12 +81,6 @@ enum Op {
 /// Interval between readiness probes of `health`.
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
-#[derive(Debug, thiserror::Error)]
-pub enum ProcessError {
-    #[error("service `{service}`: {message}")]
-    Service { service: String, message: String },
-}
-
 /// The process runtime of one agent.
 #[derive(Clone)]
 pub struct ProcessRuntime {
@@ -110,7 +100,7 @@ struct Inner {
     data_dir: PathBuf,
     keep_releases: usize,
     hooks: BTreeMap<String, HookConfig>,
-    specs: Vec<Arc<ServiceSpec>>,
+    specs: Vec<Arc<ServiceConfig>>,
     apps: Apps,
     fetcher: Fetcher,
     services: OnceLock<BTreeMap<String, Supervisor>>,
@@ -151,18 +141,8 @@ fn effective_mode(artifact: &ArtifactRef) -> u32 {
 
 impl ProcessRuntime {
     /// Read the services of `config`; nothing starts before [`Runtime::boot`].
-    pub fn new(config: &Config, dialer: Dialer) -> Result<Self, ProcessError> {
-        let hook_names = config.hook_names();
-        let mut specs = Vec::with_capacity(config.services.len());
-        for service in &config.services {
-            let spec = ServiceSpec::from_config(service, &hook_names).map_err(|message| {
-                ProcessError::Service {
-                    service: service.name.clone(),
-                    message,
-                }
-            })?;
-            specs.push(Arc::new(spec));
-        }
+    pub fn new(config: &Config, dialer: Dialer) -> Self {
+        let specs = config.services.iter().cloned().map(Arc::new).collect();
         let store = ArtifactStore::new(&config.data_dir);
         let fetcher = Fetcher::new(
             store,
@@ -170,7 +150,7 @@ impl ProcessRuntime {
             config.node.clone(),
             dialer,
         );
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
                 data_dir: config.data_dir.clone(),
                 keep_releases: config.keep_releases.max(1),
@@ -182,7 +162,7 @@ impl ProcessRuntime {
                 drained: Mutex::default(),
                 staged: Mutex::default(),
             }),
-        })
+        }
     }
 
     /// The supervisor of a declared service.
@@ -266,7 +246,7 @@ impl ProcessRuntime {
         let rollout = ctx.rollout;
         let app = rollout.app.as_str();
         let to = rollout.to.as_str();
-        spec::check_name("the app", app).map_err(failed)?;
+        check_name("the app", app).map_err(failed)?;
         release::check_version(to).map_err(|e| failed(e.to_string()))?;
         let apps = &self.inner.apps;
         let current = apps.current(app);
@@ -513,7 +493,7 @@ impl ProcessRuntime {
         Ok(())
     }
 
-    async fn load_impl(&self, ctx: &StepContext<'_>, targets: &[Located<String>]) -> StepResult {
+    async fn load(&self, ctx: &StepContext<'_>, targets: &[Located<String>]) -> StepResult {
         let apps = &self.inner.apps;
         let mut lines = Vec::new();
         for target in targets {
@@ -547,7 +527,7 @@ impl ProcessRuntime {
         ok(lines)
     }
 
-    async fn suspend_impl(&self, ctx: &StepContext<'_>, targets: &[Located<String>]) -> StepResult {
+    async fn suspend(&self, ctx: &StepContext<'_>, targets: &[Located<String>]) -> StepResult {
         let mut lines = Vec::new();
         for target in targets {
             let service = self.service(&target.value)?;
@@ -567,7 +547,7 @@ impl ProcessRuntime {
         ok(lines)
     }
 
-    async fn resume_impl(&self, ctx: &StepContext<'_>, targets: &[Located<String>]) -> StepResult {
+    async fn resume(&self, ctx: &StepContext<'_>, targets: &[Located<String>]) -> StepResult {
         let mut lines = Vec::new();
         for target in targets {
             let service = self.service(&target.value)?;
@@ -641,7 +621,7 @@ impl ProcessRuntime {
         ok(lines)
     }
 
-    async fn purge_impl(&self, ctx: &StepContext<'_>, targets: &[Located<String>]) -> StepResult {
+    async fn purge(&self, ctx: &StepContext<'_>, targets: &[Located<String>]) -> StepResult {
         let app = ctx.rollout.app.as_str();
         let apps = &self.inner.apps;
         let mut keep: BTreeSet<String> = [ctx.rollout.to.clone(), ctx.rollout.from.clone()].into();
@@ -685,7 +665,7 @@ impl ProcessRuntime {
         ok(lines)
     }
 
-    async fn restart_new_emulator_impl(&self, ctx: &StepContext<'_>) -> StepResult {
+    async fn restart_new_emulator(&self, ctx: &StepContext<'_>) -> StepResult {
         let app = ctx.rollout.app.clone();
         let mut lines = Vec::new();
         let release = if ctx.list == StepList::Down {
@@ -723,6 +703,61 @@ impl ProcessRuntime {
                 .await?,
         );
         ok(lines)
+    }
+
+    async fn code_change(
+        &self,
+        ctx: &StepContext<'_>,
+        targets: &[Located<String>],
+        extra: Option<&str>,
+        mode: ChangeMode,
+    ) -> StepResult {
+        let started = tokio::time::Instant::now();
+        let mut lines = Vec::new();
+        for target in targets {
+            let service = self.service(&target.value)?;
+            let name = &service.spec.name;
+            let before = service.status();
+            if service.spec.handover && before.running() {
+                let request = handover::Request {
+                    mode: match mode {
+                        ChangeMode::Up => HandoverMode::Up,
+                        ChangeMode::Down => HandoverMode::Down,
+                    },
+                    extra: extra.map(str::to_string),
+                    budget: step_budget(ctx).saturating_sub(started.elapsed()),
+                    cancel: ctx.cancel.clone(),
+                };
+                let report = service.handover(request).await.map_err(failed)?;
+                lines.push(report.describe(name));
+                continue;
+            }
+            let after = service.restart().await.map_err(failed)?;
+            let direction = match mode {
+                ChangeMode::Up => "up",
+                ChangeMode::Down => "down",
+            };
+            let mut line = format!(
+                "{name}: code_change ({direction}) by restart: {} (pid {}) -> {} (pid {}); \
+                 its listening sockets stayed open",
+                before.release.as_deref().unwrap_or("-"),
+                before.pid.map_or("-".to_string(), |p| p.to_string()),
+                after.release.as_deref().unwrap_or("?"),
+                after.pid.unwrap_or_default()
+            );
+            if extra.is_some() {
+                line.push_str(" (`extra` is for the handover protocol; unused by a restart)");
+            }
+            lines.push(line);
+        }
+        ok(lines)
+    }
+
+    async fn health(&self, ctx: &StepContext<'_>, service: &Located<String>) -> StepResult {
+        let supervisor = self.service(&service.value)?;
+        // Answer a little before the executor's own deadline so the report says why.
+        self.wait_ready(supervisor, step_budget(ctx), &ctx.cancel)
+            .await
     }
 
     /// Remove releases of `app` beyond `keep_releases` (never current or permanent).
@@ -794,14 +829,10 @@ impl Runtime for ProcessRuntime {
         "process"
     }
 
-    fn supported_instructions(&self) -> BTreeSet<&'static str> {
-        INSTRUCTIONS.into_iter().collect()
-    }
-
-    fn supported_for(&self, runtime: hotroll_script::Runtime) -> BTreeSet<&'static str> {
+    fn supported_instructions(&self, runtime: ScriptRuntime) -> BTreeSet<&'static str> {
         match runtime {
-            hotroll_script::Runtime::Process => self.supported_instructions(),
-            hotroll_script::Runtime::Beam => BTreeSet::new(),
+            ScriptRuntime::Process => INSTRUCTIONS.into_iter().collect(),
+            ScriptRuntime::Beam => BTreeSet::new(),
         }
     }
 
@@ -869,141 +900,38 @@ impl Runtime for ProcessRuntime {
             .collect()
     }
 
-    fn load_object_code<'a>(
+    fn step<'a>(
         &'a self,
         ctx: &'a StepContext<'a>,
-        artifacts: &'a [Located<String>],
+        instruction: &'a Instruction,
     ) -> BoxFuture<'a, StepResult> {
         Box::pin(async move {
-            let names: Vec<String> = artifacts.iter().map(|a| a.value.clone()).collect();
-            let lines = self.stage(ctx, &names).await?;
-            ok(lines)
-        })
-    }
-
-    fn suspend<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(self.suspend_impl(ctx, targets))
-    }
-
-    fn load<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(self.load_impl(ctx, targets))
-    }
-
-    fn code_change<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-        extra: Option<&'a str>,
-        mode: ChangeMode,
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(async move {
-            let started = tokio::time::Instant::now();
-            let mut lines = Vec::new();
-            for target in targets {
-                let service = self.service(&target.value)?;
-                let name = &service.spec.name;
-                let before = service.status();
-                if service.spec.handover && before.running() {
-                    let request = handover::Request {
-                        mode: match mode {
-                            ChangeMode::Up => HandoverMode::Up,
-                            ChangeMode::Down => HandoverMode::Down,
-                        },
-                        extra: extra.map(str::to_string),
-                        budget: step_budget(ctx).saturating_sub(started.elapsed()),
-                        cancel: ctx.cancel.clone(),
-                    };
-                    let report = service.handover(request).await.map_err(failed)?;
-                    lines.push(report.describe(name));
-                    continue;
+            match instruction {
+                Instruction::LoadObjectCode { artifacts } => {
+                    let names: Vec<String> = artifacts.iter().map(|a| a.value.clone()).collect();
+                    ok(self.stage(ctx, &names).await?)
                 }
-                let after = service.restart().await.map_err(failed)?;
-                let direction = match mode {
-                    ChangeMode::Up => "up",
-                    ChangeMode::Down => "down",
-                };
-                let mut line = format!(
-                    "{name}: code_change ({direction}) by restart: {} (pid {}) -> {} (pid {}); \
-                     its listening sockets stayed open",
-                    before.release.as_deref().unwrap_or("-"),
-                    before.pid.map_or("-".to_string(), |p| p.to_string()),
-                    after.release.as_deref().unwrap_or("?"),
-                    after.pid.unwrap_or_default()
-                );
-                if extra.is_some() {
-                    line.push_str(" (`extra` is for the handover protocol; unused by a restart)");
+                Instruction::Suspend { targets, .. } => self.suspend(ctx, targets).await,
+                Instruction::Load { targets } => self.load(ctx, targets).await,
+                Instruction::CodeChange {
+                    targets,
+                    extra,
+                    mode,
+                    ..
+                } => {
+                    self.code_change(ctx, targets, extra.as_deref(), *mode)
+                        .await
                 }
-                lines.push(line);
+                Instruction::Resume { targets } => self.resume(ctx, targets).await,
+                Instruction::Stop { targets } => self.supervise(targets, Op::Stop).await,
+                Instruction::Start { targets } => self.supervise(targets, Op::Start).await,
+                Instruction::Restart { targets } => self.supervise(targets, Op::Restart).await,
+                Instruction::Health { service, .. } => self.health(ctx, service).await,
+                Instruction::Purge { targets, .. } => self.purge(ctx, targets).await,
+                Instruction::RestartNewEmulator => self.restart_new_emulator(ctx).await,
+                other => Err(RuntimeError::Unsupported(other.name())),
             }
-            ok(lines)
         })
-    }
-
-    fn resume<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(self.resume_impl(ctx, targets))
-    }
-
-    fn stop<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(self.supervise(targets, Op::Stop))
-    }
-
-    fn start<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(self.supervise(targets, Op::Start))
-    }
-
-    fn restart<'a>(
-        &'a self,
-        _ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(self.supervise(targets, Op::Restart))
-    }
-
-    fn health<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        service: &'a Located<String>,
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(async move {
-            let supervisor = self.service(&service.value)?;
-            // Answer a little before the executor's own deadline so the report says why.
-            let margin = (ctx.deadline / 10).min(Duration::from_millis(250));
-            let budget = ctx.deadline.saturating_sub(margin);
-            self.wait_ready(supervisor, budget, &ctx.cancel).await
-        })
-    }
-
-    fn purge<'a>(
-        &'a self,
-        ctx: &'a StepContext<'a>,
-        targets: &'a [Located<String>],
-        _brutal: bool,
-    ) -> BoxFuture<'a, StepResult> {
-        Box::pin(self.purge_impl(ctx, targets))
-    }
-
-    fn restart_new_emulator<'a>(&'a self, ctx: &'a StepContext<'a>) -> BoxFuture<'a, StepResult> {
-        Box::pin(self.restart_new_emulator_impl(ctx))
     }
 
     fn make_permanent<'a>(
@@ -1032,8 +960,7 @@ impl Runtime for ProcessRuntime {
             let app = ctx.app.as_str();
             let apps = &self.inner.apps;
             lock(&self.inner.staged).remove(&(app.to_string(), ctx.to.clone()));
-            if spec::check_name("the app", app).is_err() || release::check_version(&ctx.to).is_err()
-            {
+            if check_name("the app", app).is_err() || release::check_version(&ctx.to).is_err() {
                 return Ok(());
             }
             apps.remove_staging(app);
@@ -1051,7 +978,7 @@ impl Runtime for ProcessRuntime {
     fn default_rollback<'a>(&'a self, ctx: &'a StepContext<'a>) -> BoxFuture<'a, StepResult> {
         Box::pin(async move {
             let app = ctx.rollout.app.clone();
-            if spec::check_name("the app", &app).is_err() {
+            if check_name("the app", &app).is_err() {
                 return ok(vec![format!("{app}: nothing to roll back")]);
             }
             let (line, release) = self.reactivate_permanent(&app)?;

@@ -12,8 +12,8 @@ use crate::config::HookConfig;
 use crate::hooks::{self, Invocation};
 
 use super::listen::{self, HeldInfo};
-use super::spec::{Ready, parse_http_url};
 use super::supervisor::{Status, resolve};
+use crate::config::{Ready, parse_http_url};
 
 /// Bound of one connection attempt or request.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);

@@ -15,12 +15,13 @@
 
 use std::io::Write;
 use std::os::unix::fs::{PermissionsExt, symlink};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::artifacts::sync_dir;
 use crate::cancel::CancelToken;
 
+use super::confine::{ConfineError, ensure_dir_inside, safe_relative};
 use super::unpack;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,8 @@ pub enum ReleaseError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Confine(#[from] ConfineError),
     #[error(transparent)]
     Unpack(#[from] unpack::UnpackError),
     #[error("staging was stopped")]
@@ -59,20 +62,6 @@ pub fn check_version(version: &str) -> Result<(), ReleaseError> {
         )));
     }
     Ok(())
-}
-
-/// A relative path from the network (an artifact name, an archive entry): only normal
-/// components; `.` components are dropped. `None` for anything absolute or with `..`.
-pub fn safe_relative(path: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(part) => out.push(part),
-            Component::CurDir => {}
-            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
-        }
-    }
-    Some(out)
 }
 
 /// One file of a new release.
@@ -394,21 +383,6 @@ fn copy_new(source: &Path, dest: &Path) -> Result<(), ReleaseError> {
         .open(dest)
         .map_err(io("cannot create", dest))?;
     std::io::copy(&mut input, &mut output).map_err(io("cannot write", dest))?;
-    Ok(())
-}
-
-/// Create `dir` (and its parents) and make sure its canonical path is inside `root` (a
-/// symlink in the way could otherwise lead outside).
-pub fn ensure_dir_inside(root: &Path, dir: &Path) -> Result<(), ReleaseError> {
-    std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
-    let canonical = dir.canonicalize().map_err(io("cannot resolve", dir))?;
-    if !canonical.starts_with(root) {
-        return Err(ReleaseError::Invalid(format!(
-            "{} resolves to {}, outside the release",
-            dir.display(),
-            canonical.display()
-        )));
-    }
     Ok(())
 }
 

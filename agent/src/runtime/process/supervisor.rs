@@ -39,7 +39,7 @@ use tokio::time::Instant;
 
 use super::listen::{self, HeldInfo, HeldSocket};
 use super::release::Apps;
-use super::spec::{Ready, ServiceSpec};
+use crate::config::{Ready, ServiceConfig};
 
 /// The state handover of `code_change` (a child module: it drives this task directly).
 #[path = "handover.rs"]
@@ -106,7 +106,7 @@ enum Request {
 /// Handle to a service's supervisor task.
 #[derive(Debug, Clone)]
 pub struct Supervisor {
-    pub spec: Arc<ServiceSpec>,
+    pub spec: Arc<ServiceConfig>,
     requests: mpsc::Sender<Request>,
     status: watch::Receiver<Status>,
 }
@@ -118,7 +118,7 @@ fn gone() -> String {
 impl Supervisor {
     /// Start supervising `spec`: stop whatever a previous agent left running, bind the
     /// sockets, and start the service when `start` and its app has a current release.
-    pub async fn launch(spec: Arc<ServiceSpec>, env: ServiceEnv, start: bool) -> Self {
+    pub async fn launch(spec: Arc<ServiceConfig>, env: ServiceEnv, start: bool) -> Self {
         for dir in [&env.logs, &env.run] {
             if let Err(e) = std::fs::create_dir_all(dir) {
                 tracing::error!(dir = %dir.display(), error = %e, "cannot create directory");
@@ -228,7 +228,7 @@ enum Event {
 }
 
 struct Task {
-    spec: Arc<ServiceSpec>,
+    spec: Arc<ServiceConfig>,
     env: ServiceEnv,
     held: Option<Vec<HeldSocket>>,
     notify: Option<(UnixDatagram, PathBuf)>,
@@ -751,7 +751,7 @@ fn start_time(pid: u32) -> Option<u64> {
 
 /// Stop the instance a previous run of the agent left (it crashed or was killed): the pid file
 /// names it, and the start time proves the pid was not reused.
-async fn stop_leftover(spec: &ServiceSpec, env: &ServiceEnv) {
+async fn stop_leftover(spec: &ServiceConfig, env: &ServiceEnv) {
     let path = env.run.join(format!("{}.pid", spec.name));
     let Ok(text) = std::fs::read_to_string(&path) else {
         return;

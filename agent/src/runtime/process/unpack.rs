@@ -18,7 +18,7 @@
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Component, Path, PathBuf};
 
-use super::release::{ensure_dir_inside, safe_relative};
+use super::confine::{ensure_dir_inside, safe_relative};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {

@@ -43,7 +43,18 @@ pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7070";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/hotroll";
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(5);
-pub use crate::runtime::process::DEFAULT_KEEP_RELEASES;
+/// Releases kept per app by make-permanent when the config names no number.
+pub const DEFAULT_KEEP_RELEASES: usize = 3;
+
+mod beam;
+mod service;
+
+use beam::RawBeam;
+pub use beam::{BeamConfig, is_atom, is_mfa};
+use service::RawService;
+pub use service::{
+    ListenAddress, ListenSpec, Ready, ServiceConfig, check_name, parse_http_url, parse_signal,
+};
 
 /// The agent's validated configuration.
 #[derive(Debug, Clone)]
@@ -83,35 +94,6 @@ pub struct HookConfig {
     pub command: Vec<String>,
     /// The hook's own bound; the script's step deadline applies too, the shorter wins.
     pub timeout: Option<Duration>,
-}
-
-/// A `[[services]]` entry: `name` and `app`; the process runtime's keys (command, env, listen,
-/// ready, stop_signal, stop_timeout, drain, undrain, handover) stay in `rest` and are read by
-/// `runtime::process::ServiceSpec` (checked when the config loads).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServiceConfig {
-    pub name: String,
-    pub app: String,
-    pub rest: toml::Table,
-}
-
-/// A `[[beam]]` entry: an app running in a local Erlang node that `runtime = "beam"` scripts
-/// upgrade in place.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BeamConfig {
-    pub app: String,
-    /// The node to drive, `name@host` (a node started with `-name` or `-sname`).
-    pub node: String,
-    /// The node's distribution cookie (read when the agent connects).
-    pub cookie_file: PathBuf,
-    /// Where the app's permanent `.beam` files live: the node loads them when it (re)starts,
-    /// the agent writes the new release there when it is made permanent.
-    pub code_dir: PathBuf,
-    /// Program and arguments that start the node (for `restart_new_emulator` and a rollback by
-    /// restart).
-    pub start: Vec<String>,
-    /// The only `module:function/arity` an `apply` may call.
-    pub mfa_allow: BTreeSet<String>,
 }
 
 impl Config {
@@ -157,7 +139,10 @@ impl Config {
         let mut beam = BTreeMap::new();
         for entry in raw.beam {
             let span = entry.span();
-            let entry = check_beam(entry.into_inner()).map_err(|m| at(Some(span.clone()), m))?;
+            let entry = entry
+                .into_inner()
+                .check()
+                .map_err(|m| at(Some(span.clone()), m))?;
             if beam.contains_key(&entry.app) {
                 return Err(at(
                     Some(span),
@@ -223,28 +208,24 @@ impl Config {
 
         let mut services = Vec::with_capacity(raw.services.len());
         let mut seen = BTreeSet::new();
+        let hook_names: BTreeSet<String> = hooks.keys().cloned().collect();
         for service in raw.services {
             let span = service.span();
             let service = service.into_inner();
-            if service.name.is_empty() {
+            let name = service.name().to_string();
+            if name.is_empty() {
                 return Err(at(Some(span), "service `name` must not be empty".into()));
             }
-            if !seen.insert(service.name.clone()) {
+            if !seen.insert(name.clone()) {
                 return Err(at(
                     Some(span),
-                    format!("service `{}` is declared twice", service.name),
+                    format!("service `{name}` is declared twice"),
                 ));
             }
-            let service = ServiceConfig {
-                name: service.name,
-                app: service.app,
-                rest: service.rest,
-            };
-            // The process runtime's keys (command, listen, ready, …): checked here so that a
-            // bad entry stops the agent with its position.
-            let hook_names: BTreeSet<String> = hooks.keys().cloned().collect();
-            crate::runtime::process::ServiceSpec::from_config(&service, &hook_names)
-                .map_err(|m| at(Some(span), format!("service `{}`: {m}", service.name)))?;
+            // Checked here so that a bad entry stops the agent with its position.
+            let service = service
+                .check(&hook_names)
+                .map_err(|m| at(Some(span), format!("service `{name}`: {m}")))?;
             services.push(service);
         }
         let keep_releases = match raw.keep_releases {
@@ -440,109 +421,9 @@ struct RawConfig {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawBeam {
-    app: String,
-    node: String,
-    cookie_file: PathBuf,
-    code_dir: PathBuf,
-    start: Vec<String>,
-    #[serde(default)]
-    mfa_allow: Vec<String>,
-}
-
-fn check_beam(raw: RawBeam) -> Result<BeamConfig, String> {
-    let app = raw.app;
-    if app.is_empty()
-        || app == "."
-        || app == ".."
-        || app.contains(['/', '\\'])
-        || app.chars().any(char::is_control)
-    {
-        return Err(format!(
-            "beam `app` = `{app}` must be a non-empty name without path separators"
-        ));
-    }
-    match raw.node.split_once('@') {
-        Some((name, host))
-            if !name.is_empty()
-                && !host.is_empty()
-                && !raw
-                    .node
-                    .chars()
-                    .any(|c| c.is_whitespace() || c.is_control()) => {}
-        _ => {
-            return Err(format!(
-                "beam app `{app}`: `node` = `{}` must be an Erlang node name, name@host",
-                raw.node
-            ));
-        }
-    }
-    if raw.cookie_file.as_os_str().is_empty() {
-        return Err(format!("beam app `{app}`: `cookie_file` must not be empty"));
-    }
-    if raw.code_dir.as_os_str().is_empty() {
-        return Err(format!("beam app `{app}`: `code_dir` must not be empty"));
-    }
-    if raw.start.first().is_none_or(String::is_empty) {
-        return Err(format!(
-            "beam app `{app}`: `start` must name a program that starts the node"
-        ));
-    }
-    let mut mfa_allow = BTreeSet::new();
-    for mfa in raw.mfa_allow {
-        if !is_mfa(&mfa) {
-            return Err(format!(
-                "beam app `{app}`: `mfa_allow` entry `{mfa}` is not module:function/arity \
-                 (unquoted atoms)"
-            ));
-        }
-        mfa_allow.insert(mfa);
-    }
-    Ok(BeamConfig {
-        app,
-        node: raw.node,
-        cookie_file: raw.cookie_file,
-        code_dir: raw.code_dir,
-        start: raw.start,
-        mfa_allow,
-    })
-}
-
-/// `module:function/arity` with unquoted atoms (the form `apply` scripts use).
-pub fn is_mfa(text: &str) -> bool {
-    text.split_once(':')
-        .and_then(|(module, rest)| {
-            let (function, arity) = rest.split_once('/')?;
-            let arity_ok =
-                !arity.is_empty() && arity.len() <= 3 && arity.chars().all(|c| c.is_ascii_digit());
-            Some(is_atom(module) && is_atom(function) && arity_ok)
-        })
-        .unwrap_or(false)
-}
-
-/// An unquoted Erlang atom: a lowercase letter, then letters, digits, `_` or `@`.
-pub fn is_atom(text: &str) -> bool {
-    let mut chars = text.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '@')
-        && text.len() <= 255
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawHook {
     command: Vec<String>,
     timeout: Option<Spanned<HumanDuration>>,
-}
-
-// No deny_unknown_fields: serde cannot combine it with `flatten`, and the keys a later issue
-// defines for services land in `rest` until then.
-#[derive(Deserialize)]
-struct RawService {
-    name: String,
-    app: String,
-    #[serde(flatten)]
-    rest: toml::Table,
 }
 
 /// A duration written as `"500ms"`, `"30s"`, `"5m"` or `"1h"`.
@@ -661,7 +542,7 @@ command = "bin/primes"
             Some(3)
         );
         assert_eq!(config.services.len(), 1);
-        assert!(config.services[0].rest.contains_key("command"));
+        assert_eq!(config.services[0].command, ["bin/primes"]);
         assert_eq!(config.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
         Ok(())
     }

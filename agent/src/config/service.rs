@@ -1,5 +1,5 @@
-//! A `[[services]]` entry of `agent.toml`, as the process runtime reads it (the contract of
-//! issue 4; `config.rs` keeps the keys it does not interpret in [`ServiceConfig::rest`]):
+//! A `[[services]]` entry of `agent.toml`: a service the process runtime supervises, typed and
+//! checked when the config loads:
 //!
 //! ```toml
 //! [[services]]
@@ -28,13 +28,13 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde::Deserialize;
 
-use crate::config::{ServiceConfig, parse_duration};
+use super::parse_duration;
 
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A service the agent supervises.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ServiceSpec {
+pub struct ServiceConfig {
     pub name: String,
     pub app: String,
     /// Program (relative to the app's current release unless absolute) and arguments.
@@ -106,9 +106,12 @@ impl Ready {
     }
 }
 
+/// A `[[services]]` entry as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawSpec {
+pub(super) struct RawService {
+    name: String,
+    app: String,
     command: RawCommand,
     #[serde(default)]
     env: BTreeMap<String, String>,
@@ -173,15 +176,16 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-impl ServiceSpec {
-    /// Read the process-runtime keys of a `[[services]]` entry. `hooks` are the declared hook
-    /// names (for `drain`/`undrain`).
-    pub fn from_config(config: &ServiceConfig, hooks: &BTreeSet<String>) -> Result<Self, String> {
-        check_name("the service name", &config.name)?;
-        check_name("`app`", &config.app)?;
-        let raw: RawSpec = toml::Value::Table(config.rest.clone())
-            .try_into()
-            .map_err(|e: toml::de::Error| e.message().trim().to_string())?;
+impl RawService {
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Check the entry. `hooks` are the declared hook names (for `drain`/`undrain`).
+    pub(super) fn check(self, hooks: &BTreeSet<String>) -> Result<ServiceConfig, String> {
+        let raw = self;
+        check_name("the service name", &raw.name)?;
+        check_name("`app`", &raw.app)?;
 
         let command = match raw.command {
             RawCommand::Program(program) => vec![program],
@@ -213,7 +217,7 @@ impl ServiceSpec {
                 RawListen::Named { address, name } => (address, name),
             };
             let address = parse_listen(&address)?;
-            let name = name.unwrap_or_else(|| config.name.clone());
+            let name = name.unwrap_or_else(|| raw.name.clone());
             if name.is_empty() || name.contains([':', '\0']) || name.len() > 255 {
                 return Err(format!(
                     "listen name `{name}` must be 1 to 255 characters without `:`"
@@ -281,9 +285,9 @@ impl ServiceSpec {
         if raw.undrain.is_some() && raw.drain.is_none() {
             return Err("`undrain` needs a `drain` hook".to_string());
         }
-        Ok(Self {
-            name: config.name.clone(),
-            app: config.app.clone(),
+        Ok(ServiceConfig {
+            name: raw.name,
+            app: raw.app,
             command,
             env: raw.env,
             listen,
@@ -367,17 +371,18 @@ pub fn parse_signal(name: &str) -> Result<Signal, String> {
 mod tests {
     use super::*;
 
-    fn spec(rest: &str) -> Result<ServiceSpec, String> {
-        let rest: toml::Table = toml::from_str(rest).map_err(|e| e.to_string())?;
-        let hooks: BTreeSet<String> = ["drain_it".to_string()].into();
-        ServiceSpec::from_config(
-            &ServiceConfig {
-                name: "primes".into(),
-                app: "primes".into(),
-                rest,
-            },
-            &hooks,
-        )
+    /// The `[[services]]` entry `primes` with the keys `rest`, next to a `drain_it` hook.
+    fn spec(rest: &str) -> Result<ServiceConfig, String> {
+        let text = format!(
+            "[hooks]\ndrain_it = {{ command = [\"true\"] }}\n\n[[services]]\nname = \"primes\"\napp = \"primes\"\n{rest}\n"
+        );
+        let config = crate::config::Config::from_toml(std::path::Path::new("agent.toml"), &text)
+            .map_err(|e| e.to_string())?;
+        config
+            .services
+            .into_iter()
+            .next()
+            .ok_or_else(|| "no service".to_string())
     }
 
     #[test]
@@ -449,7 +454,7 @@ drain = "drain_it"
     /// The commented `[[services]]` example of `deploy/agent.example.toml` is a valid entry.
     #[test]
     fn the_deploy_example_is_valid() -> Result<(), String> {
-        let example = include_str!("../../../../deploy/agent.example.toml");
+        let example = include_str!("../../../deploy/agent.example.toml");
         let block: Vec<&str> = example
             .lines()
             .skip_while(|l| l.trim() != "# [[services]]")
@@ -463,8 +468,7 @@ drain = "drain_it"
         );
         let config = crate::config::Config::from_toml(std::path::Path::new("agent.toml"), &text)
             .map_err(|e| e.to_string())?;
-        let hooks = config.hook_names();
-        let spec = ServiceSpec::from_config(&config.services[0], &hooks)?;
+        let spec = &config.services[0];
         assert_eq!(spec.listen.len(), 1);
         assert_eq!(spec.ready, Ready::Tcp("127.0.0.1:8080".into()));
         Ok(())

@@ -23,8 +23,8 @@
 
 use std::time::Duration;
 
+use super::Env;
 use crate::cancel::CancelToken;
-use crate::executor::Env;
 use crate::journal::{JournalRecord, Scope};
 use crate::report::{NodeState, Phase, Report, StepList};
 use crate::runtime::{AppStatus, RolloutContext, StepContext};
@@ -348,11 +348,26 @@ mod tests {
         fn name(&self) -> &'static str {
             "recorder"
         }
-        fn supported_instructions(&self) -> std::collections::BTreeSet<&'static str> {
+        fn supported_instructions(
+            &self,
+            _runtime: hotroll_script::Runtime,
+        ) -> std::collections::BTreeSet<&'static str> {
             Default::default()
         }
         fn apps(&self) -> Vec<AppStatus> {
             self.apps.clone()
+        }
+        fn step<'a>(
+            &'a self,
+            _ctx: &'a StepContext<'a>,
+            instruction: &'a hotroll_script::Instruction,
+        ) -> crate::runtime::BoxFuture<'a, crate::runtime::StepResult> {
+            self.note(format!("step {}", instruction.name()));
+            Box::pin(async move {
+                Err(crate::runtime::RuntimeError::Unsupported(
+                    instruction.name(),
+                ))
+            })
         }
         fn make_permanent<'a>(
             &'a self,
@@ -389,7 +404,8 @@ mod tests {
 
     fn env(runtime: Arc<Recorder>) -> (tempfile::TempDir, Env) {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let config = crate::Config::new("node-1", "http://127.0.0.1:1", dir.path().to_path_buf());
+        let config =
+            crate::config::Config::new("node-1", "http://127.0.0.1:1", dir.path().to_path_buf());
         let journal =
             crate::journal::Journal::open(dir.path()).unwrap_or_else(|e| panic!("journal: {e}"));
         let env = Env {
