@@ -86,12 +86,19 @@ fn a_full_disk_holds_the_rollout_until_space_is_freed() -> anyhow::Result<()> {
         // node-1 and node-2 go through to the barrier and wait there for node-3.
         open_gate(cluster, 1, "fill")?;
         open_gate(cluster, 2, "fill")?;
+        let barrier_step = u64::try_from(PRE_STEPS + 1)?;
         cluster.wait_status(
             &id,
             "two nodes at the barrier",
             Duration::from_secs(60),
-            |s| s["barrier"]["arrived"] == 2,
+            |s| {
+                [1, 2].iter().all(|&i| {
+                    status::node(s, &node_name(i)).is_ok_and(|n| n["step"] == barrier_step)
+                })
+            },
         )?;
+        // Their arrival reaches the coordinator right after the step starts.
+        std::thread::sleep(Duration::from_millis(500));
         let status = cluster.status(&id)?;
         ensure!(
             status.get("held_on_store").is_none(),
