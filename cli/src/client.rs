@@ -45,7 +45,9 @@ pub struct CoordinatorArgs {
     pub key: Option<PathBuf>,
     /// Talk plaintext HTTP/2 to a coordinator started with `serve --insecure` (no TLS, no
     /// authentication).
-    #[arg(long, env = "HOTROLL_INSECURE", global = true)]
+    // Boolish: `HOTROLL_INSECURE=1` as documented, also true/yes/on.
+    #[arg(long, env = "HOTROLL_INSECURE", global = true,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
 }
 

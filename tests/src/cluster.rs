@@ -53,6 +53,12 @@ pub struct ClusterOptions {
     /// default is TLS: the coordinator makes its CA, every agent joins with a token of its own
     /// and the CLI runs with an operator token (see [`Cluster::cli_env`]).
     pub insecure: bool,
+    /// The coordinator's `--data-dir`, when not `<dir>/coordinator/data` (e.g. a small
+    /// filesystem, [`crate::small_disk::SmallDisk`]).
+    pub coordinator_data_dir: Option<PathBuf>,
+    /// A command the coordinator runs under, its arguments before `hotroll serve ...` (e.g.
+    /// `nsenter --mount=...`, to see a filesystem mounted in another mount namespace).
+    pub coordinator_wrapper: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -72,6 +78,8 @@ impl Default for ClusterOptions {
             ready_timeout: Duration::from_secs(20),
             wait_connected: true,
             insecure: false,
+            coordinator_data_dir: None,
+            coordinator_wrapper: Vec::new(),
         }
     }
 }
@@ -157,6 +165,18 @@ impl ClusterOptions {
     }
 
     /// Run the cluster without TLS (see [`ClusterOptions::insecure`]).
+    /// See [`ClusterOptions::coordinator_data_dir`].
+    pub fn coordinator_data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.coordinator_data_dir = Some(dir.into());
+        self
+    }
+
+    /// See [`ClusterOptions::coordinator_wrapper`].
+    pub fn coordinator_wrapper(mut self, command: Vec<String>) -> Self {
+        self.coordinator_wrapper = command;
+        self
+    }
+
     pub fn insecure(mut self) -> Self {
         self.insecure = true;
         self
@@ -334,7 +354,7 @@ impl Cluster {
     /// Pick a free port, start `hotroll serve` on it and wait until it accepts connections;
     /// on a lost race for the port, try another one.
     fn start_coordinator(&mut self) -> anyhow::Result<()> {
-        let data_dir = self.path.join("coordinator/data");
+        let data_dir = self.coordinator_data_dir();
         let mut last_error = None;
         for _attempt in 0..5 {
             let port = free_port()?;
@@ -356,9 +376,18 @@ impl Cluster {
                 args.push("--insecure".into());
             }
             args.extend(self.options.coordinator_args.iter().cloned());
+            let (program, args) = match self.options.coordinator_wrapper.split_first() {
+                Some((wrapper, before)) => {
+                    let mut all = before.to_vec();
+                    all.push(self.bins.hotroll.display().to_string());
+                    all.extend(args);
+                    (PathBuf::from(wrapper), all)
+                }
+                None => (self.bins.hotroll.clone(), args),
+            };
             let mut process = Process::new(
                 "coordinator",
-                &self.bins.hotroll,
+                &program,
                 args,
                 &self.path,
                 self.path.join("logs/coordinator.log"),
@@ -416,7 +445,10 @@ impl Cluster {
 
     /// The coordinator's data dir.
     pub fn coordinator_data_dir(&self) -> PathBuf {
-        self.path.join("coordinator/data")
+        self.options
+            .coordinator_data_dir
+            .clone()
+            .unwrap_or_else(|| self.path.join("coordinator/data"))
     }
 
     /// `hotroll ARGS` run to completion against the coordinator's data dir (token and cert

@@ -69,6 +69,7 @@ pub mod proxy;
 pub mod scale;
 pub mod scripts;
 pub mod services;
+pub mod small_disk;
 pub mod status;
 pub mod terminal;
 pub mod timed;
