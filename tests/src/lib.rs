@@ -39,12 +39,14 @@
 //!
 //! The harness builds `hotroll` and `hotroll-agent` itself, once per test process, with
 //! `cargo build -p hotroll-cli -p hotroll-agent --bins` in the profile and target dir of
-//! the running test (see [`bins`]). So the plain commands work, and so does the README's (its
-//! prebuild makes the harness's build a no-op):
+//! the running test (see [`bins`]). So the plain commands work. The README's `tests/run` sets
+//! `HOTROLL_NO_BUILD=1` for a whole-suite run instead: building every test target already builds
+//! `hotroll`, `hotroll-agent` and `primes` (their packages have integration tests), and one
+//! feature set keeps a clean build within a CI machine's disk.
 //!
 //! ```text
 //! cargo test -p hotroll-tests            # or: cargo nextest run -p hotroll-tests
-//! cargo build --workspace --bins && cargo nextest run --workspace --no-fail-fast
+//! tests/run                              # the whole suite, as CI runs it
 //! cargo run --release -p hotroll-tests --bin barrier-bench -- --agents 3 --rounds 20
 //! cargo run --release -p hotroll-tests --bin artifact-bench -- --agents 3 --size-mib 100
 //! ```
