@@ -176,7 +176,7 @@ async fn serve(
         journal,
         outbox: Arc::new(Outbox::default()),
     };
-    // Settle what a previous agent process left in progress (DESIGN §5) before the first
+    // Settle what a previous agent process left in progress (docs/design.md §5) before the first
     // Hello, which then reports the outcome.
     executor::recovery::recover(&env).await;
     let mut node = Node::new(env.clone());

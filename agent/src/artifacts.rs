@@ -1,4 +1,4 @@
-//! The agent's content store and artifact download (DESIGN §6, §7).
+//! The agent's content store and artifact download (docs/design.md §6, §7).
 //!
 //! `<data_dir>/cas/sha256/<hex>` holds verified artifacts only: bytes arrive in
 //! `<hex>.partial`, are hashed as they arrive, and the file is renamed to `<hex>` only once the
@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use hotroll_proto::v1 as pb;
 use hotroll_proto::v1::agent_client::AgentClient;
+use hotroll_script::Sha256Digest;
 use sha2::{Digest, Sha256};
 use tonic::Code;
 use tonic::transport::Endpoint;
@@ -92,27 +93,18 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
     }
 }
 
-/// The hex part of `sha256:<hex>`, refusing anything else: the hex becomes a file name, so
-/// nothing from the network reaches a path unless it is exactly 64 lowercase hex characters.
-pub fn digest_hex(digest: &str) -> Result<&str, ArtifactError> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| ArtifactError::BadDigest(digest.to_string()))?;
-    if hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        Ok(hex)
-    } else {
-        Err(ArtifactError::BadDigest(digest.to_string()))
-    }
+/// Check a digest that arrived as text (in a command): the store takes only [`Sha256Digest`]s,
+/// so nothing from the network reaches a path unless it is exactly 64 lowercase hex characters.
+pub fn parse_digest(digest: &str) -> Result<Sha256Digest, ArtifactError> {
+    Sha256Digest::parse(digest).map_err(|_| ArtifactError::BadDigest(digest.to_string()))
 }
 
 /// What making an artifact available took.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fetched {
     pub digest: String,
+    /// Where the verified bytes are.
+    pub path: PathBuf,
     pub size: u64,
     /// Bytes received from the coordinator by this call.
     pub fetched: u64,
@@ -163,20 +155,19 @@ impl ArtifactStore {
     }
 
     /// Where the verified artifact `digest` lives (whether or not it is there).
-    pub fn path_of(&self, digest: &str) -> Result<PathBuf, ArtifactError> {
-        Ok(self.root.join(digest_hex(digest)?))
+    pub fn path_of(&self, digest: &Sha256Digest) -> PathBuf {
+        self.root.join(digest.hex())
     }
 
     /// Where a download of `digest` in progress keeps its bytes.
-    pub fn partial_path_of(&self, digest: &str) -> Result<PathBuf, ArtifactError> {
-        Ok(self.root.join(format!("{}.partial", digest_hex(digest)?)))
+    pub fn partial_path_of(&self, digest: &Sha256Digest) -> PathBuf {
+        self.root.join(format!("{}.partial", digest.hex()))
     }
 
     /// Whether the store has `digest` (of `size` bytes).
-    pub fn contains(&self, digest: &str, size: u64) -> bool {
-        self.path_of(digest)
+    pub fn contains(&self, digest: &Sha256Digest, size: u64) -> bool {
+        std::fs::metadata(self.path_of(digest))
             .ok()
-            .and_then(|p| std::fs::metadata(p).ok())
             .is_some_and(|m| m.is_file() && m.len() == size)
     }
 }
@@ -241,11 +232,11 @@ impl Fetcher {
         size: u64,
         cancel: &CancelToken,
     ) -> Result<Fetched, ArtifactError> {
-        let hex = digest_hex(digest)?.to_string();
-        let lock = self.lock_for(&hex);
+        let checked = parse_digest(digest)?;
+        let lock = self.lock_for(checked.hex());
         let _guard = lock.lock().await;
 
-        let final_path = self.store.root.join(&hex);
+        let final_path = self.store.path_of(&checked);
         let root = self.store.root.clone();
         std::fs::create_dir_all(&root).map_err(io_error(&root))?;
         match std::fs::metadata(&final_path) {
@@ -253,6 +244,7 @@ impl Fetcher {
                 tracing::info!(%digest, size, "artifact already in the content store; nothing fetched");
                 return Ok(Fetched {
                     digest: digest.to_string(),
+                    path: final_path,
                     size,
                     fetched: 0,
                     resumed_at: None,
@@ -269,7 +261,7 @@ impl Fetcher {
             Err(_) => {}
         }
 
-        let partial_path = root.join(format!("{hex}.partial"));
+        let partial_path = self.store.partial_path_of(&checked);
         let (mut file, mut hasher, mut offset) = open_partial(&partial_path, size).await?;
         let resumed_at = (offset > 0).then_some(offset);
         if let Some(at) = resumed_at {
@@ -329,15 +321,15 @@ impl Fetcher {
             }
         }
 
-        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
-        if actual != digest {
+        let actual = Sha256Digest::from_bytes(hasher.finalize().into());
+        if actual != checked {
             drop(file);
             let _ = std::fs::remove_file(&partial_path);
             tracing::error!(%digest, %actual, size, "artifact does not match its digest; discarded");
             return Err(ArtifactError::Mismatch {
                 digest: digest.to_string(),
                 size,
-                actual,
+                actual: actual.to_string(),
             });
         }
         file.sync_all().map_err(io_error(&partial_path))?;
@@ -346,6 +338,7 @@ impl Fetcher {
         sync_dir(&root);
         let fetched = Fetched {
             digest: digest.to_string(),
+            path: final_path,
             size,
             fetched,
             resumed_at,
@@ -535,7 +528,7 @@ mod tests {
     #[test]
     fn digests_are_checked_before_they_become_paths() {
         let good = format!("sha256:{}", "a".repeat(64));
-        assert!(digest_hex(&good).is_ok());
+        assert!(parse_digest(&good).is_ok());
         for bad in [
             "sha256:../../etc/passwd".to_string(),
             format!("sha256:{}", "A".repeat(64)),
@@ -543,7 +536,7 @@ mod tests {
             format!("sha256:{}/", "a".repeat(63)),
             String::new(),
         ] {
-            assert!(digest_hex(&bad).is_err(), "{bad}");
+            assert!(parse_digest(&bad).is_err(), "{bad}");
         }
     }
 
@@ -551,6 +544,7 @@ mod tests {
     fn describe_says_what_was_fetched() {
         let mut f = Fetched {
             digest: String::new(),
+            path: PathBuf::new(),
             size: 4_194_304,
             fetched: 1_048_576,
             resumed_at: Some(3_145_728),

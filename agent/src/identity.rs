@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use hotroll_proto::v1 as pb;
 use hotroll_proto::v1::identity_client::IdentityClient;
 use hotroll_tls::client::{ClientCert, channel_uri};
-use hotroll_tls::{CertInfo, ClientTls, Identity, Role, Token, Trust, files};
+use hotroll_tls::{CertInfo, ClientTls, Identity, Role, Token, Trust, error_chain, files};
 use tonic::Code;
 use tonic::transport::Endpoint;
 
@@ -289,7 +289,7 @@ async fn join(
         let channel = tls
             .connect(endpoint)
             .await
-            .map_err(|e| Attempt::Retry(format!("cannot connect: {}", chain(&e))))?;
+            .map_err(|e| Attempt::Retry(format!("cannot connect: {}", error_chain(&e))))?;
         IdentityClient::new(channel)
             .join(pb::JoinRequest {
                 token: token.expose(),
@@ -363,19 +363,4 @@ fn accept(
         },
         info,
     ))
-}
-
-/// An error and its sources on one line.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
 }

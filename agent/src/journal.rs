@@ -1,4 +1,4 @@
-//! The agent's durable journal (DESIGN §5): one record per rollout, written before each
+//! The agent's durable journal (docs/design.md §5): one record per rollout, written before each
 //! instruction, so that a restarted agent knows where it was ([`crate::executor::recovery`] acts on it at
 //! start) and can tell the coordinator in Hello.
 //!

@@ -1,4 +1,4 @@
-//! hotroll's node agent (DESIGN §5): keeps a session with the coordinator, runs the upgrade
+//! hotroll's node agent (docs/design.md §5): keeps a session with the coordinator, runs the upgrade
 //! scripts it receives through a [`Runtime`], journals every step, and never executes anything
 //! its own config ([`Config`]) does not declare.
 //!

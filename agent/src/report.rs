@@ -1,5 +1,5 @@
 //! What the agent tells the coordinator, as the agent's own types. `wire` converts them to the
-//! protobuf messages at the edge of the gRPC code (DESIGN §6).
+//! protobuf messages at the edge of the gRPC code (docs/design.md §6).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -10,6 +10,7 @@ use hotroll_proto::v1::agent_client::AgentClient;
 use hotroll_proto::v1::agent_message::Msg as Out;
 use hotroll_proto::v1::{self as pb};
 use hotroll_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use hotroll_tls::error_chain;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -179,12 +180,12 @@ impl Sessions<'_> {
         };
         let endpoint = match self.endpoint() {
             Ok(endpoint) => endpoint,
-            Err(e) => return lost(format!("invalid coordinator address: {}", chain(&e))),
+            Err(e) => return lost(format!("invalid coordinator address: {}", error_chain(&e))),
         };
         let channel = tokio::select! {
             connected = (self.dialer)(endpoint) => match connected {
                 Ok(channel) => channel,
-                Err(e) => return lost(format!("cannot connect: {}", chain(&e))),
+                Err(e) => return lost(format!("cannot connect: {}", error_chain(&e))),
             },
             () = shutdown.cancelled() => return End::Shutdown,
         };
@@ -360,22 +361,6 @@ fn classify(status: tonic::Status, established: bool) -> End {
             established,
         },
     }
-}
-
-/// An error and its sources on one line (tonic's transport errors say little on their own).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let part = e.to_string();
-        // hyper and tonic repeat a cause's text in its wrapper; say it once.
-        if !text.ends_with(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
 }
 
 /// Exponential backoff with full jitter: the n-th delay is uniform in `[0, min(max, initial·2ⁿ)]`.

@@ -13,7 +13,7 @@ use hotroll_proto::v1 as pb;
 use hotroll_proto::v1::control_client::ControlClient;
 use hotroll_script::Script;
 use hotroll_tls::client::{ClientCert, channel_uri, is_tls_url};
-use hotroll_tls::{ClientTls, Token, Trust, files};
+use hotroll_tls::{ClientTls, Token, Trust, error_chain, files};
 use sha2::{Digest, Sha256};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -182,21 +182,6 @@ pub async fn connect(args: &CoordinatorArgs) -> anyhow::Result<Client> {
     Ok(ControlClient::with_interceptor(channel, credentials)
         .max_decoding_message_size(hotroll_coordinator::server::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(hotroll_coordinator::server::MAX_MESSAGE_BYTES))
-}
-
-/// An error and its sources on one line (a TLS failure is several causes deep).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
 }
 
 /// Turn a gRPC status into an error message an operator can act on.

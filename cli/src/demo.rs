@@ -486,6 +486,7 @@ impl Story {
                 script_source: source.to_string(),
                 select: Default::default(),
                 artifacts,
+                skip_unreachable: false,
             })
             .await
             .map_err(status_error)?

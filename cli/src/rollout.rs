@@ -56,6 +56,11 @@ pub struct StartArgs {
     /// Node selector that replaces the script's `rollout.select`, e.g. `role=web,zone=a`.
     #[arg(long, value_parser = parse_selector)]
     pub select: Option<HashMap<String, String>>,
+    /// Leave out known nodes that match but are not connected right now (named in the answer,
+    /// `status` and the history). Without it they are targets: the rollout waits for them
+    /// within the session grace, and one that never comes back fails prepare.
+    #[arg(long)]
+    pub skip_unreachable: bool,
     /// Block until the rollout reaches a final state; exit 0 if it succeeded, 3 if it ended
     /// aborted, rolled back, partially rolled back or halted, 1 on any other error.
     #[arg(long)]
@@ -125,6 +130,14 @@ pub struct StatusJson {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub held_on_store: Option<HeldJson>,
     pub nodes: Vec<NodeStatusJson>,
+    /// Nodes that matched the selection but were left out (`--skip-unreachable`), and why.
+    pub left_out: Vec<LeftOutJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LeftOutJson {
+    pub node: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -176,6 +189,14 @@ pub fn status_json(status: &pb::RolloutStatus) -> StatusJson {
                 error: non_empty(&n.error),
             })
             .collect(),
+        left_out: status
+            .left_out
+            .iter()
+            .map(|l| LeftOutJson {
+                node: l.node.clone(),
+                reason: l.reason.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -207,6 +228,9 @@ pub fn print_status(status: &pb::RolloutStatus, output: Output) -> anyhow::Resul
             }
             if let Some(held) = &json.held_on_store {
                 println!("held: {} (since {})", held.error, held.since);
+            }
+            for left in &json.left_out {
+                println!("left out {}: {}", left.node, left.reason);
             }
             let mut table = comfy_table::Table::new();
             table.load_preset(comfy_table::presets::NOTHING);
@@ -418,6 +442,7 @@ async fn start(args: StartArgs) -> anyhow::Result<u8> {
             script_source: source,
             select: args.select.clone().unwrap_or_default(),
             artifacts,
+            skip_unreachable: args.skip_unreachable,
         })
         .await
         .map_err(status_error)
@@ -425,12 +450,7 @@ async fn start(args: StartArgs) -> anyhow::Result<u8> {
         .into_inner();
     if args.watch {
         if args.output == Output::Text {
-            eprintln!(
-                "rollout {} started on {} node(s): {}",
-                started.rollout_id,
-                started.nodes.len(),
-                started.nodes.join(", ")
-            );
+            eprint!("{}", started_text(&started));
         }
         return super::watch::watch(
             &mut client,
@@ -445,19 +465,29 @@ async fn start(args: StartArgs) -> anyhow::Result<u8> {
         match args.output {
             Output::Json => println!(
                 "{}",
-                serde_json::json!({ "id": started.rollout_id, "nodes": started.nodes })
+                serde_json::json!({
+                    "id": started.rollout_id,
+                    "nodes": started.nodes,
+                    "awaited": started.awaited,
+                    "left_out": started
+                        .left_out
+                        .iter()
+                        .map(|l| serde_json::json!({ "node": l.node, "reason": l.reason }))
+                        .collect::<Vec<_>>(),
+                })
             ),
-            Output::Text => println!("{}", started.rollout_id),
+            Output::Text => {
+                // The id alone on stdout (scripts capture it); what was left out on stderr.
+                println!("{}", started.rollout_id);
+                if !started.left_out.is_empty() || !started.awaited.is_empty() {
+                    eprint!("{}", started_text(&started));
+                }
+            }
         }
         return Ok(exit::OK);
     }
     if args.output == Output::Text {
-        eprintln!(
-            "rollout {} started on {} node(s): {}",
-            started.rollout_id,
-            started.nodes.len(),
-            started.nodes.join(", ")
-        );
+        eprint!("{}", started_text(&started));
     }
     let status = wait_final(&mut client, &started.rollout_id, args.wait_timeout).await?;
     match args.output {
@@ -478,4 +508,23 @@ pub async fn wait_final(
     timeout: Duration,
 ) -> anyhow::Result<pb::RolloutStatus> {
     super::watch::wait_final(client, id, timeout).await
+}
+
+/// `rollout ID started on N node(s): …`, then a line per node waited for or left out.
+fn started_text(started: &pb::StartRolloutResponse) -> String {
+    let mut text = format!(
+        "rollout {} started on {} node(s): {}\n",
+        started.rollout_id,
+        started.nodes.len(),
+        started.nodes.join(", ")
+    );
+    for node in &started.awaited {
+        text.push_str(&format!(
+            "  waiting for {node}: known but not connected (it is a target; use --skip-unreachable to leave such nodes out)\n"
+        ));
+    }
+    for left in &started.left_out {
+        text.push_str(&format!("  left out {}: {}\n", left.node, left.reason));
+    }
+    text
 }

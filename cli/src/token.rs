@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use hotroll_script::DurationLimit;
 use hotroll_tls::identity::valid_name;
 use hotroll_tls::{Identity, Role, files};
 
@@ -126,27 +127,8 @@ pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// `<integer><unit>` with unit ms, s, m, h or d, greater than zero and at most [`MAX_TTL`].
 pub fn parse_long_duration(text: &str) -> Result<Duration, String> {
-    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
-    let (number, unit) = text.split_at(digits);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration (e.g. 30m, 1h, 7d)"))?;
-    let unit_ms: u64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(format!("`{text}`: the unit must be ms, s, m, h or d")),
-    };
-    let ms = n
-        .checked_mul(unit_ms)
-        .ok_or_else(|| format!("`{text}` is too long"))?;
-    let d = Duration::from_millis(ms);
-    if d.is_zero() || d > MAX_TTL {
-        return Err(format!("`{text}` must be more than 0 and at most 365d"));
-    }
-    Ok(d)
+    hotroll_script::parse_duration_within(text, DurationLimit::with_days(MAX_TTL))
+        .map_err(|e| e.to_string())
 }
 
 /// `hotroll token ...` (local: reads and writes the data dir, no server needed).

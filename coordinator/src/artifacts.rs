@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use hotroll_script::Sha256Digest;
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,21 +27,10 @@ pub enum ArtifactError {
     },
 }
 
-/// Parse `sha256:<hex>` into the hex part, refusing anything else (the hex becomes a file name,
-/// so nothing from the network gets near a path unless it is exactly 64 hex characters).
-pub fn digest_hex(digest: &str) -> Result<&str, ArtifactError> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| ArtifactError::BadDigest(digest.to_string()))?;
-    if hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        Ok(hex)
-    } else {
-        Err(ArtifactError::BadDigest(digest.to_string()))
-    }
+/// Check a digest that arrived as text (from a message): the store takes only [`Sha256Digest`]s,
+/// so nothing from the network gets near a path unless it is exactly 64 hex characters.
+pub fn parse_digest(digest: &str) -> Result<Sha256Digest, ArtifactError> {
+    Sha256Digest::parse(digest).map_err(|_| ArtifactError::BadDigest(digest.to_string()))
 }
 
 #[derive(Debug, Clone)]
@@ -63,24 +53,24 @@ impl ArtifactStore {
         })
     }
 
-    pub fn path_of(&self, digest: &str) -> Result<PathBuf, ArtifactError> {
-        Ok(self.root.join(digest_hex(digest)?))
+    pub fn path_of(&self, digest: &Sha256Digest) -> PathBuf {
+        self.root.join(digest.hex())
     }
 
-    pub fn contains(&self, digest: &str) -> bool {
-        self.path_of(digest).is_ok_and(|p| p.is_file())
+    pub fn contains(&self, digest: &Sha256Digest) -> bool {
+        self.path_of(digest).is_file()
     }
 
-    pub fn size_of(&self, digest: &str) -> Result<u64, ArtifactError> {
-        let path = self.path_of(digest)?;
+    pub fn size_of(&self, digest: &Sha256Digest) -> Result<u64, ArtifactError> {
+        let path = self.path_of(digest);
         std::fs::metadata(&path)
             .map(|m| m.len())
             .map_err(|_| ArtifactError::Missing(digest.to_string()))
     }
 
     /// Start receiving an upload that claims `digest` and `size`.
-    pub fn begin(&self, digest: &str, size: u64) -> Result<Upload, ArtifactError> {
-        let final_path = self.path_of(digest)?;
+    pub fn begin(&self, digest: &Sha256Digest, size: u64) -> Result<Upload, ArtifactError> {
+        let final_path = self.path_of(digest);
         if size > self.max_size {
             return Err(ArtifactError::TooLarge {
                 limit: self.max_size,
@@ -92,7 +82,7 @@ impl ArtifactStore {
                 source,
             })?;
         Ok(Upload {
-            digest: digest.to_string(),
+            digest: digest.clone(),
             size,
             received: 0,
             hasher: Sha256::new(),
@@ -106,7 +96,7 @@ impl ArtifactStore {
 /// store until [`Upload::finish`] has verified the digest.
 #[derive(Debug)]
 pub struct Upload {
-    digest: String,
+    digest: Sha256Digest,
     size: u64,
     received: u64,
     hasher: Sha256,
@@ -140,18 +130,18 @@ impl Upload {
         Ok(())
     }
 
-    pub fn finish(self) -> Result<(String, u64), ArtifactError> {
+    pub fn finish(self) -> Result<(Sha256Digest, u64), ArtifactError> {
         if self.received != self.size {
             return Err(ArtifactError::SizeMismatch {
                 declared: self.size,
                 received: self.received,
             });
         }
-        let actual = format!("sha256:{}", hex::encode(self.hasher.finalize()));
+        let actual = Sha256Digest::from_bytes(self.hasher.finalize().into());
         if actual != self.digest {
             return Err(ArtifactError::Mismatch {
-                declared: self.digest,
-                actual,
+                declared: self.digest.to_string(),
+                actual: actual.to_string(),
             });
         }
         let io = |source| ArtifactError::Io {

@@ -11,10 +11,10 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::artifacts::{ArtifactError, ArtifactStore};
+use crate::artifacts::{ArtifactError, ArtifactStore, parse_digest};
 use crate::auth::MAX_ARTIFACTS_PER_SCRIPT;
 use crate::convert;
-use crate::engine::{Event, Record};
+use crate::engine::{Event, LeftOut, Record};
 use crate::registry::Registry;
 use crate::rollouts::{LiveEvent, NewRollout, RolloutError, Rollouts, instruction_namer};
 use crate::store::ArtifactBinding;
@@ -119,12 +119,10 @@ impl pb::control_server::Control for ControlService {
             .next()
             .await
             .ok_or_else(|| Status::invalid_argument("empty upload"))??;
-        if self.artifacts.contains(&first.digest) {
+        let declared = parse_digest(&first.digest).map_err(artifact_status)?;
+        if self.artifacts.contains(&declared) {
             // Already stored and verified: drain nothing more, the client may stop sending.
-            let size = self
-                .artifacts
-                .size_of(&first.digest)
-                .map_err(artifact_status)?;
+            let size = self.artifacts.size_of(&declared).map_err(artifact_status)?;
             return Ok(Response::new(pb::ArtifactRef {
                 digest: first.digest,
                 size,
@@ -132,7 +130,7 @@ impl pb::control_server::Control for ControlService {
         }
         let mut upload = self
             .artifacts
-            .begin(&first.digest, first.total_size)
+            .begin(&declared, first.total_size)
             .map_err(artifact_status)?;
         upload
             .write(first.offset, &first.data)
@@ -148,7 +146,10 @@ impl pb::control_server::Control for ControlService {
             artifact_status(e)
         })?;
         tracing::info!(%digest, size, "artifact stored");
-        Ok(Response::new(pb::ArtifactRef { digest, size }))
+        Ok(Response::new(pb::ArtifactRef {
+            digest: digest.to_string(),
+            size,
+        }))
     }
 
     async fn has_artifacts(
@@ -164,7 +165,8 @@ impl pb::control_server::Control for ControlService {
         }
         let present = digests
             .into_iter()
-            .filter(|d| self.artifacts.contains(d))
+            // A malformed digest is simply not present.
+            .filter(|d| parse_digest(d).is_ok_and(|d| self.artifacts.contains(&d)))
             .collect();
         Ok(Response::new(pb::HasArtifactsResponse { present }))
     }
@@ -213,16 +215,14 @@ impl pb::control_server::Control for ControlService {
             let bound = given.get(name).ok_or_else(|| {
                 Status::invalid_argument(format!("artifact `{name}` was not uploaded"))
             })?;
-            if !self.artifacts.contains(&bound.digest) {
+            let digest = parse_digest(&bound.digest).map_err(artifact_status)?;
+            if !self.artifacts.contains(&digest) {
                 return Err(Status::failed_precondition(format!(
                     "artifact `{name}` ({}) is not stored on the coordinator; upload it first",
                     bound.digest
                 )));
             }
-            let size = self
-                .artifacts
-                .size_of(&bound.digest)
-                .map_err(artifact_status)?;
+            let size = self.artifacts.size_of(&digest).map_err(artifact_status)?;
             artifacts.push(ArtifactBinding {
                 name: name.to_string(),
                 digest: bound.digest.clone(),
@@ -237,10 +237,29 @@ impl pb::control_server::Control for ControlService {
         } else {
             request.select.clone().into_iter().collect()
         };
-        let targets = self.registry.select(&select);
+        let selection = self.registry.select(&select);
+        let (targets, left_out, awaited) = if request.skip_unreachable {
+            let left_out: Vec<LeftOut> = selection
+                .not_connected
+                .iter()
+                .map(|node| LeftOut {
+                    node: node.clone(),
+                    reason: "not connected when the rollout started (--skip-unreachable)"
+                        .to_string(),
+                })
+                .collect();
+            let targets: Vec<String> = selection
+                .all
+                .into_iter()
+                .filter(|n| !selection.not_connected.contains(n))
+                .collect();
+            (targets, left_out, Vec::new())
+        } else {
+            (selection.all, Vec::new(), selection.not_connected)
+        };
         if targets.is_empty() {
             let wanted = if select.is_empty() {
-                "any connected node".to_string()
+                "any known node".to_string()
             } else {
                 select
                     .iter()
@@ -248,9 +267,15 @@ impl pb::control_server::Control for ControlService {
                     .collect::<Vec<_>>()
                     .join(",")
             };
-            return Err(Status::failed_precondition(format!(
-                "no connected node matches {wanted}"
-            )));
+            let why = if left_out.is_empty() {
+                format!("no known node matches {wanted}")
+            } else {
+                format!(
+                    "no connected node matches {wanted} ({} not connected, left out by --skip-unreachable)",
+                    left_out.len()
+                )
+            };
+            return Err(Status::failed_precondition(why));
         }
         // Named barrier members must be targets, or the barrier could never complete.
         let target_set: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
@@ -272,12 +297,16 @@ impl pb::control_server::Control for ControlService {
                 script,
                 artifacts,
                 targets: targets.clone(),
+                left_out: left_out.clone(),
+                not_connected: awaited.clone(),
             })
             .map_err(rollout_status_error)?;
-        tracing::info!(rollout = %snapshot.id, app = %snapshot.app, from = %snapshot.from, to = %snapshot.to, nodes = targets.len(), "rollout started");
+        tracing::info!(rollout = %snapshot.id, app = %snapshot.app, from = %snapshot.from, to = %snapshot.to, nodes = targets.len(), awaited = ?awaited, left_out = ?left_out, "rollout started");
         Ok(Response::new(pb::StartRolloutResponse {
             rollout_id: snapshot.id,
             nodes: targets,
+            left_out: left_out.iter().map(convert::left_out).collect(),
+            awaited,
         }))
     }
 

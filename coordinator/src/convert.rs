@@ -4,7 +4,7 @@
 use hotroll_proto::v1 as pb;
 
 use crate::engine::{
-    BarrierView, Event, NodeState, NodeView, Outcome, Record, RolloutState, StepPhase,
+    BarrierView, Event, LeftOut, NodeState, NodeView, Outcome, Record, RolloutState, StepPhase,
 };
 use crate::outbound::{NodeCommand, Order, Outbound, ScriptToRun};
 use crate::rollouts::LiveEvent;
@@ -36,6 +36,49 @@ pub fn node_state(state: NodeState) -> pb::NodeState {
         NodeState::RollingBack => pb::NodeState::RollingBack,
         NodeState::RolledBack => pb::NodeState::RolledBack,
         NodeState::Failed => pb::NodeState::Failed,
+    }
+}
+
+/// The rollout state a wire number names; `None` for unspecified or a number this build does
+/// not know (a newer coordinator).
+pub fn rollout_state_from_wire(state: i32) -> Option<RolloutState> {
+    Some(match pb::RolloutState::try_from(state).ok()? {
+        pb::RolloutState::Unspecified => return None,
+        pb::RolloutState::Pending => RolloutState::Pending,
+        pb::RolloutState::Preparing => RolloutState::Preparing,
+        pb::RolloutState::Committing => RolloutState::Committing,
+        pb::RolloutState::Paused => RolloutState::Paused,
+        pb::RolloutState::Succeeded => RolloutState::Succeeded,
+        pb::RolloutState::Aborted => RolloutState::Aborted,
+        pb::RolloutState::RolledBack => RolloutState::RolledBack,
+        pb::RolloutState::PartiallyRolledBack => RolloutState::PartiallyRolledBack,
+        pb::RolloutState::Halted => RolloutState::Halted,
+        pb::RolloutState::Failed => RolloutState::Failed,
+    })
+}
+
+/// The node state a wire number names. `permanent` is not a rollout's node state (the engine
+/// records it as the node's outcome), so it is named apart; `None` for unspecified or unknown.
+pub fn node_state_name_from_wire(state: i32) -> Option<&'static str> {
+    Some(match pb::NodeState::try_from(state).ok()? {
+        pb::NodeState::Unspecified => return None,
+        pb::NodeState::Permanent => "permanent",
+        pb::NodeState::Pending => NodeState::Pending.as_str(),
+        pb::NodeState::Preparing => NodeState::Preparing.as_str(),
+        pb::NodeState::Prepared => NodeState::Prepared.as_str(),
+        pb::NodeState::Committing => NodeState::Committing.as_str(),
+        pb::NodeState::Committed => NodeState::Committed.as_str(),
+        pb::NodeState::Aborted => NodeState::Aborted.as_str(),
+        pb::NodeState::RollingBack => NodeState::RollingBack.as_str(),
+        pb::NodeState::RolledBack => NodeState::RolledBack.as_str(),
+        pb::NodeState::Failed => NodeState::Failed.as_str(),
+    })
+}
+
+pub fn left_out(node: &LeftOut) -> pb::LeftOutNode {
+    pb::LeftOutNode {
+        node: node.node.clone(),
+        reason: node.reason.clone(),
     }
 }
 
@@ -104,6 +147,7 @@ pub fn rollout_status(
             .map(|h| h.error.clone())
             .unwrap_or_default(),
         held_since_unix_ms: snapshot.held_on_store.as_ref().map_or(0, |h| h.since_ms),
+        left_out: snapshot.left_out.iter().map(left_out).collect(),
     }
 }
 

@@ -319,16 +319,29 @@ impl Registry {
     }
 
     /// Connected nodes whose labels contain every pair of `select`, sorted by name.
-    pub fn select(&self, select: &BTreeMap<String, String>) -> Vec<String> {
-        self.list()
-            .into_iter()
-            .filter(|n| n.connected)
-            .filter(|n| {
-                select
-                    .iter()
-                    .all(|(k, v)| n.record.labels.get(k).is_some_and(|have| have == v))
-            })
-            .map(|n| n.record.name)
-            .collect()
+    /// Every known node whose labels match `select`, connected or not: a node in its
+    /// reconnect back-off is still part of the fleet, and a rollout that left it out silently
+    /// would leave the fleet on two versions.
+    pub fn select(&self, select: &BTreeMap<String, String>) -> Selection {
+        let mut selection = Selection::default();
+        for node in self.list().into_iter().filter(|n| {
+            select
+                .iter()
+                .all(|(k, v)| n.record.labels.get(k).is_some_and(|have| have == v))
+        }) {
+            if !node.connected {
+                selection.not_connected.push(node.record.name.clone());
+            }
+            selection.all.push(node.record.name);
+        }
+        selection
     }
+}
+
+/// The known nodes a selector matched, in the registry's order, and which of them are not
+/// connected now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub all: Vec<String>,
+    pub not_connected: Vec<String>,
 }

@@ -20,7 +20,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::artifacts::ArtifactStore;
+use crate::artifacts::{ArtifactStore, parse_digest};
 use crate::auth::{NodeIdentity, check_hello};
 use crate::convert;
 use crate::outbound::Outbound;
@@ -187,13 +187,12 @@ impl pb::agent_server::Agent for AgentService {
             )));
         }
         let request = request.into_inner();
-        let path = self
-            .artifacts
-            .path_of(&request.digest)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let digest =
+            parse_digest(&request.digest).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let path = self.artifacts.path_of(&digest);
         let total = self
             .artifacts
-            .size_of(&request.digest)
+            .size_of(&digest)
             .map_err(|e| Status::not_found(e.to_string()))?;
         if request.offset > total {
             return Err(Status::out_of_range(format!(

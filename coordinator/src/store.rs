@@ -78,6 +78,9 @@ pub struct RolloutRecord {
     pub session_grace_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_slack_ms: Option<u64>,
+    /// Nodes that matched the selection but were left out on the operator's word, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<crate::engine::LeftOut>,
 }
 
 /// An artifact name of the script bound to the digest the operator uploaded.
@@ -112,6 +115,9 @@ pub struct RolloutSnapshot {
     /// of that step's commands has been sent. Live only (never stored: the store is what fails).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_on_store: Option<StoreHold>,
+    /// Nodes the rollout left out (see [`RolloutRecord::left_out`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<crate::engine::LeftOut>,
 }
 
 /// Why and since when a rollout holds on its store (see [`RolloutSnapshot::held_on_store`]).
@@ -611,9 +617,11 @@ mod tests {
                 created_ms: 1,
                 finished_ms: None,
                 held_on_store: None,
+                left_out: vec![],
             },
             session_grace_ms: Some(10_000),
             step_slack_ms: None,
+            left_out: vec![],
         }
     }
 

@@ -1,5 +1,5 @@
 //! The rollout engine: a pure state machine `(state, event) -> (state, commands)` implementing
-//! DESIGN §4. It does no I/O and reads no clock: the caller passes `now` with every event, sends
+//! docs/design.md §4. It does no I/O and reads no clock: the caller passes `now` with every event, sends
 //! the returned commands, appends the returned records to the store, and calls
 //! [`Rollout::handle`] with [`Event::Tick`] at [`Rollout::next_deadline`].
 //!
@@ -26,7 +26,7 @@ mod view;
 pub use command::{Command, Record, StepPhase};
 pub use event::{Event, Outcome};
 pub use rollout::{NotApplicable, Rollout};
-pub use spec::RolloutSpec;
+pub use spec::{LeftOut, RolloutSpec};
 pub use state::{NodeState, RolloutState, UnknownState};
 pub use view::{BarrierView, NodeView, NodeViews};
 

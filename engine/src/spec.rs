@@ -33,4 +33,30 @@ pub struct RolloutSpec {
     /// a node that does not report (the agent enforces the deadline itself).
     #[serde(skip, default)]
     pub step_slack: Duration,
+    /// Nodes that matched the selection but are not targets, and why (the operator's
+    /// `--skip-unreachable`). Named in the rollout's first history record and in its status.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<LeftOut>,
+}
+
+/// A node a rollout left out on the operator's word.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeftOut {
+    pub node: String,
+    pub reason: String,
+}
+
+impl RolloutSpec {
+    /// `left out: node-4 (not connected when the rollout started), …`, or `None`.
+    pub fn left_out_summary(&self) -> Option<String> {
+        if self.left_out.is_empty() {
+            return None;
+        }
+        let nodes: Vec<String> = self
+            .left_out
+            .iter()
+            .map(|l| format!("{} ({})", l.node, l.reason))
+            .collect();
+        Some(format!("left out: {}", nodes.join(", ")))
+    }
 }

@@ -247,6 +247,7 @@ fn seeds() -> Vec<Vec<u8>> {
             "app = \"a\"\nfrom = \"1\"\nto = \"2\"\n[script]\nup = [{ check = \"ok\" }]\n".into(),
         select: Default::default(),
         artifacts: vec![],
+        skip_unreachable: false,
     };
     let chunk = pb::ArtifactChunk {
         digest: format!("sha256:{}", "a".repeat(64)),

@@ -456,6 +456,7 @@ async fn a_viewer_cannot_start_or_steer_a_rollout() {
                 script_source: "app = \"a\"\nfrom = \"1\"\nto = \"2\"\n[script]\nup = []\n".into(),
                 select: Default::default(),
                 artifacts: vec![],
+                skip_unreachable: false,
             },
             &viewer,
         ))

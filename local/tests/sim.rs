@@ -240,6 +240,7 @@ async fn start(client: &mut ControlClient<Channel>, script: &str) -> String {
             script_source: script.into(),
             select: Default::default(),
             artifacts: vec![],
+            skip_unreachable: false,
         })
         .await
         .unwrap()

@@ -163,6 +163,7 @@ async fn holds_then_agrees(
             script_source: SCRIPT.into(),
             select: Default::default(),
             artifacts: vec![],
+            skip_unreachable: false,
         })
         .await
         .unwrap_or_else(|e| panic!("start: {e}"))

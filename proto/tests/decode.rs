@@ -119,6 +119,7 @@ fn seeds() -> Vec<Vec<u8>> {
         script_source: "x".into(),
         select: [("zone".to_string(), "a".to_string())].into(),
         artifacts: vec![],
+        skip_unreachable: false,
     };
     let join = pb::JoinRequest {
         token: "hr1.x.y".into(),

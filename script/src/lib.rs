@@ -1,7 +1,7 @@
 //! hotroll's upgrade-script language.
 //!
 //! * [`parse()`] turns TOML source into a typed [`Script`] and runs every validation rule of
-//!   DESIGN §3 that the script alone can decide. It reports **all** errors at once, each with
+//!   docs/design.md §3 that the script alone can decide. It reports **all** errors at once, each with
 //!   the byte span it refers to.
 //! * [`validate_against`] runs the rules that need a node's own config (declared hooks,
 //!   services, MFAs); the agent calls it before running anything.
@@ -39,7 +39,7 @@
 //!   `{ releases = true }` is the same as the bare form. `brutal` is always false.
 //! * beam: `"mod"`, `["mod"]`, `{ modules = [..], brutal = bool }` name the modules; `{ brutal =
 //!   true }` alone means every module this script loads. A brutal purge (`code:purge`, kills
-//!   processes still running old code) is deferred to make_permanent (DESIGN §3).
+//!   processes still running old code) is deferred to make_permanent (docs/design.md §3).
 //!
 //! Other value rules: durations are strings (`"500ms"`, `"30s"`, `"5m"`, `"1h"`, see
 //! [`duration`]); counts are non-negative integers that fit in a u32; an artifact `mode` is
@@ -48,10 +48,11 @@
 //!
 //! # Validation
 //!
-//! Every rule of DESIGN §3 is checked by [`parse()`] (see [`validate()`] for the list and the
+//! Every rule of docs/design.md §3 is checked by [`parse()`] (see [`validate()`] for the list and the
 //! choices made where the design is silent); [`validate_against`] adds the node's own config.
 
 pub mod diagnostic;
+pub mod digest;
 pub mod duration;
 pub mod model;
 mod parse;
@@ -60,7 +61,8 @@ mod suggest;
 mod validate;
 
 pub use diagnostic::{Diagnostic, Diagnostics, Severity};
-pub use duration::{DurationError, parse_duration};
+pub use digest::{DigestError, Sha256Digest};
+pub use duration::{DurationError, DurationLimit, parse_duration, parse_duration_within};
 pub use model::*;
 pub use validate::{Declared, validate, validate_against};
 

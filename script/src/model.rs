@@ -69,7 +69,7 @@ pub struct Script {
     pub artifacts: Vec<Artifact>,
     pub rollout: RolloutPolicy,
     pub up: Vec<Step>,
-    /// Explicit rollback instructions; `None` means the default rollback (DESIGN §3).
+    /// Explicit rollback instructions; `None` means the default rollback (docs/design.md §3).
     pub down: Option<Vec<Step>>,
 }
 
@@ -154,7 +154,7 @@ pub enum ChangeMode {
     Down,
 }
 
-/// The instruction set of DESIGN §3. Targets are service names (process runtime) or module names
+/// The instruction set of docs/design.md §3. Targets are service names (process runtime) or module names
 /// (beam runtime); the runtime decides how to read them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "op")]

@@ -70,7 +70,7 @@ pub enum PlannedPonr {
 pub enum RollbackKind {
     /// The script's own `down` list.
     Explicit,
-    /// Re-activate the permanent release and restart the app on it (DESIGN §3).
+    /// Re-activate the permanent release and restart the app on it (docs/design.md §3).
     Default,
 }
 

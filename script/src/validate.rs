@@ -1,4 +1,4 @@
-//! Validation rules (DESIGN §3). Pure: no I/O.
+//! Validation rules (docs/design.md §3). Pure: no I/O.
 //!
 //! Script-only rules run inside [`crate::parse()`] (and are available on their own as
 //! [`validate()`]); [`validate_against`] checks a script against what a node's config declares.
@@ -166,7 +166,7 @@ impl Completeness {
 const SUSPENSION: &[&str] = &["suspend", "resume", "code_change"];
 const STOPPING: &[&str] = &["stop", "start"];
 
-/// Every script-only rule of DESIGN §3 on an already built script, sorted by position
+/// Every script-only rule of docs/design.md §3 on an already built script, sorted by position
 /// ([`crate::parse()`] runs them already):
 ///
 /// * `app`, `from`, `to` are single path components (they name directories on the nodes), and

@@ -4,7 +4,8 @@
 use anyhow::Context;
 use serde_json::Value;
 
-/// Rollout states after which nothing changes any more.
+/// Rollout states after which nothing changes any more. Deliberately the harness's own list, not
+/// the engine's: it reads the CLI's output as an operator's script would, so a renamed state fails here.
 pub const FINAL_STATES: [&str; 6] = [
     "succeeded",
     "aborted",

@@ -10,6 +10,7 @@
 //! Everything uses rustls with the `ring` provider, the stack tonic's `tls-ring` feature brings.
 
 pub mod client;
+mod error_chain;
 pub mod files;
 pub mod identity;
 pub mod token;
@@ -17,6 +18,7 @@ pub mod token;
 use std::sync::Arc;
 
 pub use client::{ClientTls, Trust};
+pub use error_chain::error_chain;
 pub use identity::{CertInfo, Identity, Role};
 pub use token::Token;
 

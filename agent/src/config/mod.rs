@@ -1,5 +1,5 @@
 //! `agent.toml`: who this node is, where its coordinator is, and the only commands `apply` and
-//! `check` may ever run on it (DESIGN §5: the agent never executes anything its own config does
+//! `check` may ever run on it (docs/design.md §5: the agent never executes anything its own config does
 //! not declare).
 //!
 //! ```toml
@@ -439,29 +439,9 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-/// Parse `"500ms"`, `"30s"`, `"5m"`, `"1h"`.
+/// Parse `"500ms"`, `"30s"`, `"5m"`, `"1h"`: the script's syntax and bound (at most 24h).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || {
-        format!(
-            "invalid duration `{text}`: write a whole number and a unit, e.g. \"500ms\", \"30s\", \"5m\", \"1h\""
-        )
-    };
-    let text_trimmed = text.trim();
-    let split = text_trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(bad)?;
-    let (number, unit) = text_trimmed.split_at(split);
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let millis_per_unit: u64 = match unit.trim() {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(millis_per_unit)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("duration `{text}` is too large"))
+    hotroll_script::parse_duration(text.trim()).map_err(|e| format!("invalid duration: {e}"))
 }
 
 fn check_node_name(node: &str) -> Result<(), String> {

@@ -1,4 +1,4 @@
-//! Recovery at agent start (DESIGN §5): settle every rollout the journal says was in progress
+//! Recovery at agent start (docs/design.md §5): settle every rollout the journal says was in progress
 //! when the previous agent process ended (it crashed, was killed, or the machine rebooted).
 //!
 //! | journal | the node | recovery | reported |

@@ -1,4 +1,4 @@
-//! Runtimes: how the instructions that change a node (DESIGN §3) are carried out. The executor
+//! Runtimes: how the instructions that change a node (docs/design.md §3) are carried out. The executor
 //! runs `sync_nodes`, `point_of_no_return`, and the hook forms of `check` and `apply` itself;
 //! everything else goes through [`Runtime::step`]. The process runtime (releases, services,
 //! handover) and the BEAM runtime plug in here; [`RuntimeDispatch`] gives each script the one of

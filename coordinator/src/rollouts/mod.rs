@@ -36,7 +36,7 @@ use hotroll_script::Script;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::engine::Millis;
-use crate::engine::{Event, NotApplicable, Rollout};
+use crate::engine::{Event, LeftOut, NotApplicable, Rollout};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::{
@@ -117,6 +117,11 @@ pub struct NewRollout {
     pub script: Script,
     pub artifacts: Vec<ArtifactBinding>,
     pub targets: Vec<String>,
+    /// Nodes that matched but are not targets, and why (`--skip-unreachable`).
+    pub left_out: Vec<LeftOut>,
+    /// Targets that are known but not connected now: the rollout waits for them within the
+    /// session grace, as for a node whose session dropped.
+    pub not_connected: Vec<String>,
 }
 
 /// Live events a rollout buffers for its watchers before a slow one is told it fell behind.
@@ -179,6 +184,7 @@ impl Rollouts {
             &new.targets,
             self.timing.session_grace,
             self.timing.step_slack,
+            &new.left_out,
         );
         let epoch = 1;
         let engine = Rollout::new(spec, epoch, now);
@@ -194,6 +200,7 @@ impl Rollouts {
             status: snapshot.clone(),
             session_grace_ms: Some(duration_ms(self.timing.session_grace)),
             step_slack_ms: Some(duration_ms(self.timing.step_slack)),
+            left_out: new.left_out.clone(),
         };
         self.store.put_rollout(&record)?;
         self.metrics.rollout_started();
@@ -201,6 +208,16 @@ impl Rollouts {
         let driver = self.driver(engine, record, &new.script, 1, 1);
         let tx = self.spawn(driver);
         let _ = tx.send(Input::Event(Event::Start));
+        {
+            // Under the handles' lock, as `session_changed` takes it: a target that connects
+            // after this check is told `SessionRestored` after our `SessionLost`, never before.
+            let _handles = self.lock();
+            for node in &new.not_connected {
+                if !self.registry.is_connected(node) {
+                    let _ = tx.send(Input::Event(Event::SessionLost { node: node.clone() }));
+                }
+            }
+        }
         Ok(snapshot)
     }
 

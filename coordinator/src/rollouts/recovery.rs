@@ -78,7 +78,14 @@ impl Rollouts {
         let slack = record
             .step_slack_ms
             .map_or(self.timing.step_slack, Duration::from_millis);
-        let spec = build_spec(&record.id, &script, &record.targets, grace, slack);
+        let spec = build_spec(
+            &record.id,
+            &script,
+            &record.targets,
+            grace,
+            slack,
+            &record.left_out,
+        );
         let mut engine = Rollout::new(spec, record.epoch, record.created_ms);
         let inputs = self.store.inputs(&record.id)?;
         if inputs.is_empty() && record.status.state != RolloutState::Pending {

@@ -42,6 +42,7 @@ pub(super) fn snapshot_of(
         created_ms,
         finished_ms,
         held_on_store: None,
+        left_out: spec.left_out.clone(),
     }
 }
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use hotroll_script::Script;
 
-use crate::engine::RolloutSpec;
+use crate::engine::{LeftOut, RolloutSpec};
 use crate::outbound::ScriptToRun;
 use crate::store::RolloutRecord;
 
@@ -20,6 +20,7 @@ pub(super) fn build_spec(
     targets: &[String],
     session_grace: Duration,
     step_slack: Duration,
+    left_out: &[LeftOut],
 ) -> RolloutSpec {
     RolloutSpec {
         id: id.to_string(),
@@ -34,6 +35,7 @@ pub(super) fn build_spec(
         step_deadlines: script.up.iter().map(|s| script.step_deadline(s)).collect(),
         session_grace,
         step_slack,
+        left_out: left_out.to_vec(),
     }
 }
 

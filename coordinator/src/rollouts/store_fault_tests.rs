@@ -91,6 +91,8 @@ impl Fleet {
                 script: parsed.script,
                 artifacts: Vec::new(),
                 targets: NODES.iter().map(|n| n.to_string()).collect(),
+                left_out: Vec::new(),
+                not_connected: Vec::new(),
             })
             .unwrap_or_else(|e| panic!("{e}"))
             .id;
@@ -153,6 +155,7 @@ impl Fleet {
             &record.targets,
             Duration::from_millis(record.session_grace_ms.unwrap_or_default()),
             Duration::from_millis(record.step_slack_ms.unwrap_or_default()),
+            &record.left_out,
         );
         let mut engine = Rollout::new(spec, record.epoch, record.created_ms);
         let run = Arc::new(script_to_run(&record, &script));

@@ -35,6 +35,8 @@ fn new_rollout() -> NewRollout {
         script: parsed.script,
         artifacts: Vec::new(),
         targets: vec!["a".into(), "b".into()],
+        left_out: Vec::new(),
+        not_connected: Vec::new(),
     }
 }
 

@@ -1,4 +1,4 @@
-//! The rollout state machine (DESIGN §4, docs/protocol.md): the [`Rollout`], its per-node
+//! The rollout state machine (docs/design.md §4, docs/protocol.md): the [`Rollout`], its per-node
 //! bookkeeping and the dispatch of events. The transitions are split by concern: `operator`
 //! (abort, pause, resume, promote), `reports` (what nodes report), `sessions` (lost and back),
 //! `barriers`, `deadlines` (ticks, silent nodes, grace, confirmations), `failure` (the failure
@@ -46,7 +46,7 @@
 //! * **A final state is corrected** in one case only: the rollout ended (make-permanent
 //!   deadline) while a node had not confirmed make-permanent, and that node then reports it
 //!   rolled back (its agent restarted before making the release permanent and recovered to the
-//!   permanent release, DESIGN §5) or failed. `succeeded` then becomes `partially_rolled_back`
+//!   permanent release, docs/design.md §5) or failed. `succeeded` then becomes `partially_rolled_back`
 //!   (`rolled_back` when no node kept the new release, `failed` when the node could not get
 //!   back): the recorded outcome agrees with what the nodes run.
 //! * **Operator abort** while paused before wave 1 aborts (nothing committed); after the first

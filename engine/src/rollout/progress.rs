@@ -10,7 +10,9 @@ impl Rollout {
         if self.state != RolloutState::Pending {
             return;
         }
-        self.set_rollout_state(RolloutState::Preparing, None, out);
+        // The first record names every node the operator left out, so the history says so.
+        let left_out = self.spec.left_out_summary();
+        self.set_rollout_state(RolloutState::Preparing, left_out, out);
         for i in 0..self.nodes.len() {
             out.push(Command::RunScript {
                 node: self.nodes[i].name.clone(),

@@ -264,7 +264,7 @@ impl Rollout {
     }
 
     /// The rollout ended while node `i` had not confirmed make-permanent, and the node now says
-    /// it rolled back (its agent restarted before making the release permanent, DESIGN §5) or
+    /// it rolled back (its agent restarted before making the release permanent, docs/design.md §5) or
     /// failed. The recorded outcome must agree with the nodes': the final state is corrected
     /// (`succeeded` becomes `partially_rolled_back`, `rolled_back` when no node kept the new
     /// release, `failed` when the node could not get back) and the node counts as a failure.

@@ -87,6 +87,7 @@ pub(super) fn spec(
         step_deadlines: vec![d(STEP), d(BARRIER), d(STEP), d(STEP), d(BARRIER), d(STEP)],
         session_grace: d(GRACE),
         step_slack: d(SLACK),
+        left_out: Vec::new(),
     }
 }
 

@@ -392,6 +392,7 @@ pub fn run(hotroll: &Path, dir: &Path, options: RunOptions) -> anyhow::Result<Ru
                 script_source: SCRIPT.to_string(),
                 select: Default::default(),
                 artifacts: Vec::new(),
+                skip_unreachable: false,
             }))
             .context("StartRollout")?
             .into_inner();

@@ -28,15 +28,12 @@ impl ArtifactSource for StoreArtifacts {
             if artifact.size > MAX_SIZE {
                 return Err(format!("{} bytes is too large for a module", artifact.size));
             }
-            self.fetcher
-                .ensure(&artifact.digest, artifact.size, cancel)
-                .await
-                .map_err(|e| e.to_string())?;
             let path = self
                 .fetcher
-                .store()
-                .path_of(&artifact.digest)
-                .map_err(|e| e.to_string())?;
+                .ensure(&artifact.digest, artifact.size, cancel)
+                .await
+                .map_err(|e| e.to_string())?
+                .path;
             tokio::fs::read(&path)
                 .await
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))

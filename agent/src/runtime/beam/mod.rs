@@ -1,4 +1,4 @@
-//! The BEAM runtime (DESIGN §3, §9): real hot code loading in the local Erlang nodes that
+//! The BEAM runtime (docs/design.md §3, §9): real hot code loading in the local Erlang nodes that
 //! `[[beam]]` entries of `agent.toml` declare.
 //!
 //! * The agent talks to each node as a hidden node over the Erlang distribution protocol
@@ -235,7 +235,7 @@ impl BeamRuntime {
     }
 
     /// After an agent restart: a rollout that changed a node and was not made permanent is
-    /// rolled back to the permanent release (DESIGN §5). Once at boot, before rollouts.
+    /// rolled back to the permanent release (docs/design.md §5). Once at boot, before rollouts.
     async fn recover(&self) {
         for app in self.apps.values() {
             let mut run = app.run.lock().await;
@@ -911,7 +911,7 @@ impl Runtime for BeamRuntime {
         runtime == ScriptRuntime::Beam && !self.apps.is_empty()
     }
 
-    /// An upgrade an earlier agent process left unfinished is rolled back first (DESIGN §5).
+    /// An upgrade an earlier agent process left unfinished is rolled back first (docs/design.md §5).
     fn boot(&self) -> BoxFuture<'_, Result<(), RuntimeError>> {
         Box::pin(async move {
             self.recover().await;

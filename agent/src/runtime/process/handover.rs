@@ -1,4 +1,4 @@
-//! The state handover (DESIGN §8, `docs/handover.md`): `code_change` of a service declared with
+//! The state handover (docs/design.md §8, `docs/handover.md`): `code_change` of a service declared with
 //! `handover = true` moves the running instance's in-memory state to an instance of the new
 //! release without closing its listening sockets.
 //!

@@ -1,4 +1,4 @@
-//! The process runtime (DESIGN §3, §7, §8): releases as directories, artifacts from the
+//! The process runtime (docs/design.md §3, §7, §8): releases as directories, artifacts from the
 //! content store, and the services of `agent.toml` supervised by the agent.
 //!
 //! | instruction | here |
@@ -279,12 +279,7 @@ impl ProcessRuntime {
                 .await
                 .map_err(|e| failed(e.to_string()))?;
             lines.push(format!("{name}: {}", fetched.describe()));
-            let source = self
-                .inner
-                .fetcher
-                .store()
-                .path_of(&artifact.digest)
-                .map_err(|e| failed(e.to_string()))?;
+            let source = fetched.path;
             files.push(release::NewFile {
                 name: name.clone(),
                 source,

@@ -1,4 +1,4 @@
-//! Releases on disk (DESIGN §7):
+//! Releases on disk (docs/design.md §7):
 //!
 //! ```text
 //! <data_dir>/apps/<app>/releases/<version>/      one directory per release
