@@ -41,6 +41,8 @@ pub struct ControlService {
     pub rollouts: Arc<Rollouts>,
     pub artifacts: ArtifactStore,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Ends every watch stream when the server stops (the CLI resumes from its last seq).
+    pub stopping: crate::stopping::Stopping,
 }
 
 impl std::fmt::Debug for ControlService {
@@ -365,7 +367,8 @@ impl pb::control_server::Control for ControlService {
             let _guard = guard;
             forward_watch(id, from_seq, past, live, names, tx).await;
         });
-        let mut response = Response::new(Box::pin(ReceiverStream::new(rx)) as BoxStream<_>);
+        let mut response =
+            Response::new(Box::pin(self.stopping.bound(ReceiverStream::new(rx))) as BoxStream<_>);
         if let Ok(value) = history_seq.to_string().parse() {
             response.metadata_mut().insert(HISTORY_SEQ_HEADER, value);
         }

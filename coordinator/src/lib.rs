@@ -20,6 +20,7 @@ pub mod registry;
 pub mod rollouts;
 pub mod server;
 pub mod session;
+pub mod stopping;
 pub mod store;
 pub mod throttle;
 pub mod tls;

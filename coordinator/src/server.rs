@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::rollouts::{RolloutTiming, Rollouts};
 use crate::session::AgentService;
+use crate::stopping::Stopping;
 use crate::store::{Store, StoreError};
 
 /// Limit on one decoded gRPC message; artifacts travel in 256 KiB chunks, scripts are <= 1 MiB.
@@ -193,6 +194,7 @@ where
         tracing::info!(rollouts = ?recovered, "recovered rollouts in flight");
     }
     let artifacts = ArtifactStore::new(&config.data_dir)?;
+    let (stop_streams, stopping) = Stopping::new();
     let agent = AgentService {
         registry: registry.clone(),
         rollouts: rollouts.clone(),
@@ -200,12 +202,21 @@ where
         heartbeat_interval: config.heartbeat_interval,
         coordinator_id: uuid::Uuid::now_v7().to_string(),
         metrics: metrics.clone(),
+        stopping: stopping.clone(),
     };
     let control = ControlService {
         registry: registry.clone(),
         rollouts,
         artifacts,
         metrics: metrics.clone(),
+        stopping,
+    };
+    // When told to stop, end every session and watch stream first: graceful shutdown waits
+    // for the streams in flight, and these would never end on their own.
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("coordinator stopping: ending agent sessions and watch streams");
+        stop_streams.stop();
     };
 
     // The metrics endpoint stops when the gRPC server does, whichever way that ends.

@@ -26,6 +26,7 @@ use crate::convert;
 use crate::outbound::Outbound;
 use crate::registry::Registry;
 use crate::rollouts::{Rollouts, now_ms};
+use crate::stopping::Stopping;
 use crate::store::{AppVersions, NodeRecord};
 
 /// Outbound queue per session. Rollout traffic is a handful of messages per step, so a full
@@ -39,6 +40,8 @@ pub struct AgentService {
     pub heartbeat_interval: Duration,
     pub coordinator_id: String,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Ends every session when the server stops (see `stopping`).
+    pub stopping: Stopping,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -153,9 +156,12 @@ impl pb::agent_server::Agent for AgentService {
         let registry = self.registry.clone();
         let rollouts = self.rollouts.clone();
         let interval = self.heartbeat_interval;
+        let stopping = self.stopping.wait();
         tokio::spawn(async move {
-            let reason =
-                serve_session(&node, &mut inbound, &tx, &registry, &rollouts, interval).await;
+            let reason = tokio::select! {
+                reason = serve_session(&node, &mut inbound, &tx, &registry, &rollouts, interval) => reason,
+                () = stopping => "coordinator shutting down",
+            };
             tracing::info!(node = %node, reason, "agent session ended");
             if registry.detach(&node, link.id, now_ms()) {
                 rollouts.session_changed(&node, false);
@@ -165,7 +171,9 @@ impl pb::agent_server::Agent for AgentService {
         // The Welcome first, then what the rollouts and the heartbeat queue, as wire messages.
         let outbound = ReceiverStream::new(rx).map(convert::coordinator_message);
         let messages = tokio_stream::once(welcome).chain(outbound);
-        Ok(Response::new(Box::pin(messages.map(Ok))))
+        Ok(Response::new(Box::pin(
+            self.stopping.bound(messages.map(Ok)),
+        )))
     }
 
     async fn fetch_artifact(
