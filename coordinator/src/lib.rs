@@ -15,13 +15,9 @@ pub mod auth;
 pub mod control;
 pub mod convert;
 pub mod metrics;
-pub mod outbound;
-pub mod registry;
-pub mod rollouts;
 pub mod server;
 pub mod session;
 pub mod stopping;
-pub mod store;
 pub mod throttle;
 pub mod tls;
 
@@ -30,3 +26,5 @@ pub use server::{ServerConfig, run, serve};
 /// The rollout state machine lives in its own crate (so it cannot do I/O or see wire types);
 /// re-exported so `crate::engine::..` paths stay as they were.
 pub use hotroll_engine as engine;
+// The domain side lives in its own crate (no wire types there); the same paths as before.
+pub use hotroll_rollouts::{outbound, registry, rollouts, store};

@@ -221,52 +221,33 @@ fn no_crate_has_import_cycles_between_its_modules() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every `.rs` file under `path` (a file or a directory), recursively.
-fn rust_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    if path.is_file() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut files = Vec::new();
-    for entry in
-        std::fs::read_dir(path).with_context(|| format!("cannot read {}", path.display()))?
-    {
-        let path = entry?.path();
-        if path.is_dir() {
-            files.extend(rust_files(&path)?);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            files.push(path);
-        }
-    }
-    Ok(files)
-}
-
-/// The rollout driver, the registry and the store speak domain types: wire types stay in
-/// `convert`, `session`, `control` and `server` (ARCHITECTURE.md).
+/// The rollout driver, the registry and the store speak domain types: they live in
+/// `hotroll-rollouts`, which cannot name a wire type because it does not depend on the crates
+/// that have them (the compiler keeps the boundary; this keeps the Cargo.toml honest).
 #[test]
 fn the_driver_and_the_store_see_no_wire_types() -> anyhow::Result<()> {
-    let src = workspace_root().join("coordinator/src");
-    let mut found = Vec::new();
-    for part in [
-        "rollouts",
-        "registry.rs",
-        "store.rs",
-        "store",
-        "outbound.rs",
-    ] {
-        let path = src.join(part);
-        if !path.exists() {
-            continue;
-        }
-        for file in rust_files(&path)? {
-            let text = std::fs::read_to_string(&file)?;
-            if text.contains("hotroll_proto") {
-                found.push(file.display().to_string());
-            }
-        }
-    }
+    let packages = packages()?;
+    let rollouts = packages
+        .get("hotroll-rollouts")
+        .context("no hotroll-rollouts crate")?;
+    let wire: Vec<&String> = rollouts
+        .dependencies
+        .iter()
+        .filter(|(dep, kinds)| {
+            ["hotroll-proto", "prost", "tonic", "hotroll-coordinator"].contains(&dep.as_str())
+                && kinds.iter().any(|k| k != "dev")
+        })
+        .map(|(dep, _)| dep)
+        .collect();
     anyhow::ensure!(
-        found.is_empty(),
-        "wire types (hotroll_proto) in modules that must speak domain types only: {found:?}"
+        wire.is_empty(),
+        "hotroll-rollouts (driver, store, registry) must not depend on {wire:?}"
+    );
+    anyhow::ensure!(
+        packages
+            .get("hotroll-coordinator")
+            .is_some_and(|c| c.dependencies.contains_key("hotroll-rollouts")),
+        "the coordinator should run its rollouts through hotroll-rollouts"
     );
     Ok(())
 }
