@@ -29,9 +29,41 @@ struct NodeJson {
 struct AppJson {
     current: String,
     permanent: String,
+    /// This node runs another version of the app than most nodes that have it (see [`drift`]).
+    drift: bool,
 }
 
-fn to_json(node: &pb::NodeInfo) -> NodeJson {
+/// Version drift: for each app whose nodes do not all run the same current version, the nodes
+/// by version. A fleet left on two versions (a node skipped, a rollout partially rolled back)
+/// shows here instead of going unnoticed.
+fn drift(nodes: &[pb::NodeInfo]) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
+    let mut by_app: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    for node in nodes {
+        for app in &node.apps {
+            by_app
+                .entry(app.app.clone())
+                .or_default()
+                .entry(app.current.clone())
+                .or_default()
+                .push(node.name.clone());
+        }
+    }
+    by_app.retain(|_, versions| versions.len() > 1);
+    by_app
+}
+
+/// The version most nodes of the app run (ties: the highest in string order), if it drifts.
+fn majority(versions: &BTreeMap<String, Vec<String>>) -> Option<&str> {
+    versions
+        .iter()
+        .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(a.0.cmp(b.0)))
+        .map(|(version, _)| version.as_str())
+}
+
+fn to_json(
+    node: &pb::NodeInfo,
+    drifting: &BTreeMap<String, BTreeMap<String, Vec<String>>>,
+) -> NodeJson {
     NodeJson {
         name: node.name.clone(),
         labels: node.labels.clone().into_iter().collect(),
@@ -45,6 +77,10 @@ fn to_json(node: &pb::NodeInfo) -> NodeJson {
                     AppJson {
                         current: a.current.clone(),
                         permanent: a.permanent.clone(),
+                        drift: drifting
+                            .get(&a.app)
+                            .and_then(majority)
+                            .is_some_and(|most| most != a.current),
                     },
                 )
             })
@@ -64,9 +100,10 @@ async fn list(args: NodesArgs) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner()
         .nodes;
+    let drifting = drift(&nodes);
     match args.output {
         Output::Json => {
-            let json: Vec<NodeJson> = nodes.iter().map(to_json).collect();
+            let json: Vec<NodeJson> = nodes.iter().map(|n| to_json(n, &drifting)).collect();
             println!("{}", serde_json::to_string_pretty(&json)?);
         }
         Output::Text => {
@@ -74,7 +111,7 @@ async fn list(args: NodesArgs) -> anyhow::Result<()> {
             table.load_preset(comfy_table::presets::NOTHING);
             table.set_header(["NODE", "CONNECTED", "LABELS", "APPS (current/permanent)"]);
             for node in &nodes {
-                let json = to_json(node);
+                let json = to_json(node, &drifting);
                 let labels = json
                     .labels
                     .iter()
@@ -84,7 +121,10 @@ async fn list(args: NodesArgs) -> anyhow::Result<()> {
                 let apps = json
                     .apps
                     .iter()
-                    .map(|(app, v)| format!("{app} {}/{}", v.current, v.permanent))
+                    .map(|(app, v)| {
+                        let flag = if v.drift { " (drift)" } else { "" };
+                        format!("{app} {}/{}{flag}", v.current, v.permanent)
+                    })
                     .collect::<Vec<_>>()
                     .join(", ");
                 table.add_row([
@@ -95,7 +135,54 @@ async fn list(args: NodesArgs) -> anyhow::Result<()> {
                 ]);
             }
             println!("{table}");
+            for (app, versions) in &drifting {
+                let spread: Vec<String> = versions
+                    .iter()
+                    .map(|(version, nodes)| format!("{version} on {}", nodes.join(",")))
+                    .collect();
+                println!("version drift in {app}: {}", spread.join("; "));
+            }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, apps: &[(&str, &str)]) -> pb::NodeInfo {
+        pb::NodeInfo {
+            name: name.into(),
+            apps: apps
+                .iter()
+                .map(|(app, current)| pb::AppState {
+                    app: (*app).into(),
+                    current: (*current).into(),
+                    permanent: (*current).into(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_fleet_on_two_versions_is_flagged_per_node() {
+        let nodes = [
+            node("n1", &[("web", "2.0"), ("db", "9")]),
+            node("n2", &[("web", "2.0"), ("db", "9")]),
+            node("n3", &[("web", "1.0")]),
+        ];
+        let drifting = drift(&nodes);
+        assert_eq!(drifting.len(), 1, "{drifting:?}");
+        assert_eq!(drifting["web"]["1.0"], ["n3"]);
+        assert_eq!(drifting["web"]["2.0"], ["n1", "n2"]);
+        let flags: Vec<bool> = nodes
+            .iter()
+            .map(|n| to_json(n, &drifting).apps["web"].drift)
+            .collect();
+        assert_eq!(flags, [false, false, true]);
+        assert!(!to_json(&nodes[0], &drifting).apps["db"].drift);
+        assert!(drift(&nodes[..2]).is_empty());
+    }
 }
