@@ -519,3 +519,82 @@ fn canary_then_waves_commit_in_order() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// Issue 16's report, with real processes: the coordinator restarts while one of four agents is
+/// down (as one in its reconnect back-off is), and a rollout starts at once. The missing node
+/// is a target: the rollout waits for it and succeeds on all four nodes. With
+/// `--skip-unreachable` it is left out and named in the answer and the status.
+#[test]
+fn a_node_still_reconnecting_after_a_coordinator_restart_is_not_skipped() -> anyhow::Result<()> {
+    const FLEET: usize = 4;
+    Cluster::start(FLEET, options().session_grace("30s"))?.run(|cluster| {
+        let text = script(
+            &policy("rollback_node", 0, "30s"),
+            &[
+                &mark("pre"),
+                r#"{ sync_nodes = "b" }"#,
+                r#""point_of_no_return""#,
+                &mark("post"),
+            ],
+            &[&mark("down")],
+        );
+        let path = cluster.write_script("reconnecting.toml", &text)?;
+        let everyone: Vec<String> = (1..=FLEET).map(node_name).collect();
+
+        cluster.agent(FLEET).kill()?;
+        cluster.restart_coordinator()?;
+        cluster.wait_connected(&everyone[..FLEET - 1], Duration::from_secs(30))?;
+        let id = cluster.start_rollout(&path, &[])?;
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.agent(FLEET).start()?;
+        let status = cluster.wait_final(&id, ROLLOUT_TIMEOUT)?;
+        ensure!(
+            status::rollout_state(&status)? == "succeeded",
+            "status: {status:#}"
+        );
+        for i in 1..=FLEET {
+            ensure!(
+                labels(cluster, i)? == ["pre", "post"],
+                "{} ran {:?}",
+                node_name(i),
+                labels(cluster, i)?
+            );
+        }
+
+        // The same with --skip-unreachable: the node is left out, and says so.
+        cluster.agent(FLEET).kill()?;
+        cluster.wait_connected(&everyone[..FLEET - 1], Duration::from_secs(30))?;
+        let started = cluster
+            .hotroll(&[
+                "rollout",
+                "start",
+                &path.display().to_string(),
+                "--skip-unreachable",
+                "--output",
+                "json",
+            ])?
+            .ok()?
+            .json()?;
+        let left_out = &started["left_out"];
+        ensure!(
+            left_out[0]["node"] == node_name(FLEET).as_str()
+                && left_out.as_array().map(Vec::len) == Some(1),
+            "answer: {started:#}"
+        );
+        let id = started["id"].as_str().context("no id")?.to_string();
+        let status = cluster.wait_final(&id, ROLLOUT_TIMEOUT)?;
+        ensure!(
+            status::rollout_state(&status)? == "succeeded",
+            "status: {status:#}"
+        );
+        ensure!(
+            status["left_out"][0]["node"] == node_name(FLEET).as_str(),
+            "status: {status:#}"
+        );
+        ensure!(
+            status::node(&status, &node_name(FLEET)).is_err(),
+            "the left-out node is in the status: {status:#}"
+        );
+        Ok(())
+    })
+}
