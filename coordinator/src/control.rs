@@ -240,14 +240,19 @@ impl pb::control_server::Control for ControlService {
             request.select.clone().into_iter().collect()
         };
         let selection = self.registry.select(&select);
-        let (targets, left_out, awaited) = if request.skip_unreachable {
+        let skip_unreachable = request.skip_unreachable || script.rollout.skip_unreachable;
+        let (targets, left_out, awaited) = if skip_unreachable {
             let left_out: Vec<LeftOut> = selection
                 .not_connected
                 .iter()
                 .map(|node| LeftOut {
                     node: node.clone(),
-                    reason: "not connected when the rollout started (--skip-unreachable)"
-                        .to_string(),
+                    reason: if request.skip_unreachable {
+                        "not connected when the rollout started (--skip-unreachable)"
+                    } else {
+                        "not connected when the rollout started (skip_unreachable in [rollout])"
+                    }
+                    .to_string(),
                 })
                 .collect();
             let targets: Vec<String> = selection

@@ -259,3 +259,35 @@ async fn a_node_that_never_comes_back_aborts_the_rollout_before_the_point_of_no_
     }
     fleet.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn skip_unreachable_in_the_script_leaves_the_node_out_and_says_where_it_came_from() {
+    let root = tempfile::tempdir().unwrap();
+    let (fleet, mut client) = fleet_with_one_away(root.path(), Duration::from_secs(30)).await;
+
+    let script = SCRIPT.replace("[rollout]\n", "[rollout]\nskip_unreachable = true\n");
+    let started = client
+        .start_rollout(pb::StartRolloutRequest {
+            script_name: "s.toml".into(),
+            script_source: script,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.nodes, ["node-1", "node-2"], "{started:?}");
+    assert_eq!(started.left_out.len(), 1, "{started:?}");
+    assert!(
+        started.left_out[0]
+            .reason
+            .contains("skip_unreachable in [rollout]"),
+        "{started:?}"
+    );
+    let status = final_status(&mut client, &started.rollout_id).await;
+    assert_eq!(
+        status.state,
+        pb::RolloutState::Succeeded as i32,
+        "{status:?}"
+    );
+    fleet.shutdown().await.unwrap();
+}

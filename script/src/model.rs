@@ -123,6 +123,10 @@ pub struct RolloutPolicy {
     #[serde(with = "duration_ms")]
     pub step_timeout: Duration,
     pub pause_after_canary: bool,
+    /// Leave out known nodes that are not connected when the rollout starts (named in its
+    /// status and history) instead of waiting for them; `--skip-unreachable` on the CLI.
+    #[serde(default)]
+    pub skip_unreachable: bool,
 }
 
 impl Default for RolloutPolicy {
@@ -136,6 +140,7 @@ impl Default for RolloutPolicy {
             barrier_timeout: Duration::from_secs(30),
             step_timeout: Duration::from_secs(60),
             pause_after_canary: false,
+            skip_unreachable: false,
         }
     }
 }

@@ -51,6 +51,7 @@ const ROLLOUT_KEYS: &[&str] = &[
     "barrier_timeout",
     "step_timeout",
     "pause_after_canary",
+    "skip_unreachable",
 ];
 const SCRIPT_KEYS: &[&str] = &["up", "down"];
 const RUNTIMES: &[&str] = &["process", "beam"];
@@ -630,6 +631,11 @@ impl Parser {
                     .with_help("set `canary` to the number of nodes in the first wave"),
                 );
             }
+        }
+        if let Some(skip) = table.get("skip_unreachable")
+            && let Ok(flag) = self.boolean(skip, "`skip_unreachable`")
+        {
+            policy.skip_unreachable = flag;
         }
         policy
     }

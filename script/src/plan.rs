@@ -90,6 +90,8 @@ pub struct PlannedPolicy {
     pub barrier_timeout_ms: u64,
     pub step_timeout_ms: u64,
     pub pause_after_canary: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skip_unreachable: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -176,6 +178,7 @@ pub fn compile(script: &Script, nodes: usize) -> Plan {
             barrier_timeout_ms: millis(policy.barrier_timeout),
             step_timeout_ms: millis(policy.step_timeout),
             pause_after_canary: policy.pause_after_canary,
+            skip_unreachable: policy.skip_unreachable,
         },
         nodes,
         waves: wave_sizes(nodes, policy)
@@ -517,6 +520,12 @@ impl fmt::Display for Plan {
         )?;
         if policy.pause_after_canary {
             writeln!(f, "  pause after the canary wave until promoted")?;
+        }
+        if policy.skip_unreachable {
+            writeln!(
+                f,
+                "  nodes not connected at the start are left out (skip_unreachable)"
+            )?;
         }
 
         writeln!(f)?;

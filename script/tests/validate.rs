@@ -677,6 +677,14 @@ fn durations_and_numbers() {
             18,
             22,
         ),
+        ok("skip_unreachable", rollout("skip_unreachable = true")),
+        error(
+            "skip_unreachable type",
+            rollout("skip_unreachable = 1"),
+            "`skip_unreachable` must be true or false",
+            18,
+            20,
+        ),
         error(
             "unknown rollout key",
             rollout("canaries = 1"),
