@@ -33,10 +33,18 @@ struct AppJson {
     drift: bool,
 }
 
-/// Version drift: for each app whose nodes do not all run the same current version, the nodes
-/// by version. A fleet left on two versions (a node skipped, a rollout partially rolled back)
-/// shows here instead of going unnoticed.
-fn drift(nodes: &[pb::NodeInfo]) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
+/// An app whose nodes do not all run the same current version.
+#[derive(Debug)]
+struct Drift {
+    /// Nodes by the version they run.
+    by_version: BTreeMap<String, Vec<String>>,
+    /// The version most of them run (ties: the highest in string order).
+    majority: String,
+}
+
+/// Version drift, by app: a fleet left on two versions (a node skipped, a rollout partially
+/// rolled back) shows here instead of going unnoticed.
+fn drift(nodes: &[pb::NodeInfo]) -> BTreeMap<String, Drift> {
     let mut by_app: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
     for node in nodes {
         for app in &node.apps {
@@ -48,22 +56,27 @@ fn drift(nodes: &[pb::NodeInfo]) -> BTreeMap<String, BTreeMap<String, Vec<String
                 .push(node.name.clone());
         }
     }
-    by_app.retain(|_, versions| versions.len() > 1);
     by_app
+        .into_iter()
+        .filter(|(_, by_version)| by_version.len() > 1)
+        .filter_map(|(app, by_version)| {
+            let majority = by_version
+                .iter()
+                .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(a.0.cmp(b.0)))?
+                .0
+                .clone();
+            Some((
+                app,
+                Drift {
+                    by_version,
+                    majority,
+                },
+            ))
+        })
+        .collect()
 }
 
-/// The version most nodes of the app run (ties: the highest in string order), if it drifts.
-fn majority(versions: &BTreeMap<String, Vec<String>>) -> Option<&str> {
-    versions
-        .iter()
-        .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(a.0.cmp(b.0)))
-        .map(|(version, _)| version.as_str())
-}
-
-fn to_json(
-    node: &pb::NodeInfo,
-    drifting: &BTreeMap<String, BTreeMap<String, Vec<String>>>,
-) -> NodeJson {
+fn to_json(node: &pb::NodeInfo, drifting: &BTreeMap<String, Drift>) -> NodeJson {
     NodeJson {
         name: node.name.clone(),
         labels: node.labels.clone().into_iter().collect(),
@@ -79,8 +92,7 @@ fn to_json(
                         permanent: a.permanent.clone(),
                         drift: drifting
                             .get(&a.app)
-                            .and_then(majority)
-                            .is_some_and(|most| most != a.current),
+                            .is_some_and(|d| d.majority != a.current),
                     },
                 )
             })
@@ -135,8 +147,9 @@ async fn list(args: NodesArgs) -> anyhow::Result<()> {
                 ]);
             }
             println!("{table}");
-            for (app, versions) in &drifting {
-                let spread: Vec<String> = versions
+            for (app, drift) in &drifting {
+                let spread: Vec<String> = drift
+                    .by_version
                     .iter()
                     .map(|(version, nodes)| format!("{version} on {}", nodes.join(",")))
                     .collect();
@@ -175,8 +188,9 @@ mod tests {
         ];
         let drifting = drift(&nodes);
         assert_eq!(drifting.len(), 1, "{drifting:?}");
-        assert_eq!(drifting["web"]["1.0"], ["n3"]);
-        assert_eq!(drifting["web"]["2.0"], ["n1", "n2"]);
+        assert_eq!(drifting["web"].by_version["1.0"], ["n3"]);
+        assert_eq!(drifting["web"].by_version["2.0"], ["n1", "n2"]);
+        assert_eq!(drifting["web"].majority, "2.0");
         let flags: Vec<bool> = nodes
             .iter()
             .map(|n| to_json(n, &drifting).apps["web"].drift)

@@ -140,6 +140,15 @@ pub struct LeftOutJson {
     pub reason: String,
 }
 
+impl From<&pb::LeftOutNode> for LeftOutJson {
+    fn from(left: &pb::LeftOutNode) -> Self {
+        Self {
+            node: left.node.clone(),
+            reason: left.reason.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct HeldJson {
     pub error: String,
@@ -189,14 +198,7 @@ pub fn status_json(status: &pb::RolloutStatus) -> StatusJson {
                 error: non_empty(&n.error),
             })
             .collect(),
-        left_out: status
-            .left_out
-            .iter()
-            .map(|l| LeftOutJson {
-                node: l.node.clone(),
-                reason: l.reason.clone(),
-            })
-            .collect(),
+        left_out: status.left_out.iter().map(LeftOutJson::from).collect(),
     }
 }
 
@@ -472,7 +474,7 @@ async fn start(args: StartArgs) -> anyhow::Result<u8> {
                     "left_out": started
                         .left_out
                         .iter()
-                        .map(|l| serde_json::json!({ "node": l.node, "reason": l.reason }))
+                        .map(LeftOutJson::from)
                         .collect::<Vec<_>>(),
                 })
             ),

@@ -15,7 +15,7 @@ use crate::artifacts::{ArtifactError, ArtifactStore, parse_digest};
 use crate::auth::MAX_ARTIFACTS_PER_SCRIPT;
 use crate::convert;
 use crate::engine::{Event, LeftOut, Record};
-use crate::registry::Registry;
+use crate::registry::{Registry, Selected};
 use crate::rollouts::{LiveEvent, NewRollout, RolloutError, Rollouts, instruction_namer};
 use crate::store::ArtifactBinding;
 
@@ -239,31 +239,43 @@ impl pb::control_server::Control for ControlService {
         } else {
             request.select.clone().into_iter().collect()
         };
-        let selection = self.registry.select(&select);
-        let skip_unreachable = request.skip_unreachable || script.rollout.skip_unreachable;
-        let (targets, left_out, awaited) = if skip_unreachable {
-            let left_out: Vec<LeftOut> = selection
-                .not_connected
-                .iter()
-                .map(|node| LeftOut {
-                    node: node.clone(),
-                    reason: if request.skip_unreachable {
-                        "not connected when the rollout started (--skip-unreachable)"
-                    } else {
-                        "not connected when the rollout started (skip_unreachable in [rollout])"
-                    }
-                    .to_string(),
-                })
-                .collect();
-            let targets: Vec<String> = selection
-                .all
-                .into_iter()
-                .filter(|n| !selection.not_connected.contains(n))
-                .collect();
-            (targets, left_out, Vec::new())
+        let selected = self.registry.select(&select);
+        // Who asked to leave unreachable nodes out, for the reason recorded with each.
+        let skip_source = if request.skip_unreachable {
+            Some("--skip-unreachable")
         } else {
-            (selection.all, Vec::new(), selection.not_connected)
+            script
+                .rollout
+                .skip_unreachable
+                .then_some("skip_unreachable in [rollout]")
         };
+        let (targets, left_out, awaited): (Vec<String>, Vec<LeftOut>, Vec<String>) =
+            match skip_source {
+                Some(source) => {
+                    let (reachable, unreachable): (Vec<Selected>, Vec<Selected>) =
+                        selected.into_iter().partition(|node| node.connected);
+                    let left_out: Vec<LeftOut> = unreachable
+                        .into_iter()
+                        .map(|node| LeftOut {
+                            node: node.name,
+                            reason: format!("not connected when the rollout started ({source})"),
+                        })
+                        .collect();
+                    let targets = reachable.into_iter().map(|node| node.name).collect();
+                    (targets, left_out, Vec::new())
+                }
+                // Every match is a target, in the registry's order (it decides the waves); the
+                // ones not connected are waited for.
+                None => {
+                    let awaited = selected
+                        .iter()
+                        .filter(|node| !node.connected)
+                        .map(|node| node.name.clone())
+                        .collect();
+                    let targets = selected.into_iter().map(|node| node.name).collect();
+                    (targets, Vec::new(), awaited)
+                }
+            };
         if targets.is_empty() {
             let wanted = if select.is_empty() {
                 "any known node".to_string()
@@ -274,13 +286,12 @@ impl pb::control_server::Control for ControlService {
                     .collect::<Vec<_>>()
                     .join(",")
             };
-            let why = if left_out.is_empty() {
-                format!("no known node matches {wanted}")
-            } else {
-                format!(
-                    "no connected node matches {wanted} ({} not connected, left out by --skip-unreachable)",
+            let why = match skip_source {
+                Some(source) if !left_out.is_empty() => format!(
+                    "no connected node matches {wanted} ({} not connected, left out by {source})",
                     left_out.len()
-                )
+                ),
+                _ => format!("no known node matches {wanted}"),
             };
             return Err(Status::failed_precondition(why));
         }

@@ -4,7 +4,6 @@
 //! fails the rollout holds and no node runs what an unstored step decided; once it heals the
 //! rollout succeeds, and what the coordinator recorded agrees with every node's journal.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +13,11 @@ use hotroll_agent::report::{NodeState as AgentState, Phase};
 use hotroll_coordinator::engine::{Event, Outcome, Record};
 use hotroll_coordinator::store::faults::FailingStore;
 use hotroll_coordinator::store::{Commit, Store};
-use hotroll_local::{Fleet, NodeSlot};
+use hotroll_local::Fleet;
 use hotroll_proto::v1 as pb;
+
+mod support;
+use support::{marking_agent_toml, marks};
 
 const NODES: usize = 3;
 
@@ -38,33 +40,6 @@ down = []
 
 /// Index of the instruction after the point of no return in [`SCRIPT`].
 const POST_STEP: u32 = 3;
-
-fn agent_toml(slot: &NodeSlot) -> String {
-    let marks = slot.data_dir.join("marks");
-    format!(
-        r#"node = "{name}"
-coordinator = "{url}"
-insecure = true
-data_dir = "{data_dir}"
-
-[hooks]
-mark = {{ command = ["sh", "-c", "printf '%s\n' \"$1\" >> '{marks}'", "mark"], timeout = "10s" }}
-"#,
-        name = slot.name,
-        url = slot.coordinator_url,
-        data_dir = slot.data_dir.display(),
-        marks = marks.display(),
-    )
-}
-
-/// How many times the node's `mark` hook ran with `label`.
-fn marks(data_dir: &Path, label: &str) -> usize {
-    std::fs::read_to_string(data_dir.join("marks"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| *l == label)
-        .count()
-}
 
 fn has_record(commit: &Commit<'_>, pick: impl Fn(&Record) -> bool) -> bool {
     commit.events.iter().any(|e| pick(&e.record))
@@ -120,7 +95,7 @@ async fn holds_then_agrees(
         .root(root.path())
         .store(store.clone() as Arc<dyn Store>)
         .server_config(|config| config.heartbeat_interval = Duration::from_millis(200))
-        .agent_toml(agent_toml)
+        .agent_toml(marking_agent_toml)
         .runtime(|_| HooksOnlyRuntime)
         .build()
         .await

@@ -8,9 +8,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use hotroll_agent::HooksOnlyRuntime;
-use hotroll_local::{Fleet, NodeSlot, OperatorClient};
+use hotroll_local::{Fleet, OperatorClient};
 use hotroll_proto::v1 as pb;
+
 use tokio_stream::StreamExt;
+
+mod support;
+use support::{marking_agent_toml, marks};
 
 const NODES: usize = 3;
 const AWAY: usize = 2;
@@ -33,31 +37,6 @@ up = [
 down = []
 "#;
 
-fn agent_toml(slot: &NodeSlot) -> String {
-    format!(
-        r#"node = "{name}"
-coordinator = "{url}"
-insecure = true
-data_dir = "{data_dir}"
-
-[hooks]
-mark = {{ command = ["sh", "-c", "printf '%s\n' \"$1\" >> '{marks}'", "mark"], timeout = "10s" }}
-"#,
-        name = slot.name,
-        url = slot.coordinator_url,
-        data_dir = slot.data_dir.display(),
-        marks = slot.data_dir.join("marks").display(),
-    )
-}
-
-fn marks(data_dir: &Path, label: &str) -> usize {
-    std::fs::read_to_string(data_dir.join("marks"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| *l == label)
-        .count()
-}
-
 /// A fleet of [`NODES`] agents, all connected, then the one at [`AWAY`] stopped (known, not
 /// connected) with the given session grace.
 async fn fleet_with_one_away(root: &Path, grace: Duration) -> (Fleet, OperatorClient) {
@@ -69,7 +48,7 @@ async fn fleet_with_one_away(root: &Path, grace: Duration) -> (Fleet, OperatorCl
             config.heartbeat_interval = Duration::from_millis(200);
             config.session_grace = grace;
         })
-        .agent_toml(agent_toml)
+        .agent_toml(marking_agent_toml)
         .runtime(|_| HooksOnlyRuntime)
         .build()
         .await
@@ -99,11 +78,15 @@ async fn wait_connected(client: &mut OperatorClient, count: usize) {
     panic!("{connected} agents connected, expected {count}");
 }
 
-async fn start(client: &mut OperatorClient, skip_unreachable: bool) -> pb::StartRolloutResponse {
+async fn start(
+    client: &mut OperatorClient,
+    script: &str,
+    skip_unreachable: bool,
+) -> pb::StartRolloutResponse {
     client
         .start_rollout(pb::StartRolloutRequest {
             script_name: "s.toml".into(),
-            script_source: SCRIPT.into(),
+            script_source: script.into(),
             skip_unreachable,
             ..Default::default()
         })
@@ -166,7 +149,7 @@ async fn a_known_node_that_is_reconnecting_is_a_target_and_is_waited_for() {
     let root = tempfile::tempdir().unwrap();
     let (mut fleet, mut client) = fleet_with_one_away(root.path(), Duration::from_secs(30)).await;
 
-    let started = start(&mut client, false).await;
+    let started = start(&mut client, SCRIPT, false).await;
     assert_eq!(started.nodes, ["node-1", "node-2", "node-3"], "{started:?}");
     assert_eq!(started.awaited, [AWAY_NAME], "{started:?}");
     assert!(started.left_out.is_empty(), "{started:?}");
@@ -200,7 +183,7 @@ async fn skip_unreachable_leaves_the_node_out_and_names_it() {
     let root = tempfile::tempdir().unwrap();
     let (fleet, mut client) = fleet_with_one_away(root.path(), Duration::from_secs(30)).await;
 
-    let started = start(&mut client, true).await;
+    let started = start(&mut client, SCRIPT, true).await;
     assert_eq!(started.nodes, ["node-1", "node-2"], "{started:?}");
     assert!(started.awaited.is_empty(), "{started:?}");
     assert_eq!(started.left_out.len(), 1, "{started:?}");
@@ -241,7 +224,7 @@ async fn a_node_that_never_comes_back_aborts_the_rollout_before_the_point_of_no_
     let root = tempfile::tempdir().unwrap();
     let (fleet, mut client) = fleet_with_one_away(root.path(), Duration::from_secs(2)).await;
 
-    let started = start(&mut client, false).await;
+    let started = start(&mut client, SCRIPT, false).await;
     assert_eq!(started.awaited, [AWAY_NAME], "{started:?}");
 
     let status = final_status(&mut client, &started.rollout_id).await;
@@ -266,15 +249,7 @@ async fn skip_unreachable_in_the_script_leaves_the_node_out_and_says_where_it_ca
     let (fleet, mut client) = fleet_with_one_away(root.path(), Duration::from_secs(30)).await;
 
     let script = SCRIPT.replace("[rollout]\n", "[rollout]\nskip_unreachable = true\n");
-    let started = client
-        .start_rollout(pb::StartRolloutRequest {
-            script_name: "s.toml".into(),
-            script_source: script,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let started = start(&mut client, &script, false).await;
     assert_eq!(started.nodes, ["node-1", "node-2"], "{started:?}");
     assert_eq!(started.left_out.len(), 1, "{started:?}");
     assert!(

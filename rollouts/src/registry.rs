@@ -319,29 +319,28 @@ impl Registry {
     }
 
     /// Connected nodes whose labels contain every pair of `select`, sorted by name.
-    /// Every known node whose labels match `select`, connected or not: a node in its
-    /// reconnect back-off is still part of the fleet, and a rollout that left it out silently
-    /// would leave the fleet on two versions.
-    pub fn select(&self, select: &BTreeMap<String, String>) -> Selection {
-        let mut selection = Selection::default();
-        for node in self.list().into_iter().filter(|n| {
-            select
-                .iter()
-                .all(|(k, v)| n.record.labels.get(k).is_some_and(|have| have == v))
-        }) {
-            if !node.connected {
-                selection.not_connected.push(node.record.name.clone());
-            }
-            selection.all.push(node.record.name);
-        }
-        selection
+    /// Every known node whose labels match `select`, connected or not, in the registry's
+    /// order: a node in its reconnect back-off is still part of the fleet, and a rollout that
+    /// left it out silently would leave the fleet on two versions.
+    pub fn select(&self, select: &BTreeMap<String, String>) -> Vec<Selected> {
+        self.list()
+            .into_iter()
+            .filter(|n| {
+                select
+                    .iter()
+                    .all(|(k, v)| n.record.labels.get(k).is_some_and(|have| have == v))
+            })
+            .map(|n| Selected {
+                name: n.record.name,
+                connected: n.connected,
+            })
+            .collect()
     }
 }
 
-/// The known nodes a selector matched, in the registry's order, and which of them are not
-/// connected now.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Selection {
-    pub all: Vec<String>,
-    pub not_connected: Vec<String>,
+/// A known node a selector matched, and whether it is connected now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selected {
+    pub name: String,
+    pub connected: bool,
 }
