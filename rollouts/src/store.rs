@@ -11,6 +11,7 @@
 //! Values are JSON so a record can grow fields without a migration. [`faults`] has a store that
 //! fails on demand, for tests.
 
+pub mod contract;
 pub mod faults;
 
 use std::collections::BTreeMap;
@@ -48,6 +49,22 @@ pub enum StoreError {
     /// later call tries again).
     #[error("store: the database is closed after a failed write and cannot be reopened: {0}")]
     Closed(String),
+    /// The HA store (etcd) could not be reached in time or refused the request.
+    #[error("store: {0}")]
+    Remote(String),
+    /// A write fenced by the leader's epoch was refused: another coordinator leads now, and
+    /// this one must stop acting (docs/design.md §12).
+    #[error("store: this coordinator no longer leads: a write fenced by epoch {epoch} was refused")]
+    Fenced { epoch: u64 },
+    /// The write is larger than the store takes in one request.
+    #[error(
+        "store: {what} is {bytes} bytes, more than the {limit} bytes the store takes in one write"
+    )]
+    TooLarge {
+        what: String,
+        bytes: usize,
+        limit: usize,
+    },
     /// A fault injected by a test store ([`faults::FailingStore`]).
     #[error("store: {0}")]
     Injected(String),
@@ -196,11 +213,13 @@ pub trait Store: Send + Sync + 'static {
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+/// A record as the stores keep it (JSON, so records can grow fields without a migration).
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(StoreError::Encode)
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+/// A stored record read back; `key` names it in the error.
+pub fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
         key: key.to_string(),
         source,
@@ -588,129 +607,13 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 mod tests {
+    use super::contract::{check, record};
     use super::*;
-    use crate::engine::{RolloutState, StepPhase};
-
-    fn record(id: &str) -> RolloutRecord {
-        RolloutRecord {
-            id: id.to_string(),
-            epoch: 1,
-            created_ms: 1,
-            script_name: "s.toml".into(),
-            script_source: "app = 'x'".into(),
-            artifacts: vec![],
-            targets: vec!["n1".into()],
-            status: RolloutSnapshot {
-                id: id.to_string(),
-                state: RolloutState::Preparing,
-                app: "x".into(),
-                from: "1".into(),
-                to: "2".into(),
-                failures: 0,
-                max_failures: 0,
-                current_wave: 0,
-                waves: 1,
-                steps_total: 3,
-                nodes: vec![],
-                barrier: None,
-                error: None,
-                created_ms: 1,
-                finished_ms: None,
-                held_on_store: None,
-                left_out: vec![],
-            },
-            session_grace_ms: Some(10_000),
-            step_slack_ms: None,
-            left_out: vec![],
-        }
-    }
-
-    fn exercise(store: &dyn Store) {
-        store.put_rollout(&record("a")).unwrap();
-        store.put_rollout(&record("b")).unwrap();
-        let ids: Vec<_> = store
-            .list_rollouts()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
-        assert_eq!(ids, vec!["b", "a"]);
-        let events: Vec<_> = (1..=3)
-            .map(|seq| StoredEvent {
-                seq,
-                at_ms: seq * 10,
-                record: Record::Step {
-                    node: "n1".into(),
-                    step: seq as u32,
-                    phase: StepPhase::Started,
-                    error: None,
-                    duration_ms: None,
-                },
-            })
-            .collect();
-        store.append_events("a", &events).unwrap();
-        store.append_events("b", &events[..1]).unwrap();
-        assert_eq!(store.events("a", 0).unwrap(), events);
-        assert_eq!(store.events("a", 2).unwrap(), events[1..].to_vec());
-        assert_eq!(store.events("b", 0).unwrap().len(), 1);
-        assert!(store.get_rollout("zzz").unwrap().is_none());
-        store
-            .put_node(&NodeRecord {
-                name: "n1".into(),
-                ..NodeRecord::default()
-            })
-            .unwrap();
-        assert_eq!(store.nodes().unwrap().len(), 1);
-
-        // One engine step: input, records and status together.
-        let input = StoredInput {
-            seq: 1,
-            at_ms: 5,
-            event: Event::SessionLost { node: "n1".into() },
-        };
-        let mut moved = record("a");
-        moved.status.state = RolloutState::Committing;
-        let more = [StoredEvent {
-            seq: 4,
-            at_ms: 5,
-            record: Record::RolloutState {
-                state: RolloutState::Committing,
-                reason: None,
-            },
-        }];
-        store
-            .commit(Commit {
-                rollout: "a",
-                inputs: std::slice::from_ref(&input),
-                events: &more,
-                record: Some(&moved),
-            })
-            .unwrap();
-        store
-            .commit(Commit {
-                rollout: "b",
-                inputs: &[StoredInput {
-                    seq: 1,
-                    at_ms: 6,
-                    event: Event::Tick,
-                }],
-                events: &[],
-                record: None,
-            })
-            .unwrap();
-        assert_eq!(store.inputs("a").unwrap(), vec![input]);
-        assert_eq!(store.inputs("b").unwrap().len(), 1);
-        assert!(store.inputs("zzz").unwrap().is_empty());
-        assert_eq!(store.events("a", 4).unwrap(), more.to_vec());
-        assert_eq!(
-            store.get_rollout("a").unwrap().unwrap().status.state,
-            RolloutState::Committing
-        );
-    }
+    use crate::engine::RolloutState;
 
     #[test]
     fn memory_store_keeps_rollouts_events_and_nodes() {
-        exercise(&MemoryStore::default());
+        check(&MemoryStore::default()).unwrap();
     }
 
     #[test]
@@ -718,7 +621,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = RedbStore::open(dir.path()).unwrap();
-            exercise(&store);
+            check(&store).unwrap();
         }
         let store = RedbStore::open(dir.path()).unwrap();
         assert_eq!(store.list_rollouts().unwrap().len(), 2);

@@ -60,6 +60,7 @@ pub mod bins;
 pub mod cluster;
 pub mod crash;
 pub mod erlang;
+pub mod etcd;
 pub mod golden;
 pub mod hooks;
 pub mod metrics;

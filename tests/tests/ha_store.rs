@@ -1,0 +1,180 @@
+//! The etcd store and its fenced leadership against a real 3-member etcd cluster on 127.0.0.1
+//! (issue 16): the store keeps the same contract as redb; a deposed leader's writes are refused
+//! by etcd and depose it; one member down changes nothing; a final rollout's inputs go.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use hotroll_engine::{Event, RolloutState};
+use hotroll_etcd::{EtcdClient, EtcdOptions, EtcdStore, Leadership, LeadershipLost};
+use hotroll_rollouts::store::contract::{check, record};
+use hotroll_rollouts::store::{Commit, Store, StoreError, StoredInput};
+use hotroll_tests::etcd::EtcdCluster;
+
+const TTL: Duration = Duration::from_secs(2);
+
+fn client(etcd: &EtcdCluster) -> anyhow::Result<EtcdClient> {
+    Ok(EtcdClient::new(&EtcdOptions::new(etcd.endpoints()))?)
+}
+
+/// Store calls block (the `Store` trait is synchronous): run them off the test's runtime.
+async fn blocking<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(call)
+        .await
+        .unwrap_or_else(|e| panic!("store call panicked: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_store_keeps_the_store_contract() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(3)?;
+    let client = client(&etcd)?;
+    let leader = Leadership::campaign(&client, "/contract", "http://a", TTL).await?;
+    let store = EtcdStore::new(client, "/contract", leader);
+    blocking(move || check(&store)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leaders_writes_are_refused_and_depose_it() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(3)?;
+    let client = client(&etcd)?;
+    let a = Leadership::campaign(&client, "/fence", "http://a", TTL).await?;
+    let a_store = EtcdStore::new(client.clone(), "/fence", a.clone());
+    let first = record("r1");
+    {
+        let (store, first) = (a_store.clone(), first.clone());
+        blocking(move || store.put_rollout(&first)).await?;
+    }
+
+    // B campaigns while A leads: it waits.
+    let b_client = client.clone();
+    let b =
+        tokio::spawn(
+            async move { Leadership::campaign(&b_client, "/fence", "http://b", TTL).await },
+        );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    anyhow::ensure!(!b.is_finished(), "B was elected while A still led");
+
+    // A's lease goes away behind its back (as when A is paused past its TTL): B leads.
+    client.lease_revoke(a.leader_key().lease).await?;
+    let b = tokio::time::timeout(Duration::from_secs(10), b)
+        .await
+        .context("B was not elected after A's lease went")???;
+    anyhow::ensure!(
+        b.epoch() > a.epoch(),
+        "B's epoch {} is not above A's {}",
+        b.epoch(),
+        a.epoch()
+    );
+    let leader = client
+        .leader(b"/fence/leader")
+        .await?
+        .context("no leader")?;
+    anyhow::ensure!(
+        leader.value == b"http://b",
+        "the election names another leader"
+    );
+
+    // A still thinks it leads until it writes: etcd refuses the write, and A is deposed.
+    let mut stale = first.clone();
+    stale.status.state = RolloutState::Aborted;
+    let refused = {
+        let (store, stale) = (a_store.clone(), stale.clone());
+        blocking(move || store.put_rollout(&stale)).await
+    };
+    anyhow::ensure!(
+        matches!(refused, Err(StoreError::Fenced { epoch }) if epoch == a.epoch()),
+        "A's write was not refused as fenced: {refused:?}"
+    );
+    anyhow::ensure!(a.is_lost(), "A was not deposed by its refused write");
+    let reason = tokio::time::timeout(Duration::from_secs(1), a.lost()).await?;
+    anyhow::ensure!(
+        matches!(
+            reason,
+            LeadershipLost::Fenced { .. } | LeadershipLost::LeaseExpired
+        ),
+        "A lost its leadership for another reason: {reason:?}"
+    );
+
+    // Nothing A wrote after losing shows; B's writes go through.
+    let b_store = EtcdStore::new(client.clone(), "/fence", b.clone());
+    let kept = {
+        let store = b_store.clone();
+        blocking(move || store.get_rollout("r1")).await?
+    };
+    anyhow::ensure!(kept == Some(first), "the stored record changed: {kept:?}");
+    {
+        let store = b_store.clone();
+        blocking(move || store.put_rollout(&record("r2"))).await?;
+    }
+    b.resign().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_etcd_member_down_changes_nothing_for_the_store() -> anyhow::Result<()> {
+    let mut etcd = EtcdCluster::start(3)?;
+    let client = client(&etcd)?;
+    let leader = Leadership::campaign(&client, "/member", "http://a", TTL).await?;
+    let store = EtcdStore::new(client, "/member", leader.clone());
+    // The first endpoint is the one the client tries first.
+    etcd.member(0).kill()?;
+    for i in 0..20 {
+        let store = store.clone();
+        blocking(move || store.put_rollout(&record(&format!("r{i:02}")))).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let listed = {
+        let store = store.clone();
+        blocking(move || store.list_rollouts()).await?
+    };
+    anyhow::ensure!(listed.len() == 20, "{} rollouts listed", listed.len());
+    anyhow::ensure!(
+        !leader.is_lost(),
+        "the leader lost its lease over one dead member"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_rollouts_engine_inputs_are_deleted_and_its_history_kept() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(3)?;
+    let client = client(&etcd)?;
+    let leader = Leadership::campaign(&client, "/final", "http://a", TTL).await?;
+    let store = EtcdStore::new(client, "/final", leader);
+    blocking({
+        let store = store.clone();
+        move || -> anyhow::Result<()> {
+            store.put_rollout(&record("r"))?;
+            let inputs: Vec<_> = (1..=3)
+                .map(|seq| StoredInput {
+                    seq,
+                    at_ms: seq,
+                    event: Event::Tick,
+                })
+                .collect();
+            store.commit(Commit {
+                rollout: "r",
+                inputs: &inputs[..2],
+                events: &[],
+                record: None,
+            })?;
+            anyhow::ensure!(store.inputs("r")?.len() == 2);
+            let mut done = record("r");
+            done.status.state = RolloutState::Succeeded;
+            store.commit(Commit {
+                rollout: "r",
+                inputs: &inputs[2..],
+                events: &[],
+                record: Some(&done),
+            })?;
+            anyhow::ensure!(store.inputs("r")?.is_empty(), "inputs kept after the end");
+            anyhow::ensure!(
+                store.get_rollout("r")?.map(|r| r.status.state) == Some(RolloutState::Succeeded)
+            );
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(())
+}
