@@ -152,16 +152,23 @@ fn crates_depend_on_each_other_as_the_architecture_says() -> anyhow::Result<()> 
     } else {
         wrong.push("no hotroll-engine crate".to_string());
     }
-    // prost types stay inside the wire contract.
+    // prost types stay inside the wire contracts: hotroll's own (hotroll-proto) and etcd's,
+    // which hotroll-etcd keeps in a private module (checked below).
     for (name, package) in &packages {
-        if name != "hotroll-proto"
+        if !["hotroll-proto", "hotroll-etcd"].contains(&name.as_str())
             && package
                 .dependencies
                 .get("prost")
                 .is_some_and(|kinds| kinds.iter().any(|k| k != "dev"))
         {
-            wrong.push(format!("{name} depends on prost (only hotroll-proto may)"));
+            wrong.push(format!(
+                "{name} depends on prost (only hotroll-proto and hotroll-etcd may)"
+            ));
         }
+    }
+    let etcd_lib = std::fs::read_to_string(workspace_root().join("etcd/src/lib.rs"))?;
+    if !etcd_lib.lines().any(|line| line.trim() == "mod wire {") {
+        wrong.push("hotroll-etcd must keep etcd's wire types in a private `mod wire`".into());
     }
     anyhow::ensure!(wrong.is_empty(), "{}", wrong.join("\n"));
     Ok(())
