@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::cancel::CancelSource;
 use crate::config::{Config, ConfigError};
+use crate::coordinators::Coordinators;
 use crate::dialer::{Dialer, tcp_dialer};
 use crate::executor::{Env, Node};
 use crate::identity::{IdentityError, NodeIdentity};
@@ -110,10 +111,16 @@ impl Agent {
                 None => return Ok(()),
             },
         };
-        let runtime =
-            runtime.unwrap_or_else(|| Arc::new(RuntimeDispatch::declared_by(&config, &dialer)));
+        let coordinators = Coordinators::new(config.coordinators.clone(), config.data_dir.clone());
+        let runtime = runtime.unwrap_or_else(|| {
+            Arc::new(RuntimeDispatch::declared_by(
+                &config,
+                &dialer,
+                &coordinators,
+            ))
+        });
         let renewal = identity.map(|identity| tokio::spawn(identity.renew_loop()));
-        let result = serve(config, runtime, dialer, shutdown).await;
+        let result = serve(config, runtime, dialer, coordinators, shutdown).await;
         if let Some(renewal) = renewal {
             renewal.abort();
         }
@@ -145,6 +152,7 @@ async fn serve(
     config: Config,
     runtime: Arc<dyn Runtime>,
     dialer: Dialer,
+    coordinators: Coordinators,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|error| AgentError::DataDir {
@@ -186,6 +194,7 @@ async fn serve(
         env: &env,
         boot_generation,
         dialer,
+        coordinators,
     };
     // The session loop returns only once `stop` fires, which happens only after `shutdown`
     // resolved, so joining the two ends.

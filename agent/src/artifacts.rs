@@ -25,6 +25,7 @@ use tonic::Code;
 use tonic::transport::Endpoint;
 
 use crate::cancel::CancelToken;
+use crate::coordinators::Coordinators;
 use crate::dialer::Dialer;
 
 /// TCP connect bound of a download connection.
@@ -176,7 +177,8 @@ impl ArtifactStore {
 #[derive(Clone)]
 pub struct Fetcher {
     store: ArtifactStore,
-    coordinator: String,
+    /// Downloads go to the coordinator the session talks to (the group's leader).
+    coordinators: Coordinators,
     node: String,
     dialer: Dialer,
     /// One download per digest at a time (two artifacts of a script may share bytes).
@@ -187,7 +189,7 @@ impl std::fmt::Debug for Fetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fetcher")
             .field("store", &self.store)
-            .field("coordinator", &self.coordinator)
+            .field("coordinators", &self.coordinators)
             .finish_non_exhaustive()
     }
 }
@@ -200,10 +202,15 @@ enum AttemptError {
 }
 
 impl Fetcher {
-    pub fn new(store: ArtifactStore, coordinator: String, node: String, dialer: Dialer) -> Self {
+    pub fn new(
+        store: ArtifactStore,
+        coordinators: Coordinators,
+        node: String,
+        dialer: Dialer,
+    ) -> Self {
         Self {
             store,
-            coordinator,
+            coordinators,
             node,
             dialer,
             locks: Arc::default(),
@@ -362,7 +369,8 @@ impl Fetcher {
         offset: &mut u64,
         cancel: &CancelToken,
     ) -> Result<(), AttemptError> {
-        let endpoint = Endpoint::from_shared(hotroll_tls::client::channel_uri(&self.coordinator))
+        let coordinator = self.coordinators.current();
+        let endpoint = Endpoint::from_shared(hotroll_tls::client::channel_uri(&coordinator))
             .map_err(|e| {
                 AttemptError::Fatal(ArtifactError::Refused {
                     digest: digest.to_string(),

@@ -9,6 +9,7 @@ pub mod artifacts;
 pub mod boot;
 pub mod cancel;
 pub mod config;
+pub mod coordinators;
 pub mod dialer;
 pub mod executor;
 pub use hotroll_fault as fault;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use hotroll_proto::v1::agent_client::AgentClient;
 use hotroll_proto::v1::agent_message::Msg as Out;
 use hotroll_proto::v1::{self as pb};
-use hotroll_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use hotroll_proto::{LEADER_METADATA, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use hotroll_tls::error_chain;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -18,6 +18,7 @@ use tonic::Code;
 use tonic::transport::Endpoint;
 
 use crate::cancel::CancelToken;
+use crate::coordinators::Coordinators;
 use crate::dialer::Dialer;
 use crate::executor::{Env, Node};
 use crate::wire::{self, Inbound};
@@ -27,6 +28,8 @@ pub const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 /// TCP connect bound.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// From opening the stream to Welcome.
+/// Before connecting to the leader a standby named (a standby answers at once).
+const REDIRECT_DELAY: Duration = Duration::from_millis(50);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 keepalive ping, in heartbeat intervals.
 const KEEPALIVE_INTERVALS: u32 = 4;
@@ -49,6 +52,8 @@ pub struct Sessions<'a> {
     pub env: &'a Env,
     pub boot_generation: u64,
     pub dialer: Dialer,
+    /// Which coordinator of the group to talk to, and the highest leader epoch seen.
+    pub coordinators: Coordinators,
 }
 
 /// How one session ended.
@@ -62,6 +67,10 @@ enum End {
     },
     /// The coordinator turned this agent away; retrying soon will not help.
     Refused(tonic::Status),
+    /// A standby named the group's leader: connect there now.
+    Redirected {
+        leader: String,
+    },
 }
 
 impl Sessions<'_> {
@@ -75,20 +84,34 @@ impl Sessions<'_> {
         loop {
             let delay = match self.session(node, shutdown).await {
                 End::Shutdown => return,
+                End::Redirected { leader } => {
+                    if self.coordinators.follow(&leader) {
+                        tracing::info!(%leader, "not the leader: following it to the group's leader");
+                        REDIRECT_DELAY
+                    } else {
+                        self.coordinators.next();
+                        backoff.next_delay()
+                    }
+                }
                 End::Lost {
                     reason,
                     established,
                 } => {
+                    let coordinator = self.coordinators.current();
+                    if !established {
+                        // Perhaps down for good: the group's next coordinator may lead now.
+                        self.coordinators.next();
+                    }
                     if established {
                         backoff.reset();
                         failures = 0;
-                        tracing::warn!(coordinator = %config.coordinator, %reason, "session lost; reconnecting");
+                        tracing::warn!(%coordinator, %reason, "session lost; reconnecting");
                     } else {
                         failures = failures.saturating_add(1);
                         if failures == 1 || failures.is_multiple_of(12) {
-                            tracing::warn!(coordinator = %config.coordinator, %reason, attempts = failures, "cannot open a session; retrying");
+                            tracing::warn!(%coordinator, %reason, attempts = failures, "cannot open a session; retrying");
                         } else {
-                            tracing::debug!(coordinator = %config.coordinator, %reason, attempts = failures, "cannot open a session; retrying");
+                            tracing::debug!(%coordinator, %reason, attempts = failures, "cannot open a session; retrying");
                         }
                     }
                     backoff.next_delay()
@@ -138,14 +161,14 @@ impl Sessions<'_> {
         // interval is coordinator CPU.
         let keepalive =
             (config.heartbeat_interval * KEEPALIVE_INTERVALS).max(Duration::from_secs(1));
-        Ok(
-            Endpoint::from_shared(hotroll_tls::client::channel_uri(&config.coordinator))?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(keepalive)
-                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                .keep_alive_while_idle(true),
-        )
+        Ok(Endpoint::from_shared(hotroll_tls::client::channel_uri(
+            &self.coordinators.current(),
+        ))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true))
     }
 
     fn hello(&self) -> pb::AgentMessage {
@@ -225,9 +248,16 @@ impl Sessions<'_> {
             Some(other) => return lost(format!("expected Welcome, got {other:?}")),
             None => return lost("the coordinator closed the stream before Welcome".into()),
         };
+        if let Err(stale) = self.coordinators.accept_epoch(welcome.leader_epoch) {
+            // Fencing (docs/ha.md): leave before a command of the deposed leader is run.
+            tracing::error!(%stale, "ignoring a deposed leader");
+            let _ = tx.try_send(goodbye());
+            return lost(stale.to_string());
+        }
         let interval = heartbeat_interval(welcome.heartbeat_interval_ms, config.heartbeat_interval);
         tracing::info!(
-            coordinator = %config.coordinator,
+            coordinator = %self.coordinators.current(),
+            leader_epoch = welcome.leader_epoch,
             coordinator_id = %welcome.coordinator_id,
             epoch = welcome.epoch,
             protocol = welcome.protocol_version,
@@ -350,6 +380,16 @@ fn heartbeat_interval(welcome_ms: u64, configured: Duration) -> Duration {
 }
 
 fn classify(status: tonic::Status, established: bool) -> End {
+    if status.code() == Code::Unavailable
+        && let Some(leader) = status
+            .metadata()
+            .get(LEADER_METADATA)
+            .and_then(|value| value.to_str().ok())
+    {
+        return End::Redirected {
+            leader: leader.to_string(),
+        };
+    }
     match status.code() {
         Code::AlreadyExists
         | Code::FailedPrecondition

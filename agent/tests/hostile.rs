@@ -220,6 +220,7 @@ fn arb_command() -> impl Strategy<Value = CoordMsg> {
                     protocol_version,
                     coordinator_id: "x".into(),
                     heartbeat_interval_ms,
+                    leader_epoch: epoch,
                 })
             }
         ),

@@ -22,7 +22,9 @@ use tonic::transport::{Channel, Endpoint};
 /// `--coordinator URL` and the credentials, shared by every client command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CoordinatorArgs {
-    /// Address of the coordinator: https://HOST:PORT (http:// only with --insecure).
+    /// Address of the coordinator: https://HOST:PORT (http:// only with --insecure). For a
+    /// group of coordinators on etcd, any of them or a comma-separated list: a standby sends
+    /// the CLI on to the leader.
     #[arg(
         long,
         env = "HOTROLL_COORDINATOR",
@@ -144,23 +146,98 @@ pub fn client_tls(args: &CoordinatorArgs) -> anyhow::Result<(ClientTls, Credenti
     Ok((ClientTls::new(&trust, cert)?, Credentials { bearer }))
 }
 
+/// How long the CLI looks for a group's leader (an election after a failover takes about the
+/// leader's lease).
+const FIND_LEADER_FOR: Duration = Duration::from_secs(15);
+/// How long one coordinator may take to say whether it leads.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Connect to the coordinator that leads: the one `--coordinator` names, or for a group the
+/// one a standby names (followed when it is in the list or over TLS, where it must still prove
+/// its certificate), trying the listed coordinators in turn while none answers.
 pub async fn connect(args: &CoordinatorArgs) -> anyhow::Result<Client> {
-    let tls = is_tls_url(&args.coordinator);
+    let listed: Vec<String> = args
+        .coordinator
+        .split(',')
+        .map(|url| url.trim().to_string())
+        .filter(|url| !url.is_empty())
+        .collect();
+    let Some(first) = listed.first().cloned() else {
+        bail!("--coordinator names no coordinator");
+    };
+    let deadline = tokio::time::Instant::now() + FIND_LEADER_FOR;
+    let mut next = 0usize;
+    let mut candidate = first;
+    loop {
+        let (leader, error) = match connect_one(args, &candidate).await {
+            Ok(mut client) => {
+                // Cheap, and allowed to every role: a standby answers it "not the leader".
+                let probe = client.has_artifacts(pb::HasArtifactsRequest { digests: vec![] });
+                match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+                    // A coordinator that accepts connections but does not answer (paused,
+                    // overloaded): try another.
+                    Err(_) => (
+                        None,
+                        anyhow::anyhow!("{candidate}: no answer within {PROBE_TIMEOUT:?}"),
+                    ),
+                    Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                        let leader = status
+                            .metadata()
+                            .get(hotroll_proto::LEADER_METADATA)
+                            .and_then(|value| value.to_str().ok())
+                            .map(str::to_string);
+                        (
+                            leader,
+                            anyhow::anyhow!("{}: {}", candidate, status.message()),
+                        )
+                    }
+                    Ok(_) => return Ok(client),
+                }
+            }
+            Err(e) => (None, e),
+        };
+        if let Some(leader) = leader
+            && leader != candidate
+            && (listed.contains(&leader) || is_tls_url(&leader))
+        {
+            candidate = leader;
+            continue;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(error.context(format!(
+                "no coordinator of {} leads after {FIND_LEADER_FOR:?}",
+                args.coordinator
+            )));
+        }
+        if listed.len() == 1 && !error.to_string().contains("not the leader") {
+            // One coordinator that cannot be reached: say so at once, as always.
+            return Err(error);
+        }
+        next = (next + 1) % listed.len();
+        if next == 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        candidate = listed[next].clone();
+    }
+}
+
+async fn connect_one(args: &CoordinatorArgs, url: &str) -> anyhow::Result<Client> {
+    let tls = is_tls_url(url);
     if !tls && !args.insecure {
         bail!(
             "refusing to talk plaintext to {}: use https://, or pass --insecure for a \
              coordinator started with `serve --insecure`",
-            args.coordinator
+            url
         );
     }
     if tls && args.insecure {
         bail!(
             "--insecure talks plaintext: give the coordinator as http://, not {}",
-            args.coordinator
+            url
         );
     }
-    let endpoint = Endpoint::from_shared(channel_uri(&args.coordinator))
-        .with_context(|| format!("`{}` is not a valid coordinator URL", args.coordinator))?
+    let endpoint = Endpoint::from_shared(channel_uri(url))
+        .with_context(|| format!("`{}` is not a valid coordinator URL", url))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
     let (channel, credentials) = if tls {
@@ -169,14 +246,14 @@ pub async fn connect(args: &CoordinatorArgs) -> anyhow::Result<Client> {
             .connect(endpoint)
             .await
             .map_err(|e| anyhow::anyhow!(error_chain(&e)))
-            .with_context(|| format!("cannot reach the coordinator at {}", args.coordinator))?;
+            .with_context(|| format!("cannot reach the coordinator at {}", url))?;
         (channel, credentials)
     } else {
         let channel = endpoint
             .connect()
             .await
             .map_err(|e| anyhow::anyhow!(error_chain(&e)))
-            .with_context(|| format!("cannot reach the coordinator at {}", args.coordinator))?;
+            .with_context(|| format!("cannot reach the coordinator at {}", url))?;
         (channel, Credentials::default())
     };
     Ok(ControlClient::with_interceptor(channel, credentials)

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use hotroll_coordinator::group::{self, GroupOptions};
 use hotroll_coordinator::server::{self, ServerConfig};
 use hotroll_coordinator::store::RedbStore;
 
@@ -72,12 +73,72 @@ pub struct ServeArgs {
     /// serving, when a third is left.
     #[arg(long, default_value = "90d", value_parser = crate::token::parse_long_duration)]
     pub server_cert_ttl: Duration,
+    /// Where the coordinator keeps its durable state: `redb` (one file in --data-dir, for one
+    /// coordinator) or `etcd` (a group of coordinators: one leader, the others standbys that
+    /// take over when it is lost; needs --etcd-endpoints and --advertise).
+    #[arg(long, value_enum, default_value_t = StoreKind::Redb)]
+    pub store: StoreKind,
+    /// Client URLs of the etcd cluster's members, comma-separated
+    /// (`http://10.0.0.1:2379,http://10.0.0.2:2379`); with --store etcd.
+    #[arg(long, value_name = "URL[,URL..]", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// Every key of the group starts with this prefix: coordinators of one group share it.
+    #[arg(long, default_value = "/hotroll", value_name = "PREFIX")]
+    pub etcd_prefix: String,
+    /// The URL agents and the CLI reach this coordinator at; standbys send them to the
+    /// leader's. With --store etcd.
+    #[arg(long, value_name = "URL")]
+    pub advertise: Option<String>,
+    /// The leader's lease in etcd: a leader that cannot renew it for this long stops acting,
+    /// and a standby takes over after at most about this long.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
     /// How often the server certificate is checked for renewal (or, with --tls-cert, reload).
     #[arg(long, default_value = "60s", value_parser = parse_duration, hide = true)]
     pub cert_check_interval: Duration,
 }
 
+/// Where `hotroll serve` keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    Redb,
+    Etcd,
+}
+
 impl ServeArgs {
+    /// The group this coordinator joins with --store etcd; `None` for redb.
+    fn group(&self) -> anyhow::Result<Option<GroupOptions>> {
+        if self.store == StoreKind::Redb {
+            if !self.etcd_endpoints.is_empty() || self.advertise.is_some() {
+                anyhow::bail!("--etcd-endpoints and --advertise need --store etcd");
+            }
+            return Ok(None);
+        }
+        if self.etcd_endpoints.is_empty() {
+            anyhow::bail!("--store etcd needs --etcd-endpoints URL[,URL..]");
+        }
+        let Some(advertise) = self.advertise.clone() else {
+            anyhow::bail!(
+                "--store etcd needs --advertise URL: the address standbys send agents and the CLI to"
+            );
+        };
+        if !(advertise.starts_with("http://") || advertise.starts_with("https://")) {
+            anyhow::bail!("--advertise `{advertise}` must be an http:// or https:// URL");
+        }
+        for url in &self.etcd_endpoints {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                anyhow::bail!("--etcd-endpoints: `{url}` must be an http:// or https:// URL");
+            }
+        }
+        if !self.etcd_prefix.starts_with('/') {
+            anyhow::bail!("--etcd-prefix `{}` must start with /", self.etcd_prefix);
+        }
+        let mut group = GroupOptions::new(self.etcd_endpoints.clone(), advertise);
+        group.prefix = self.etcd_prefix.clone();
+        group.lease_ttl = self.lease_ttl.max(Duration::from_secs(1));
+        Ok(Some(group))
+    }
+
     /// The TLS setup these flags ask for; `None` with --insecure.
     pub fn tls(&self) -> anyhow::Result<Option<Arc<hotroll_coordinator::tls::ServerTls>>> {
         use hotroll_coordinator::tls::{ServerCertSource, ServerTls, TlsOptions};
@@ -146,11 +207,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let group = args.group()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let store = RedbStore::open(&args.data_dir)
-        .with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?;
     let mut config = ServerConfig::new(args.data_dir.clone());
     config.heartbeat_interval = args.heartbeat_interval;
     config.session_grace = args.session_grace;
@@ -164,7 +224,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.listen
         );
     }
-    server::run(listener, Arc::new(store), config, shutdown_signal()).await?;
+    match group {
+        Some(group) => group::run(listener, config, group, shutdown_signal()).await?,
+        None => {
+            let store = RedbStore::open(&args.data_dir)
+                .with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?;
+            server::run(listener, Arc::new(store), config, shutdown_signal()).await?
+        }
+    }
     tracing::info!("coordinator stopped");
     Ok(())
 }

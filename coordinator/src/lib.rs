@@ -8,12 +8,14 @@
 //! * [`outbound`]: what the coordinator sends a node, before it becomes a wire message.
 //! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! * [`tls`], [`auth`]: the CA, TLS on the listener, who may call what, limits.
-//! * [`server::run`]: the daemon's one entry point.
+//! * [`server::run`]: the daemon's one entry point; [`group::run`] runs it in a group of
+//!   coordinators on etcd (standby until elected, fenced leader until deposed).
 
 pub mod artifacts;
 pub mod auth;
 pub mod control;
 pub mod convert;
+pub mod group;
 pub mod metrics;
 pub mod server;
 pub mod session;

@@ -57,6 +57,9 @@ pub struct ServerConfig {
     /// and no authentication, what `hotroll serve --insecure`, in-process tests and network
     /// simulations use. `hotroll serve` sets it unless `--insecure` is given.
     pub tls: Option<Arc<crate::tls::ServerTls>>,
+    /// The leader epoch of a coordinator group on etcd, told to every agent (`group`); 0 for a
+    /// single coordinator.
+    pub leader_epoch: u64,
 }
 
 impl ServerConfig {
@@ -69,6 +72,7 @@ impl ServerConfig {
             metrics_listen: None,
             watch_buffer: DEFAULT_WATCH_BUFFER,
             tls: None,
+            leader_epoch: 0,
         }
     }
 }
@@ -81,6 +85,9 @@ pub enum ServerError {
     Artifacts(#[from] ArtifactError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The coordinator group on etcd (`group`) cannot be set up.
+    #[error("coordinator group: {0}")]
+    Group(String),
     #[error("TLS needs a TCP listener: use `run`, or no TLS with `serve`")]
     TlsNeedsTcp,
     #[error("cannot serve metrics on {addr}: {source}")]
@@ -153,7 +160,7 @@ where
     serve_with(incoming, store, config, shutdown, auth).await
 }
 
-async fn serve_with<I, IO, IE>(
+pub(crate) async fn serve_with<I, IO, IE>(
     incoming: I,
     store: Arc<dyn Store>,
     config: ServerConfig,
@@ -201,6 +208,7 @@ where
         artifacts: artifacts.clone(),
         heartbeat_interval: config.heartbeat_interval,
         coordinator_id: uuid::Uuid::now_v7().to_string(),
+        leader_epoch: config.leader_epoch,
         metrics: metrics.clone(),
         stopping: stopping.clone(),
     };

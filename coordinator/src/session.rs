@@ -39,6 +39,8 @@ pub struct AgentService {
     pub artifacts: ArtifactStore,
     pub heartbeat_interval: Duration,
     pub coordinator_id: String,
+    /// The group's leader epoch this server leads at (0: a single coordinator).
+    pub leader_epoch: u64,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Ends every session when the server stops (see `stopping`).
     pub stopping: Stopping,
@@ -145,6 +147,7 @@ impl pb::agent_server::Agent for AgentService {
                 coordinator_id: self.coordinator_id.clone(),
                 heartbeat_interval_ms: u64::try_from(self.heartbeat_interval.as_millis())
                     .unwrap_or(u64::MAX),
+                leader_epoch: self.leader_epoch,
             })),
         };
         self.rollouts.session_changed(&node, true);

@@ -9,6 +9,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The oldest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
+/// Metadata key of a standby coordinator's "not the leader" answer (`UNAVAILABLE`): the
+/// advertised URL of the group's leader, which agents and the CLI then talk to.
+pub const LEADER_METADATA: &str = "hotroll-leader";
+
 /// Chunk size for artifact transfer: well under tonic's default 4 MiB message limit.
 pub const ARTIFACT_CHUNK_SIZE: usize = 256 * 1024;
 

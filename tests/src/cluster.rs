@@ -59,6 +59,11 @@ pub struct ClusterOptions {
     /// A command the coordinator runs under, its arguments before `hotroll serve ...` (e.g.
     /// `nsenter --mount=...`, to see a filesystem mounted in another mount namespace).
     pub coordinator_wrapper: Vec<String>,
+    /// A group of this many coordinators on a real 3-member etcd cluster (`serve --store
+    /// etcd`), instead of one on redb; 0: one coordinator. See [`ClusterOptions::group`].
+    pub group: usize,
+    /// `serve --lease-ttl` of a group's coordinators.
+    pub lease_ttl: String,
 }
 
 impl Default for ClusterOptions {
@@ -80,6 +85,8 @@ impl Default for ClusterOptions {
             insecure: false,
             coordinator_data_dir: None,
             coordinator_wrapper: Vec::new(),
+            group: 0,
+            lease_ttl: "2s".into(),
         }
     }
 }
@@ -177,6 +184,16 @@ impl ClusterOptions {
         self
     }
 
+    /// `coordinators` coordinators in a group on a real 3-member etcd cluster the harness
+    /// starts: each `serve --store etcd` on a port of its own, advertising its URL. Agents list
+    /// them all (`coordinator = [..]`) and so does the CLI (`HOTROLL_COORDINATOR=a,b,c`).
+    /// Plaintext for now (a group's one trust root is not built yet).
+    pub fn group(mut self, coordinators: usize) -> Self {
+        self.group = coordinators;
+        self.insecure = true;
+        self
+    }
+
     pub fn insecure(mut self) -> Self {
         self.insecure = true;
         self
@@ -269,6 +286,17 @@ pub struct Cluster {
     agents: Vec<Agent>,
     options: ClusterOptions,
     credentials: Option<Credentials>,
+    /// A group's etcd cluster and its coordinators after the first (which is `coordinator`).
+    etcd: Option<crate::etcd::EtcdCluster>,
+    standbys: Vec<GroupMember>,
+    /// The port of each of a group's coordinators, the first's included.
+    group_ports: Vec<u16>,
+}
+
+/// A coordinator of a group besides the first.
+#[derive(Debug)]
+struct GroupMember {
+    process: Process,
 }
 
 /// Default timeout of a client command.
@@ -304,6 +332,9 @@ impl Cluster {
             agents: Vec::new(),
             options,
             credentials: None,
+            etcd: None,
+            standbys: Vec::new(),
+            group_ports: Vec::new(),
         };
         if let Err(e) = cluster.boot(agents) {
             let logs = cluster.log_tails(40);
@@ -313,7 +344,11 @@ impl Cluster {
     }
 
     fn boot(&mut self, agents: usize) -> anyhow::Result<()> {
-        self.start_coordinator()?;
+        if self.options.group > 0 {
+            self.start_group()?;
+        } else {
+            self.start_coordinator()?;
+        }
         if !self.options.insecure {
             self.credentials = Some(self.issue_credentials()?);
         }
@@ -417,6 +452,111 @@ impl Cluster {
         }
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no free port")))
             .context("cannot start the coordinator")
+    }
+
+    /// A group: etcd, then every coordinator, each waited for until it listens.
+    fn start_group(&mut self) -> anyhow::Result<()> {
+        let etcd = crate::etcd::EtcdCluster::start(3)?;
+        let endpoints = etcd.endpoints_arg();
+        self.etcd = Some(etcd);
+        let ports = (0..self.options.group)
+            .map(|_| free_port())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (i, port) in ports.iter().enumerate() {
+            let name = format!("coordinator-{}", i + 1);
+            let data_dir = self.path.join(&name);
+            let mut args = vec![
+                "serve".to_string(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+                "--heartbeat-interval".into(),
+                self.options.heartbeat_interval.clone(),
+                "--session-grace".into(),
+                self.options.session_grace.clone(),
+                "--step-slack".into(),
+                self.options.step_slack.clone(),
+                "--insecure".into(),
+                "--store".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                endpoints.clone(),
+                "--advertise".into(),
+                format!("http://127.0.0.1:{port}"),
+                "--lease-ttl".into(),
+                self.options.lease_ttl.clone(),
+            ];
+            args.extend(self.options.coordinator_args.iter().cloned());
+            let mut process = Process::new(
+                name.clone(),
+                &self.bins.hotroll,
+                args,
+                &self.path,
+                self.path.join(format!("logs/{name}.log")),
+            );
+            self.apply_env(&mut process);
+            process.start()?;
+            wait_port(&mut process, *port, self.options.ready_timeout)?;
+            if i == 0 {
+                self.coordinator = process;
+                self.port = *port;
+            } else {
+                self.standbys.push(GroupMember { process });
+            }
+        }
+        self.url = ports
+            .iter()
+            .map(|port| format!("http://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.group_ports = ports;
+        Ok(())
+    }
+
+    /// Coordinator `i` (0-based) of a group; the first is [`Cluster::coordinator`].
+    pub fn group_member(&mut self, i: usize) -> &mut Process {
+        match i {
+            0 => &mut self.coordinator,
+            i => &mut self.standbys[i - 1].process,
+        }
+    }
+
+    /// `http://127.0.0.1:<port>` of a group's coordinator `i` (0-based).
+    pub fn group_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.group_ports[i])
+    }
+
+    /// The group's etcd cluster.
+    pub fn etcd(&mut self) -> Option<&mut crate::etcd::EtcdCluster> {
+        self.etcd.as_mut()
+    }
+
+    /// Which coordinator of the group leads now (0-based), as etcd's election says.
+    pub fn group_leader(&self) -> anyhow::Result<Option<usize>> {
+        let etcd = self.etcd.as_ref().context("not a group")?;
+        let client =
+            hotroll_etcd::EtcdClient::new(&hotroll_etcd::EtcdOptions::new(etcd.endpoints()))?;
+        let reader = client.clone();
+        let leader = client.block_on(async move { reader.leader(b"/hotroll/leader").await })?;
+        Ok(leader.and_then(|kv| {
+            let url = String::from_utf8_lossy(&kv.value).into_owned();
+            (0..self.group_ports.len()).find(|&i| self.group_url(i) == url)
+        }))
+    }
+
+    /// Wait until a coordinator of the group other than `not` leads; returns it.
+    pub fn wait_group_leader(
+        &self,
+        not: Option<usize>,
+        timeout: Duration,
+    ) -> anyhow::Result<usize> {
+        crate::poll::poll(
+            "a coordinator of the group to lead",
+            timeout,
+            Duration::from_millis(100),
+            || Ok(self.group_leader()?.filter(|i| Some(*i) != not)),
+        )
     }
 
     /// Wait until the coordinator's port accepts TCP connections; fails at once if the
@@ -570,7 +710,12 @@ impl Cluster {
         }
         let mut doc = toml::Table::new();
         doc.insert("node".into(), name.clone().into());
-        doc.insert("coordinator".into(), self.url.clone().into());
+        if self.options.group > 0 {
+            let urls: Vec<toml::Value> = self.url.split(',').map(|u| u.into()).collect();
+            doc.insert("coordinator".into(), toml::Value::Array(urls));
+        } else {
+            doc.insert("coordinator".into(), self.url.clone().into());
+        }
         if self.options.insecure {
             doc.insert("insecure".into(), true.into());
         } else {
@@ -876,6 +1021,15 @@ impl Cluster {
             self.coordinator.log_path().display(),
             self.coordinator.log_tail(lines)
         );
+        for member in &self.standbys {
+            let _ = writeln!(
+                out,
+                "----- {} ({}) -----\n{}",
+                member.process.name(),
+                member.process.log_path().display(),
+                member.process.log_tail(lines)
+            );
+        }
         for agent in &self.agents {
             let _ = writeln!(
                 out,
@@ -910,6 +1064,12 @@ impl Cluster {
             let _ = self.coordinator.cont();
         }
         let _ = self.coordinator.kill();
+        for member in &mut self.standbys {
+            if member.process.is_stopped() {
+                let _ = member.process.cont();
+            }
+            let _ = member.process.kill();
+        }
     }
 }
 
@@ -925,6 +1085,31 @@ impl Drop for Cluster {
             let path = dir.keep();
             eprintln!("kept cluster dir {}", path.display());
         }
+    }
+}
+
+/// Wait until `port` on 127.0.0.1 accepts connections; fails at once if `process` exits.
+fn wait_port(process: &mut Process, port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = process.exit_status() {
+            bail!(
+                "{} exited: {status}; log:\n{}",
+                process.name(),
+                process.log_tail(20)
+            );
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{} does not listen on {addr} after {timeout:?}",
+                process.name()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(25));
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! ```toml
 //! node = "node-1"                          # unique name; defaults to the host name
-//! coordinator = "https://coordinator.example:7070"
+//! coordinator = "https://coordinator.example:7070"  # a group: ["https://a:7070", "https://b:7070"]
 //! join_token = "hr1.…"                     # once, to get a node certificate (or --join)
 //! # ca_file = "/etc/hotroll/ca.pem"        # optional: else the CA the join token names
 //! # insecure = true                        # plaintext http:// (coordinator --insecure too)
@@ -61,8 +61,12 @@ pub use service::{
 pub struct Config {
     /// Unique node name; the coordinator refuses a second live session with the same name.
     pub node: String,
-    /// `https://host:port` of the coordinator's gRPC endpoint (`http://` with `insecure`).
+    /// `https://host:port` of the coordinator's gRPC endpoint (`http://` with `insecure`);
+    /// the first of `coordinators`.
     pub coordinator: String,
+    /// Every coordinator of the group, in the configured order (`coordinator = [..]`); one for
+    /// a single coordinator. The agent talks to the leader and follows standbys to it.
+    pub coordinators: Vec<String>,
     /// Plaintext, no node identity: only with a coordinator started with `--insecure`.
     pub insecure: bool,
     /// A join token (`hotroll token create --role agent`), used once when the data dir holds
@@ -107,6 +111,7 @@ impl Config {
             insecure: !hotroll_tls::client::is_tls_url(&coordinator),
             join_token: None,
             ca_file: None,
+            coordinators: vec![coordinator.clone()],
             coordinator,
             data_dir,
             labels: BTreeMap::new(),
@@ -159,13 +164,16 @@ impl Config {
             }
             None => default_node_name().map_err(|m| at(None, m))?,
         };
-        let coordinator = match raw.coordinator {
+        let coordinators = match raw.coordinator {
             Some(c) => {
-                check_coordinator(c.get_ref()).map_err(|m| at(Some(c.span()), m))?;
-                c.into_inner()
+                let span = c.span();
+                let urls = c.into_inner().into_urls();
+                check_coordinators(&urls).map_err(|m| at(Some(span), m))?;
+                urls
             }
-            None => DEFAULT_COORDINATOR.to_string(),
+            None => vec![DEFAULT_COORDINATOR.to_string()],
         };
+        let coordinator = coordinators[0].clone();
         let data_dir = raw
             .data_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
@@ -261,6 +269,7 @@ impl Config {
         Ok(Self {
             node,
             coordinator,
+            coordinators,
             insecure: raw.insecure.unwrap_or(false),
             join_token,
             ca_file: raw.ca_file,
@@ -289,11 +298,17 @@ impl Config {
             self.node = node;
         }
         if let Some(coordinator) = coordinator {
-            check_coordinator(&coordinator).map_err(|message| ConfigError::Override {
+            // A group: comma-separated URLs.
+            let urls: Vec<String> = coordinator
+                .split(',')
+                .map(|url| url.trim().to_string())
+                .collect();
+            check_coordinators(&urls).map_err(|message| ConfigError::Override {
                 what: "--coordinator",
                 message,
             })?;
-            self.coordinator = coordinator;
+            self.coordinator = urls[0].clone();
+            self.coordinators = urls;
         }
         Ok(())
     }
@@ -401,7 +416,7 @@ impl ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     node: Option<Spanned<String>>,
-    coordinator: Option<Spanned<String>>,
+    coordinator: Option<Spanned<CoordinatorList>>,
     insecure: Option<bool>,
     join_token: Option<Spanned<String>>,
     ca_file: Option<PathBuf>,
@@ -451,6 +466,48 @@ fn check_node_name(node: &str) -> Result<(), String> {
     if node.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!(
             "node name `{node}` must not contain whitespace or control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// `coordinator = "URL"` or, for a group, `coordinator = ["URL", ..]`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum CoordinatorList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl CoordinatorList {
+    fn into_urls(self) -> Vec<String> {
+        match self {
+            CoordinatorList::One(url) => vec![url],
+            CoordinatorList::Many(urls) => urls,
+        }
+    }
+}
+
+/// Every URL valid, at least one, no repeats, one scheme for all (the transport is one).
+fn check_coordinators(urls: &[String]) -> Result<(), String> {
+    if urls.is_empty() {
+        return Err("`coordinator` names no coordinator".into());
+    }
+    for url in urls {
+        check_coordinator(url)?;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(repeated) = urls.iter().find(|url| !seen.insert(url.as_str())) {
+        return Err(format!("coordinator `{repeated}` is listed twice"));
+    }
+    let tls = hotroll_tls::client::is_tls_url(&urls[0]);
+    if let Some(other) = urls
+        .iter()
+        .find(|url| hotroll_tls::client::is_tls_url(url) != tls)
+    {
+        return Err(format!(
+            "coordinator `{other}` does not use the scheme of `{}`: the group's coordinators are all https:// or all http://",
+            urls[0]
         ));
     }
     Ok(())

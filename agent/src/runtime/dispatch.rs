@@ -8,6 +8,7 @@ use hotroll_script::{Instruction, Runtime as ScriptRuntime};
 
 use crate::artifacts::{ArtifactStore, Fetcher};
 use crate::config::Config;
+use crate::coordinators::Coordinators;
 use crate::dialer::Dialer;
 
 use super::beam::BeamRuntime;
@@ -44,14 +45,15 @@ impl Default for RuntimeDispatch {
 
 impl RuntimeDispatch {
     /// The runtimes `config` declares: the process runtime for `[[services]]`, the BEAM runtime
-    /// for `[[beam]]` (none declared: hooks only); both fetch artifacts through `dialer`.
-    pub fn declared_by(config: &Config, dialer: &Dialer) -> Self {
+    /// for `[[beam]]` (none declared: hooks only); both fetch artifacts through `dialer` from
+    /// the coordinator `coordinators` talks to now.
+    pub fn declared_by(config: &Config, dialer: &Dialer, coordinators: &Coordinators) -> Self {
         let beam: Arc<dyn Runtime> = if config.beam.is_empty() {
             Arc::new(HooksOnlyRuntime)
         } else {
             let fetcher = Fetcher::new(
                 ArtifactStore::new(&config.data_dir),
-                config.coordinator.clone(),
+                coordinators.clone(),
                 config.node.clone(),
                 dialer.clone(),
             );
@@ -61,7 +63,11 @@ impl RuntimeDispatch {
             ))
         };
         Self {
-            process: Arc::new(ProcessRuntime::new(config, dialer.clone())),
+            process: Arc::new(ProcessRuntime::new(
+                config,
+                dialer.clone(),
+                coordinators.clone(),
+            )),
             beam,
         }
     }

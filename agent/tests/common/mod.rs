@@ -85,6 +85,7 @@ impl Agent for Service {
             protocol_version: hotroll_proto::PROTOCOL_VERSION,
             coordinator_id: "fake".into(),
             heartbeat_interval_ms: state.heartbeat_ms,
+            leader_epoch: 0,
         };
         let _ = tx.send(Ok(msg(CoordMsg::Welcome(welcome)))).await;
         if let Ok(mut live) = state.live.lock() {

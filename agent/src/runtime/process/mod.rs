@@ -34,6 +34,7 @@ use nix::sys::signal::Signal;
 use crate::artifacts::{ArtifactStore, Fetcher};
 use crate::cancel::CancelToken;
 use crate::config::{Config, HookConfig, ServiceConfig, check_name};
+use crate::coordinators::Coordinators;
 use crate::dialer::Dialer;
 use crate::hooks::{self, Invocation};
 use crate::report::StepList;
@@ -141,15 +142,10 @@ fn effective_mode(artifact: &ArtifactRef) -> u32 {
 
 impl ProcessRuntime {
     /// Read the services of `config`; nothing starts before [`Runtime::boot`].
-    pub fn new(config: &Config, dialer: Dialer) -> Self {
+    pub fn new(config: &Config, dialer: Dialer, coordinators: Coordinators) -> Self {
         let specs = config.services.iter().cloned().map(Arc::new).collect();
         let store = ArtifactStore::new(&config.data_dir);
-        let fetcher = Fetcher::new(
-            store,
-            config.coordinator.clone(),
-            config.node.clone(),
-            dialer,
-        );
+        let fetcher = Fetcher::new(store, coordinators, config.node.clone(), dialer);
         Self {
             inner: Arc::new(Inner {
                 data_dir: config.data_dir.clone(),
