@@ -207,3 +207,57 @@ fn a_leader_paused_past_its_lease_steps_down_and_changes_nothing() -> anyhow::Re
         assert_whole_release(cluster, &id, &run)
     })
 }
+
+/// 3a. One etcd member SIGKILLed mid-rollout: nothing changes for the user.
+#[test]
+fn one_etcd_member_killed_mid_rollout_changes_nothing() -> anyhow::Result<()> {
+    Cluster::start(NODES, options())?.run(|cluster| {
+        let script = cluster.write_script("up.toml", &script(true))?;
+        let id = cluster.start_rollout(&script, &[])?;
+        wait_marks(cluster, "prepare", "prepare")?;
+        let leader = cluster.group_leader()?;
+        cluster.etcd().context("no etcd")?.member(0).kill()?;
+        std::fs::write(cluster.dir().join("gate"), "open")?;
+        let run = cluster.wait_final(&id, TIMEOUT)?;
+        ensure!(
+            cluster.group_leader()? == leader,
+            "the leader changed over one dead etcd member"
+        );
+        assert_whole_release(cluster, &id, &run)
+    })
+}
+
+/// 3b. etcd loses its quorum while nodes wait at the barrier before the point of no return:
+///     no decision is taken (nobody passes the barrier, no command goes out) while it is lost;
+///     once it is back the rollout continues and succeeds.
+#[test]
+fn with_etcd_quorum_lost_the_rollout_holds_and_continues_once_it_is_back() -> anyhow::Result<()> {
+    Cluster::start(NODES, options())?.run(|cluster| {
+        let script = cluster.write_script("up.toml", &script(true))?;
+        let id = cluster.start_rollout(&script, &[])?;
+        wait_marks(cluster, "prepare", "prepare")?;
+        {
+            let etcd = cluster.etcd().context("no etcd")?;
+            etcd.member(0).stop()?;
+            etcd.member(1).stop()?;
+        }
+        // The last node reaches the barrier while etcd cannot store that it did.
+        std::fs::write(cluster.dir().join("gate"), "open")?;
+        std::thread::sleep(Duration::from_secs(6));
+        for i in 1..=NODES {
+            let labels = labels(cluster, i)?;
+            ensure!(
+                !labels.iter().any(|l| l == "committed"),
+                "{} went past the point of no return without a quorum: {labels:?}",
+                node_name(i)
+            );
+        }
+        {
+            let etcd = cluster.etcd().context("no etcd")?;
+            etcd.member(0).cont()?;
+            etcd.member(1).cont()?;
+        }
+        let run = cluster.wait_final(&id, TIMEOUT)?;
+        assert_whole_release(cluster, &id, &run)
+    })
+}
