@@ -500,7 +500,15 @@ impl Story {
             // The same view as `hotroll rollout watch`: live on a terminal, one line per event
             // in a pipe, JSON events with --output json.
             let mode = watch::Mode::detect(self.output);
-            watch::watch(client, &started.rollout_id, mode, 0, Some(ROLLOUT_TIMEOUT)).await?;
+            watch::watch(
+                client,
+                None,
+                &started.rollout_id,
+                mode,
+                0,
+                Some(ROLLOUT_TIMEOUT),
+            )
+            .await?;
         }
         let status = watch::wait_final(client, &started.rollout_id, ROLLOUT_TIMEOUT).await?;
         Ok(self.settled(client, status).await)
@@ -837,14 +845,7 @@ async fn wait_code(port: u16, code: u64) -> anyhow::Result<()> {
 /// Per node: the agent-measured durations of suspend, load, code_change and resume, added up
 /// (suspend's start to resume's end; the gaps between steps are negligible).
 async fn suspend_windows(client: &mut Client, id: &str) -> BTreeMap<String, u64> {
-    let mut rx = spawn_follow(
-        GrpcSource {
-            client: client.clone(),
-            rollout_id: id.to_string(),
-        },
-        0,
-        Until::Now,
-    );
+    let mut rx = spawn_follow(GrpcSource::new(client.clone(), id), 0, Until::Now);
     let mut windows = BTreeMap::new();
     let collect = async {
         while let Some(msg) = rx.recv().await {

@@ -456,6 +456,7 @@ async fn start(args: StartArgs) -> anyhow::Result<u8> {
         }
         return super::watch::watch(
             &mut client,
+            Some(&args.coordinator),
             &started.rollout_id,
             super::watch::Mode::detect(args.output),
             0,

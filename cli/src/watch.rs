@@ -99,6 +99,7 @@ pub async fn run_watch(args: WatchArgs) -> anyhow::Result<u8> {
     let mut client = connect(&args.coordinator).await?;
     watch(
         &mut client,
+        Some(&args.coordinator),
         &args.id,
         Mode::detect(args.output),
         args.from_seq,
@@ -110,6 +111,7 @@ pub async fn run_watch(args: WatchArgs) -> anyhow::Result<u8> {
 /// Watch rollout `id` until it is final (or `timeout` passes); returns `--wait`'s exit code.
 pub async fn watch(
     client: &mut super::client::Client,
+    reconnect: Option<&super::client::CoordinatorArgs>,
     id: &str,
     mode: Mode,
     from_seq: u64,
@@ -123,8 +125,8 @@ pub async fn watch(
     };
     let rx = spawn_follow(
         GrpcSource {
-            client: client.clone(),
-            rollout_id: id.to_string(),
+            reconnect: reconnect.cloned(),
+            ..GrpcSource::new(client.clone(), id)
         },
         from_seq,
         Until::Final,
@@ -380,8 +382,8 @@ pub async fn run_events(args: EventsArgs) -> anyhow::Result<u8> {
     let client = connect(&args.coordinator).await?;
     let mut rx = spawn_follow(
         GrpcSource {
-            client,
-            rollout_id: args.id.clone(),
+            reconnect: Some(args.coordinator.clone()),
+            ..GrpcSource::new(client, &args.id)
         },
         0,
         Until::Now,
@@ -524,14 +526,7 @@ pub async fn wait_final(
     ) {
         return Ok(status);
     }
-    let mut rx = spawn_follow(
-        GrpcSource {
-            client: client.clone(),
-            rollout_id: id.to_string(),
-        },
-        0,
-        Until::Final,
-    );
+    let mut rx = spawn_follow(GrpcSource::new(client.clone(), id), 0, Until::Final);
     let streamed = tokio::time::timeout_at(deadline, async {
         while let Some(msg) = rx.recv().await {
             match msg {

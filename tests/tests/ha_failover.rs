@@ -261,3 +261,46 @@ fn with_etcd_quorum_lost_the_rollout_holds_and_continues_once_it_is_back() -> an
         assert_whole_release(cluster, &id, &run)
     })
 }
+
+/// 4. `hotroll rollout watch` and the CLI pointed at the group (the first URL is the leader that
+///    gets killed) follow the new leader: the watch sees every event of the history exactly once,
+///    in order, across the failover.
+#[test]
+fn a_watch_survives_a_failover_without_missing_or_repeating_an_event() -> anyhow::Result<()> {
+    Cluster::start(NODES, options())?.run(|cluster| {
+        let leader = cluster.wait_group_leader(None, TIMEOUT)?;
+        let script = cluster.write_script("up.toml", &script(true))?;
+        let id = cluster.start_rollout(&script, &[])?;
+        let watch = hotroll_tests::background::Background::hotroll(
+            cluster,
+            &["rollout", "watch", &id, "--output", "json"],
+        )?;
+        wait_marks(cluster, "prepare", "prepare")?;
+        cluster.group_member(leader).kill()?;
+        cluster.wait_group_leader(Some(leader), TIMEOUT)?;
+        std::fs::write(cluster.dir().join("gate"), "open")?;
+        let run = cluster.wait_final(&id, TIMEOUT)?;
+        let watched = watch.wait(TIMEOUT)?;
+        ensure!(
+            watched.code == Some(0),
+            "the watch exited {:?}: {}",
+            watched.code,
+            watched.stderr
+        );
+        let seen: Vec<u64> = watched
+            .stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str::<Value>(l).map(|e| e["seq"].as_u64().unwrap_or(0)))
+            .collect::<Result<_, _>>()?;
+        let stored: Vec<u64> = history(cluster, &id)?
+            .iter()
+            .filter_map(|e| e["seq"].as_u64())
+            .collect();
+        ensure!(
+            seen == stored,
+            "the watch saw {seen:?}, the history is {stored:?}"
+        );
+        assert_whole_release(cluster, &id, &run)
+    })
+}

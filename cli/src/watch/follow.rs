@@ -38,10 +38,33 @@ pub trait EventSource: Send + 'static {
 pub struct GrpcSource {
     pub client: crate::client::Client,
     pub rollout_id: String,
+    /// How to find the coordinator again: given, every reopen after the first connects anew,
+    /// so a watch follows a group's leader across a failover (docs/ha.md).
+    pub reconnect: Option<crate::client::CoordinatorArgs>,
+    pub opened: bool,
+}
+
+impl GrpcSource {
+    pub fn new(client: crate::client::Client, rollout_id: &str) -> Self {
+        Self {
+            client,
+            rollout_id: rollout_id.to_string(),
+            reconnect: None,
+            opened: false,
+        }
+    }
 }
 
 impl EventSource for GrpcSource {
     async fn open(&mut self, from_seq: u64) -> Result<Opened, tonic::Status> {
+        if self.opened
+            && let Some(args) = &self.reconnect
+        {
+            self.client = crate::client::connect(args)
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+        }
+        self.opened = true;
         let response = self
             .client
             .watch_rollout(pb::WatchRolloutRequest {
