@@ -28,6 +28,9 @@ pub const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 /// TCP connect bound.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// From opening the stream to Welcome.
+/// In a group of coordinators: the longest wait between the first attempts to find the leader.
+const GROUP_RETRY_MAX: Duration = Duration::from_millis(300);
+const GROUP_QUICK_RETRIES: u32 = 40;
 /// Before connecting to the leader a standby named (a standby answers at once).
 const REDIRECT_DELAY: Duration = Duration::from_millis(50);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -114,7 +117,14 @@ impl Sessions<'_> {
                             tracing::debug!(%coordinator, %reason, attempts = failures, "cannot open a session; retrying");
                         }
                     }
-                    backoff.next_delay()
+                    let delay = backoff.next_delay();
+                    if self.coordinators.urls().len() > 1 && failures <= GROUP_QUICK_RETRIES {
+                        // A group elects a new leader within about its lease: while it does,
+                        // the next coordinator is tried soon rather than after a long back-off.
+                        delay.min(GROUP_RETRY_MAX)
+                    } else {
+                        delay
+                    }
                 }
                 End::Refused(status) => {
                     self.log_refusal(&status);
