@@ -127,6 +127,41 @@ fn round(
     Ok(Duration::from_nanos(nanos))
 }
 
+/// What the group keeps in etcd after the bench's rollouts (all final): live bytes under the
+/// prefix by kind of key, and etcd's own database size.
+fn etcd_size(
+    cluster: &mut Cluster,
+    rollouts: usize,
+    agents: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let etcd = cluster.etcd().context("not a group")?;
+    let client = hotroll_etcd::EtcdClient::new(&hotroll_etcd::EtcdOptions::new(etcd.endpoints()))?;
+    let reader = client.clone();
+    let kvs = client.block_on(async move { reader.get_prefix(b"/hotroll/").await })?;
+    let reader = client.clone();
+    let member = client.block_on(async move { reader.status().await })?;
+    let mut by_kind = std::collections::BTreeMap::<String, usize>::new();
+    let mut live = 0usize;
+    for kv in &kvs {
+        let key = String::from_utf8_lossy(&kv.key).into_owned();
+        let kind = key.split('/').nth(2).unwrap_or("other").to_string();
+        let bytes = kv.key.len() + kv.value.len();
+        *by_kind.entry(kind).or_default() += bytes;
+        live += bytes;
+    }
+    for kind in ["rollouts", "events", "inputs", "nodes"] {
+        by_kind.entry(kind.to_string()).or_default();
+    }
+    Ok(json!({
+        "rollouts": rollouts,
+        "live_bytes": live,
+        "bytes_per_node_per_rollout": live as f64 / (rollouts.max(1) * agents.max(1)) as f64,
+        "by_kind": by_kind,
+        "db_size": member.db_size,
+        "db_size_in_use": member.db_size_in_use,
+    }))
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -172,6 +207,7 @@ fn main() -> anyhow::Result<()> {
             ms(took)
         );
     }
+    let size = etcd_size(&mut cluster, args.kills * 2, args.agents)?;
     floor.sort();
     failover.sort();
     let (f50, f99) = (percentile(&floor, 50.0), percentile(&floor, 99.0));
@@ -186,6 +222,7 @@ fn main() -> anyhow::Result<()> {
                 "floor_ms": {"p50": ms(f50), "p99": ms(f99)},
                 "failover_ms": {"p50": ms(k50), "p99": ms(k99)},
                 "failover_over_floor": {"p50": ratio(k50, f50), "p99": ratio(k99, f99)},
+                "etcd": size,
             })
         );
     } else {
@@ -207,6 +244,19 @@ fn main() -> anyhow::Result<()> {
             "  failover / floor: p50 {:.1}x  p99 {:.1}x",
             ratio(k50, f50),
             ratio(k99, f99)
+        );
+        println!(
+            "  etcd after {} final rollouts of {} nodes: {} live bytes under /hotroll ({:.0} per node per rollout: rollouts {}, events {}, inputs {}, nodes {}); db size {} B, {} B in use",
+            size["rollouts"],
+            args.agents,
+            size["live_bytes"],
+            size["bytes_per_node_per_rollout"].as_f64().unwrap_or(0.0),
+            size["by_kind"]["rollouts"],
+            size["by_kind"]["events"],
+            size["by_kind"]["inputs"],
+            size["by_kind"]["nodes"],
+            size["db_size"],
+            size["db_size_in_use"]
         );
     }
     Ok(())
