@@ -78,6 +78,15 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 /// with past rollouts; a node that reports on it later (its Hello's journal) revives it.
 pub(super) const RETIRE_AFTER: Duration = Duration::from_secs(5);
 
+/// What [`Driver::settle`] left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// Nothing is held: go on.
+    Clear,
+    /// The store refused a write fenced by an older epoch: stop.
+    Deposed,
+}
+
 impl Driver {
     /// A driver for `engine`, before it runs.
     pub(super) fn new(
@@ -128,7 +137,9 @@ impl Driver {
     /// takes in. While the rollout holds on its store nothing is taken (see the module docs).
     pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
         loop {
-            self.settle().await;
+            if self.settle().await == Settled::Deposed {
+                return;
+            }
             let sleep = self.engine.next_deadline().map(|deadline| {
                 let wait = deadline.saturating_sub(now_ms());
                 tokio::time::Instant::now() + Duration::from_millis(wait)
@@ -366,7 +377,7 @@ impl Driver {
 
     /// While the rollout holds: retry the held commit with backoff until the store takes it,
     /// then release the held batch. Returns at once when nothing is held.
-    async fn settle(&mut self) {
+    async fn settle(&mut self) -> Settled {
         while let Some(mut held) = self.held.take() {
             tokio::time::sleep(held.next_wait()).await;
             let write_record = held.write_record || self.record_unsaved;
@@ -395,6 +406,16 @@ impl Driver {
                     }
                     self.release(held.batch);
                 }
+                Err(StoreError::Fenced { epoch }) => {
+                    // Another coordinator leads (docs/ha.md): it continues the rollout from
+                    // the store; this one neither sends nor retries anything more.
+                    tracing::warn!(
+                        rollout = %self.record.id,
+                        epoch,
+                        "this coordinator no longer leads: the rollout's driver stops"
+                    );
+                    return Settled::Deposed;
+                }
                 Err(error) => {
                     let (log, changed) = held.failed_again(&error);
                     if log {
@@ -416,6 +437,7 @@ impl Driver {
                 }
             }
         }
+        Settled::Clear
     }
 
     /// Rebuild the status snapshot from the engine. Returns it when it changed, and whether the
