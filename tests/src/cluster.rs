@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::bins::{Binaries, binaries};
 use crate::hooks::{Hook, Mark, read_marks};
 use crate::poll::poll;
+pub use crate::ports::free_port;
 use crate::process::Process;
 use crate::status;
 
@@ -1116,39 +1117,6 @@ fn wait_port(process: &mut Process, port: u16, timeout: Duration) -> anyhow::Res
 /// `node-<i>`.
 pub fn node_name(i: usize) -> String {
     format!("node-{i}")
-}
-
-/// A port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral range.
-///
-/// A port the kernel hands out for `bind(0)` lies in the ephemeral range, which is also where
-/// every outgoing connection takes its source port: with hundreds of loopback connections in
-/// a suite, one of them could take the port before the service binds it ("address already in
-/// use"). Ports below the range are only ever taken by an explicit bind.
-pub fn free_port() -> anyhow::Result<u16> {
-    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let low = 10_000u16.min(ephemeral_start.saturating_sub(1_000));
-    let high = ephemeral_start.saturating_sub(1).max(low + 1);
-    // Processes of the suite run side by side: start at a place of our own and probe upwards.
-    let seed = std::process::id()
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-    let span = u32::from(high - low);
-    for attempt in 0..span {
-        let offset = (seed
-            .wrapping_mul(2_654_435_761)
-            .wrapping_add(attempt * 7_919))
-            % span;
-        let port = low + u16::try_from(offset).unwrap_or(0);
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind a port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// Run a command to completion with captured output, killing it after `timeout`.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::cluster::free_port;
+use crate::ports::free_port;
 use crate::process::Process;
 
 /// One member: its client URL and process.

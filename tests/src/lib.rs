@@ -66,6 +66,7 @@ pub mod hooks;
 pub mod metrics;
 pub mod modules;
 pub mod poll;
+pub mod ports;
 pub mod primes;
 pub mod process;
 pub mod proxy;
