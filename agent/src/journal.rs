@@ -63,6 +63,7 @@ impl Scope {
         match self.runtime.as_str() {
             "process" => Some(hotroll_script::Runtime::Process),
             "beam" => Some(hotroll_script::Runtime::Beam),
+            "otp_release" => Some(hotroll_script::Runtime::OtpRelease),
             _ => None,
         }
     }

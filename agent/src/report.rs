@@ -134,10 +134,22 @@ pub fn millis(d: Duration) -> u64 {
 }
 
 /// An app and its releases on this node, for Hello.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AppStatus {
     pub app: String,
     /// Version `current` names; empty when the node never had the app.
     pub current: String,
     pub permanent: String,
+    /// An OTP release node: what `release_handler:which_releases/0` last answered; empty for
+    /// other apps.
+    pub releases: Vec<ReleaseStatus>,
+}
+
+/// One release an OTP node's release handler knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseStatus {
+    pub name: String,
+    pub version: String,
+    /// `current`, `permanent`, `unpacked` or `old`.
+    pub status: String,
 }

@@ -162,6 +162,15 @@ pub fn app_state(app: AppStatus) -> pb::AppState {
         app: app.app,
         current: app.current,
         permanent: app.permanent,
+        releases: app
+            .releases
+            .into_iter()
+            .map(|r| pb::OtpReleaseState {
+                name: r.name,
+                version: r.version,
+                status: r.status,
+            })
+            .collect(),
     }
 }
 

@@ -31,6 +31,17 @@ struct AppJson {
     permanent: String,
     /// This node runs another version of the app than most nodes that have it (see [`drift`]).
     drift: bool,
+    /// An OTP release node: its release handler's releases (`which_releases/0`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    releases: Vec<ReleaseJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct ReleaseJson {
+    name: String,
+    version: String,
+    /// current, permanent, unpacked or old.
+    status: String,
 }
 
 /// An app whose nodes do not all run the same current version.
@@ -93,6 +104,15 @@ fn to_json(node: &pb::NodeInfo, drifting: &BTreeMap<String, Drift>) -> NodeJson 
                         drift: drifting
                             .get(&a.app)
                             .is_some_and(|d| d.majority != a.current),
+                        releases: a
+                            .releases
+                            .iter()
+                            .map(|r| ReleaseJson {
+                                name: r.name.clone(),
+                                version: r.version.clone(),
+                                status: r.status.clone(),
+                            })
+                            .collect(),
                     },
                 )
             })
@@ -135,7 +155,18 @@ async fn list(args: NodesArgs) -> anyhow::Result<()> {
                     .iter()
                     .map(|(app, v)| {
                         let flag = if v.drift { " (drift)" } else { "" };
-                        format!("{app} {}/{}{flag}", v.current, v.permanent)
+                        // OTP release nodes: every release the release handler knows.
+                        let releases = if v.releases.is_empty() {
+                            String::new()
+                        } else {
+                            let listed: Vec<String> = v
+                                .releases
+                                .iter()
+                                .map(|r| format!("{} {}", r.version, r.status))
+                                .collect();
+                            format!(" [releases: {}]", listed.join(", "))
+                        };
+                        format!("{app} {}/{}{flag}{releases}", v.current, v.permanent)
                     })
                     .collect::<Vec<_>>()
                     .join(", ");
@@ -173,6 +204,7 @@ mod tests {
                     app: (*app).into(),
                     current: (*current).into(),
                     permanent: (*current).into(),
+                    ..Default::default()
                 })
                 .collect(),
             ..Default::default()

@@ -411,6 +411,15 @@ impl pb::control_server::Control for ControlService {
                         app: app.clone(),
                         current: v.current.clone(),
                         permanent: v.permanent.clone(),
+                        releases: v
+                            .releases
+                            .iter()
+                            .map(|r| pb::OtpReleaseState {
+                                name: r.name.clone(),
+                                version: r.version.clone(),
+                                status: r.status.clone(),
+                            })
+                            .collect(),
                     })
                     .collect(),
                 last_seen_unix_ms: n.record.last_seen_ms,

@@ -27,7 +27,7 @@ use crate::outbound::Outbound;
 use crate::registry::Registry;
 use crate::rollouts::{Rollouts, now_ms};
 use crate::stopping::Stopping;
-use crate::store::{AppVersions, NodeRecord};
+use crate::store::{AppVersions, NodeRecord, OtpRelease};
 
 /// Outbound queue per session. Rollout traffic is a handful of messages per step, so a full
 /// queue means the agent stopped reading: the session is then treated as lost.
@@ -259,6 +259,15 @@ fn app_versions(apps: &[pb::AppState]) -> BTreeMap<String, AppVersions> {
                 AppVersions {
                     current: a.current.clone(),
                     permanent: a.permanent.clone(),
+                    releases: a
+                        .releases
+                        .iter()
+                        .map(|r| OtpRelease {
+                            name: r.name.clone(),
+                            version: r.version.clone(),
+                            status: r.status.clone(),
+                        })
+                        .collect(),
                 },
             )
         })

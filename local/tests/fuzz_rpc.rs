@@ -371,7 +371,8 @@ fn arb_agent_message() -> impl Strategy<Value = pb::AgentMessage> {
                     apps: vec![pb::AppState {
                         app,
                         current: "1".into(),
-                        permanent: "1".into()
+                        permanent: "1".into(),
+                        ..Default::default()
                     }],
                 }
             )),

@@ -86,6 +86,7 @@ fn seeds() -> Vec<Vec<u8>> {
                 app: "a".into(),
                 current: "1".into(),
                 permanent: "1".into(),
+                ..Default::default()
             }],
             journal: vec![pb::JournalEntry {
                 rollout_id: "r".into(),

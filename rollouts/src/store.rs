@@ -189,6 +189,19 @@ pub struct NodeRecord {
 pub struct AppVersions {
     pub current: String,
     pub permanent: String,
+    /// An OTP release node: its release handler's releases as last reported (older records
+    /// have none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releases: Vec<OtpRelease>,
+}
+
+/// One release an OTP node's release handler knows (`which_releases/0`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct OtpRelease {
+    pub name: String,
+    pub version: String,
+    /// `current`, `permanent`, `unpacked` or `old`.
+    pub status: String,
 }
 
 pub trait Store: Send + Sync + 'static {

@@ -48,6 +48,8 @@ pub enum Runtime {
     #[default]
     Process,
     Beam,
+    /// An OTP release (rebar3/relx tarball) upgraded by the node's own release handler.
+    OtpRelease,
 }
 
 impl Runtime {
@@ -55,6 +57,7 @@ impl Runtime {
         match self {
             Runtime::Process => "process",
             Runtime::Beam => "beam",
+            Runtime::OtpRelease => "otp_release",
         }
     }
 }
@@ -231,6 +234,19 @@ pub enum Instruction {
         brutal: bool,
     },
     RestartNewEmulator,
+    /// OTP release runtime: put the release tarball (an artifact) under the release's
+    /// `releases/`, `release_handler:unpack_release`, then `check_install_release` with purge
+    /// (the node's prepare vote).
+    UnpackRelease {
+        artifact: Located<String>,
+        #[serde(with = "opt_duration_ms")]
+        timeout: Option<Duration>,
+    },
+    /// OTP release runtime: `release_handler:install_release` (the relup runs).
+    InstallRelease {
+        #[serde(with = "opt_duration_ms")]
+        timeout: Option<Duration>,
+    },
 }
 
 impl Instruction {
@@ -252,11 +268,13 @@ impl Instruction {
             Instruction::Health { .. } => "health",
             Instruction::Purge { .. } => "purge",
             Instruction::RestartNewEmulator => "restart_new_emulator",
+            Instruction::UnpackRelease { .. } => "unpack_release",
+            Instruction::InstallRelease { .. } => "install_release",
         }
     }
 
     /// Every instruction name the language knows.
-    pub const NAMES: [&'static str; 15] = [
+    pub const NAMES: [&'static str; 17] = [
         "load_object_code",
         "check",
         "sync_nodes",
@@ -272,13 +290,17 @@ impl Instruction {
         "health",
         "purge",
         "restart_new_emulator",
+        "unpack_release",
+        "install_release",
     ];
 
     /// May only appear before the point of no return (it must not change the running system).
     pub fn prepare_only(&self) -> bool {
         matches!(
             self,
-            Instruction::LoadObjectCode { .. } | Instruction::Check { .. }
+            Instruction::LoadObjectCode { .. }
+                | Instruction::Check { .. }
+                | Instruction::UnpackRelease { .. }
         )
     }
 
@@ -295,6 +317,7 @@ impl Instruction {
                 | Instruction::Restart { .. }
                 | Instruction::Health { .. }
                 | Instruction::Purge { .. }
+                | Instruction::InstallRelease { .. }
         )
     }
 }
@@ -371,7 +394,9 @@ impl Script {
             | Instruction::Suspend { timeout, .. }
             | Instruction::CodeChange { timeout, .. }
             | Instruction::Apply { timeout, .. }
-            | Instruction::Health { timeout, .. } => *timeout,
+            | Instruction::Health { timeout, .. }
+            | Instruction::UnpackRelease { timeout, .. }
+            | Instruction::InstallRelease { timeout } => *timeout,
             _ => None,
         };
         own.unwrap_or(self.rollout.step_timeout)

@@ -54,7 +54,7 @@ const ROLLOUT_KEYS: &[&str] = &[
     "skip_unreachable",
 ];
 const SCRIPT_KEYS: &[&str] = &["up", "down"];
-const RUNTIMES: &[&str] = &["process", "beam"];
+const RUNTIMES: &[&str] = &["process", "beam", "otp_release"];
 const ON_FAILURE: &[&str] = &["rollback_node", "rollback_all", "halt"];
 /// Highest file mode an artifact may ask for (permission bits plus setuid/setgid/sticky).
 const MAX_MODE: u32 = 0o7777;
@@ -117,10 +117,14 @@ fn describe(value: &DeValue<'_>) -> &'static str {
 
 /// The option keys an instruction's table form accepts in `runtime`.
 fn option_keys(instruction: &str, runtime: Runtime) -> &'static [&'static str] {
-    use Runtime::{Beam, Process};
+    use Runtime::{Beam, OtpRelease, Process};
     match (instruction, runtime) {
         ("load_object_code", _) => &["artifacts"],
-        ("check", Process) | ("apply", Process) => &["hook", "args", "timeout"],
+        ("check", Process | OtpRelease) | ("apply", Process | OtpRelease) => {
+            &["hook", "args", "timeout"]
+        }
+        ("unpack_release", _) => &["artifact", "timeout"],
+        ("install_release", _) => &["timeout"],
         ("check", Beam) | ("suspend", Beam) => &["modules", "timeout"],
         ("sync_nodes", _) => &["id", "timeout", "nodes"],
         ("suspend", Process) => &["services", "timeout"],
@@ -142,16 +146,20 @@ fn example(instruction: &str, runtime: Runtime) -> &'static str {
     use Runtime::{Beam, Process};
     match (instruction, runtime) {
         ("load_object_code", _) => r#"{ load_object_code = ["<artifact>"] }"#,
-        ("check", Process) => r#"{ check = "<hook>" }"#,
+        ("check", Process | Runtime::OtpRelease) => r#"{ check = "<hook>" }"#,
         ("check", Beam) => r#"{ check = { modules = ["<module>"] } }"#,
         ("sync_nodes", _) => r#"{ sync_nodes = "<barrier id>" }"#,
         ("suspend", Process) => r#"{ suspend = ["<service>"] }"#,
         ("load", Process) => r#"{ load = "<app>" }"#,
         ("code_change", Process) => r#"{ code_change = { service = "<service>", extra = "…" } }"#,
         ("code_change", Beam) => r#"{ code_change = { modules = ["<module>"], extra = "…" } }"#,
-        ("apply", Process) => r#"{ apply = "<hook>" }"#,
+        ("apply", Process | Runtime::OtpRelease) => r#"{ apply = "<hook>" }"#,
         ("apply", Beam) => r#"{ apply = { mfa = "<module>:<function>/<arity>", args = [..] } }"#,
         ("health", _) => r#"{ health = "<service>" }"#,
+        ("unpack_release", _) => r#"{ unpack_release = "<rel>-<vsn>.tar.gz" }"#,
+        ("install_release", _) => {
+            r#""install_release" or { install_release = { timeout = "1m" } }"#
+        }
         ("suspend" | "load" | "resume", Beam) => r#"{ <instruction> = ["<module>"] }"#,
         _ => r#"{ <instruction> = ["<service>"] }"#,
     }
@@ -452,14 +460,19 @@ impl Parser {
         match text.value.as_str() {
             "process" => Runtime::Process,
             "beam" => Runtime::Beam,
+            "otp_release" => Runtime::OtpRelease,
             other => {
                 let help = suggest::closest(other, RUNTIMES)
                     .map(|near| format!("did you mean `{near}`?"))
-                    .unwrap_or_else(|| "the runtimes are `process` and `beam`".to_string());
+                    .unwrap_or_else(|| {
+                        "the runtimes are `process`, `beam` and `otp_release`".to_string()
+                    });
                 self.push(
                     Diagnostic::error(
                         text.span,
-                        format!("unknown runtime `{other}`: expected `process` or `beam`"),
+                        format!(
+                            "unknown runtime `{other}`: expected `process`, `beam` or `otp_release`"
+                        ),
                     )
                     .with_help(help),
                 );
@@ -843,6 +856,7 @@ impl Parser {
         match name {
             "point_of_no_return" => Ok(Instruction::PointOfNoReturn),
             "restart_new_emulator" => Ok(Instruction::RestartNewEmulator),
+            "install_release" => Ok(Instruction::InstallRelease { timeout: None }),
             "purge" => Ok(Instruction::Purge {
                 targets: Vec::new(),
                 brutal: false,
@@ -861,7 +875,7 @@ impl Parser {
         let runtime = self.runtime;
         let known = option_keys(instruction, runtime);
         let other = match runtime {
-            Runtime::Process => Runtime::Beam,
+            Runtime::Process | Runtime::OtpRelease => Runtime::Beam,
             Runtime::Beam => Runtime::Process,
         };
         let other_keys = option_keys(instruction, other);
@@ -1167,6 +1181,22 @@ impl Parser {
                 })
             }
             "purge" => self.purge(argument),
+            "unpack_release" => {
+                let (artifact, table) = self.single(name, argument, "artifact", "artifact name");
+                let timeout = self.timeout(name, table);
+                Ok(Instruction::UnpackRelease {
+                    artifact: artifact?,
+                    timeout: timeout?,
+                })
+            }
+            "install_release" => {
+                let DeValue::Table(table) = argument.get_ref() else {
+                    return Err(self.wrong_form(name, argument, "a table of options"));
+                };
+                self.options(name, table);
+                let timeout = self.timeout(name, Some(table));
+                Ok(Instruction::InstallRelease { timeout: timeout? })
+            }
             "point_of_no_return" | "restart_new_emulator" => Err(self.push(
                 Diagnostic::error(name_span, format!("`{name}` takes no arguments")).with_help(
                     format!("write the bare string \"{name}\" as the instruction"),

@@ -211,6 +211,15 @@ fn default_rollback(script: &Script) -> Vec<PlannedStep> {
             format!("re-activate the permanent release {from} of {app}"),
             "restart the node on it, as OTP does from the old release".to_string(),
         ],
+        Runtime::OtpRelease => [
+            format!(
+                "back to the permanent release {from}: the relup's downgrade \
+                 (release_handler:install_release), keeping in-memory state"
+            ),
+            "where the relup has none or it fails: restart the node from its permanent \
+             release, as OTP does (in-memory state is lost)"
+                .to_string(),
+        ],
     };
     let ops = ["reactivate_permanent", "restart_services"];
     ops.into_iter()
@@ -390,6 +399,14 @@ fn describe(script: &Script, step: &Step, list: List, before_ponr: bool) -> Stri
         ),
         Instruction::Purge { targets, .. } => {
             format!("delete {} of {app}", named("release", targets))
+        }
+        Instruction::UnpackRelease { artifact, .. } => format!(
+            "put `{}` under the release's releases/, release_handler:unpack_release, \
+             check_install_release with purge (the node's vote)",
+            artifact.value
+        ),
+        Instruction::InstallRelease { .. } => {
+            format!("release_handler:install_release {to}: the relup runs")
         }
         Instruction::RestartNewEmulator if beam => format!("restart the node on release {to}"),
         Instruction::RestartNewEmulator => {

@@ -78,9 +78,9 @@ pub fn validate_against(script: &Script, declared: &Declared) -> Vec<Diagnostic>
                 Instruction::Check {
                     hook: Some(hook), ..
                 },
-                Runtime::Process,
+                Runtime::Process | Runtime::OtpRelease,
             )
-            | (Instruction::Apply { hook, .. }, Runtime::Process) => {
+            | (Instruction::Apply { hook, .. }, Runtime::Process | Runtime::OtpRelease) => {
                 undeclared(&mut out, hook, "hook", &hooks, &declared.hooks);
             }
             (Instruction::Apply { hook, .. }, Runtime::Beam)
@@ -206,6 +206,7 @@ pub(crate) fn check_script(script: &Script, complete: &Completeness) -> Vec<Diag
     for step in script.up.iter().chain(script.down.iter().flatten()) {
         check_instruction(script, step, &mut out);
     }
+    check_otp_release(script, complete, &mut out);
     out
 }
 
@@ -304,10 +305,14 @@ fn check_artifacts(script: &Script, complete: &Completeness, out: &mut Vec<Diagn
         .collect();
     let mut staged: BTreeSet<&str> = BTreeSet::new();
     for step in &script.up {
-        let Instruction::LoadObjectCode { artifacts } = &step.instruction else {
-            continue;
+        let (verb, references) = match &step.instruction {
+            Instruction::LoadObjectCode { artifacts } => ("stages", artifacts.as_slice()),
+            Instruction::UnpackRelease { artifact, .. } => {
+                ("unpacks", std::slice::from_ref(artifact))
+            }
+            _ => continue,
         };
-        for reference in artifacts {
+        for reference in references {
             staged.insert(&reference.value);
             if declared.contains(&reference.value) {
                 continue;
@@ -315,7 +320,8 @@ fn check_artifacts(script: &Script, complete: &Completeness, out: &mut Vec<Diagn
             let mut diagnostic = Diagnostic::error(
                 reference.span,
                 format!(
-                    "`load_object_code` stages `{}`, which no [[artifacts]] entry declares",
+                    "`{}` {verb} `{}`, which no [[artifacts]] entry declares",
+                    step.instruction.name(),
                     reference.value
                 ),
             );
@@ -325,7 +331,7 @@ fn check_artifacts(script: &Script, complete: &Completeness, out: &mut Vec<Diagn
             out.push(diagnostic);
         }
     }
-    if complete.up.none_of(&["load_object_code"]) {
+    if complete.up.none_of(&["load_object_code", "unpack_release"]) {
         for artifact in &script.artifacts {
             if !staged.contains(artifact.name.value.as_str()) {
                 out.push(
@@ -772,4 +778,116 @@ fn is_atom(text: &str) -> bool {
     let mut chars = text.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '@')
+}
+
+// ----- OTP releases -----------------------------------------------------------------------------
+
+/// What an `otp_release` script may hold besides its two release instructions: the relup inside
+/// the tarball carries suspend/load/code_change, and the release handler runs it.
+const OTP_RELEASE_ALLOWED: &[&str] = &[
+    "unpack_release",
+    "install_release",
+    "sync_nodes",
+    "point_of_no_return",
+    "check",
+    "apply",
+];
+
+/// `runtime = "otp_release"`: exactly one `unpack_release` (before the point of no return, by
+/// [`Instruction::prepare_only`]) and one `install_release` after it; nothing the relup does
+/// itself; no `down` (the relup's downgrade, or a restart from the permanent release, is the
+/// rollback). The two instructions belong to that runtime only.
+fn check_otp_release(script: &Script, complete: &Completeness, out: &mut Vec<Diagnostic>) {
+    let all = script.up.iter().chain(script.down.iter().flatten());
+    if script.runtime != Runtime::OtpRelease {
+        for step in all {
+            if matches!(
+                step.instruction,
+                Instruction::UnpackRelease { .. } | Instruction::InstallRelease { .. }
+            ) {
+                out.push(
+                    Diagnostic::error(
+                        step.span,
+                        format!(
+                            "`{}` upgrades an OTP release: it needs runtime = \"otp_release\"",
+                            step.instruction.name()
+                        ),
+                    )
+                    .with_help(format!(
+                        "this script's runtime is {}",
+                        script.runtime.as_str()
+                    )),
+                );
+            }
+        }
+        return;
+    }
+    for step in &script.up {
+        let name = step.instruction.name();
+        if !OTP_RELEASE_ALLOWED.contains(&name) {
+            out.push(
+                Diagnostic::error(
+                    step.span,
+                    format!("`{name}` has no place in an otp_release script"),
+                )
+                .with_help(
+                    "the release's relup carries the low-level instructions and \
+                     `install_release` runs it; an otp_release script holds unpack_release, \
+                     install_release, sync_nodes, point_of_no_return, check and apply (hooks)",
+                ),
+            );
+        }
+    }
+    if let Some(down) = &script.down
+        && let Some(first) = down.first()
+    {
+        out.push(
+            Diagnostic::error(first.span, "an otp_release script has no `down` list").with_help(
+                "the rollback is the relup's downgrade when it has one, else a restart of \
+                     the node from its permanent release",
+            ),
+        );
+    }
+    let unpacks: Vec<&Step> = script
+        .up
+        .iter()
+        .filter(|s| matches!(s.instruction, Instruction::UnpackRelease { .. }))
+        .collect();
+    let installs: Vec<&Step> = script
+        .up
+        .iter()
+        .filter(|s| matches!(s.instruction, Instruction::InstallRelease { .. }))
+        .collect();
+    for extra in unpacks.iter().skip(1) {
+        out.push(Diagnostic::error(
+            extra.span,
+            "more than one `unpack_release`: a script moves one release",
+        ));
+    }
+    for extra in installs.iter().skip(1) {
+        out.push(Diagnostic::error(
+            extra.span,
+            "more than one `install_release`: a script moves one release",
+        ));
+    }
+    let whole = complete.up.none_of(&["unpack_release", "install_release"]);
+    let top = script.app.span;
+    match (unpacks.first(), installs.first()) {
+        (None, _) if whole => out.push(
+            Diagnostic::error(top, "an otp_release script needs an `unpack_release`").with_help(
+                r#"add { unpack_release = "<rel>-<vsn>.tar.gz" } before the point of no return"#,
+            ),
+        ),
+        (Some(_), None) if whole => out.push(
+            Diagnostic::error(top, "an otp_release script needs an `install_release`")
+                .with_help(r#"add "install_release" after the point of no return"#),
+        ),
+        (Some(unpack), Some(install)) if install.span.start < unpack.span.start => {
+            out.push(Diagnostic::error(
+                install.span,
+                "`install_release` before `unpack_release`: there is nothing to install yet",
+            ));
+        }
+        _ => {}
+    }
 }

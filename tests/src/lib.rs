@@ -65,6 +65,7 @@ pub mod golden;
 pub mod hooks;
 pub mod metrics;
 pub mod modules;
+pub mod otp_release;
 pub mod poll;
 pub mod ports;
 pub mod primes;

@@ -29,6 +29,12 @@
 //! code_dir = "/opt/counter/ebin"
 //! start = ["/opt/counter/bin/counter", "start"]
 //! mfa_allow = ["counter_admin:drain/0"]
+//!
+//! [[release]]                              # an OTP release (config/release.rs)
+//! app = "pm"
+//! root_dir = "/opt/pm"
+//! node = "pm@myhost"
+//! cookie_file = "/opt/pm/cookie"
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,10 +53,13 @@ pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub const DEFAULT_KEEP_RELEASES: usize = 3;
 
 mod beam;
+mod release;
 mod service;
 
 use beam::RawBeam;
 pub use beam::{BeamConfig, is_atom, is_mfa};
+use release::RawRelease;
+pub use release::ReleaseConfig;
 use service::RawService;
 pub use service::{
     ListenAddress, ListenSpec, Ready, ServiceConfig, check_name, parse_http_url, parse_signal,
@@ -83,6 +92,8 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// Erlang apps (BEAM runtime), by app name.
     pub beam: BTreeMap<String, BeamConfig>,
+    /// Nodes running OTP releases (`[[release]]`, the otp_release runtime), by app name.
+    pub releases: BTreeMap<String, ReleaseConfig>,
     /// Heartbeat interval used until (and unless) the coordinator's Welcome names one.
     pub heartbeat_interval: Duration,
     /// Upper bound of the reconnect backoff.
@@ -118,6 +129,7 @@ impl Config {
             hooks: BTreeMap::new(),
             services: Vec::new(),
             beam: BTreeMap::new(),
+            releases: BTreeMap::new(),
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             reconnect_max_backoff: DEFAULT_RECONNECT_MAX_BACKOFF,
             keep_releases: DEFAULT_KEEP_RELEASES,
@@ -155,6 +167,28 @@ impl Config {
                 ));
             }
             beam.insert(entry.app.clone(), entry);
+        }
+        let mut releases = BTreeMap::new();
+        for entry in raw.release {
+            let span = entry.span();
+            let entry = entry
+                .into_inner()
+                .check()
+                .map_err(|m| at(Some(span.clone()), m))?;
+            let twice = if releases.contains_key(&entry.app) {
+                Some("declared twice")
+            } else if beam.contains_key(&entry.app) {
+                Some("both a [[release]] and a [[beam]] app")
+            } else {
+                None
+            };
+            if let Some(problem) = twice {
+                return Err(at(
+                    Some(span),
+                    format!("release app `{}` is {problem}", entry.app),
+                ));
+            }
+            releases.insert(entry.app.clone(), entry);
         }
 
         let node = match raw.node {
@@ -278,6 +312,7 @@ impl Config {
             hooks,
             services,
             beam,
+            releases,
             heartbeat_interval,
             reconnect_max_backoff,
             keep_releases,
@@ -432,6 +467,8 @@ struct RawConfig {
     services: Vec<Spanned<RawService>>,
     #[serde(default)]
     beam: Vec<Spanned<RawBeam>>,
+    #[serde(default)]
+    release: Vec<Spanned<RawRelease>>,
 }
 
 #[derive(Deserialize)]

@@ -272,6 +272,7 @@ mod tests {
             app: "web".into(),
             current: current.into(),
             permanent: permanent.into(),
+            ..AppStatus::default()
         }]
     }
 

@@ -13,6 +13,7 @@ use crate::dialer::Dialer;
 
 use super::beam::BeamRuntime;
 use super::beam::fetch::StoreArtifacts;
+use super::otp_release::OtpReleaseRuntime;
 use super::process::ProcessRuntime;
 use super::{
     AppStatus, BoxFuture, HooksOnlyRuntime, RolloutContext, Runtime, RuntimeError, StepContext,
@@ -23,6 +24,8 @@ use super::{
 pub struct RuntimeDispatch {
     pub process: Arc<dyn Runtime>,
     pub beam: Arc<dyn Runtime>,
+    /// `[[release]]` nodes (`runtime = "otp_release"`).
+    pub release: Arc<dyn Runtime>,
 }
 
 impl std::fmt::Debug for RuntimeDispatch {
@@ -30,6 +33,7 @@ impl std::fmt::Debug for RuntimeDispatch {
         f.debug_struct("RuntimeDispatch")
             .field("process", &self.process.name())
             .field("beam", &self.beam.name())
+            .field("release", &self.release.name())
             .finish()
     }
 }
@@ -39,28 +43,36 @@ impl Default for RuntimeDispatch {
         Self {
             process: Arc::new(HooksOnlyRuntime),
             beam: Arc::new(HooksOnlyRuntime),
+            release: Arc::new(HooksOnlyRuntime),
         }
     }
 }
 
 impl RuntimeDispatch {
     /// The runtimes `config` declares: the process runtime for `[[services]]`, the BEAM runtime
-    /// for `[[beam]]` (none declared: hooks only); both fetch artifacts through `dialer` from
-    /// the coordinator `coordinators` talks to now.
+    /// for `[[beam]]`, the OTP release runtime for `[[release]]` (none declared: hooks only);
+    /// all fetch artifacts through `dialer` from the coordinator `coordinators` talks to now.
     pub fn declared_by(config: &Config, dialer: &Dialer, coordinators: &Coordinators) -> Self {
-        let beam: Arc<dyn Runtime> = if config.beam.is_empty() {
-            Arc::new(HooksOnlyRuntime)
-        } else {
-            let fetcher = Fetcher::new(
+        let fetcher = || {
+            Fetcher::new(
                 ArtifactStore::new(&config.data_dir),
                 coordinators.clone(),
                 config.node.clone(),
                 dialer.clone(),
-            );
+            )
+        };
+        let beam: Arc<dyn Runtime> = if config.beam.is_empty() {
+            Arc::new(HooksOnlyRuntime)
+        } else {
             Arc::new(BeamRuntime::new(
                 config,
-                Arc::new(StoreArtifacts { fetcher }),
+                Arc::new(StoreArtifacts { fetcher: fetcher() }),
             ))
+        };
+        let release: Arc<dyn Runtime> = if config.releases.is_empty() {
+            Arc::new(HooksOnlyRuntime)
+        } else {
+            Arc::new(OtpReleaseRuntime::new(config, fetcher()))
         };
         Self {
             process: Arc::new(ProcessRuntime::new(
@@ -69,6 +81,7 @@ impl RuntimeDispatch {
                 coordinators.clone(),
             )),
             beam,
+            release,
         }
     }
 
@@ -76,13 +89,14 @@ impl RuntimeDispatch {
         match runtime {
             ScriptRuntime::Process => self.process.as_ref(),
             ScriptRuntime::Beam => self.beam.as_ref(),
+            ScriptRuntime::OtpRelease => self.release.as_ref(),
         }
     }
 }
 
 impl Runtime for RuntimeDispatch {
     fn name(&self) -> &'static str {
-        "process+beam"
+        "process+beam+otp_release"
     }
 
     fn supported_instructions(&self, runtime: ScriptRuntime) -> BTreeSet<&'static str> {
@@ -96,19 +110,25 @@ impl Runtime for RuntimeDispatch {
     fn apps(&self) -> Vec<AppStatus> {
         let mut apps = self.process.apps();
         apps.extend(self.beam.apps());
+        apps.extend(self.release.apps());
         apps
     }
 
     fn boot(&self) -> BoxFuture<'_, Result<(), RuntimeError>> {
         Box::pin(async move {
             self.process.boot().await?;
-            self.beam.boot().await
+            self.beam.boot().await?;
+            self.release.boot().await
         })
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            futures::join!(self.process.shutdown(), self.beam.shutdown());
+            futures::join!(
+                self.process.shutdown(),
+                self.beam.shutdown(),
+                self.release.shutdown()
+            );
         })
     }
 

@@ -21,6 +21,7 @@ use crate::report::StepList;
 
 pub mod beam;
 mod dispatch;
+pub mod otp_release;
 pub mod process;
 pub use dispatch::RuntimeDispatch;
 

@@ -15,6 +15,8 @@ pub const MAX_HELLO_LABELS: usize = 128;
 pub const MAX_HELLO_APPS: usize = 1024;
 pub const MAX_HELLO_JOURNAL: usize = 4096;
 pub const MAX_HELLO_STRING: usize = 1024;
+/// Releases an OTP node may list per app (its release handler keeps a handful).
+pub const MAX_HELLO_RELEASES: usize = 64;
 /// Length of a journal entry's error text (a failed step's output can be long).
 const MAX_HELLO_JOURNAL_ERROR: usize = 64 * 1024;
 /// Clients whose upload slots are remembered before idle ones are forgotten.
@@ -60,16 +62,28 @@ pub fn hello_out_of_bounds(hello: &pb::Hello) -> Option<String> {
             "{} apps (at most {MAX_HELLO_APPS})",
             hello.apps.len()
         ))
+    } else if hello
+        .apps
+        .iter()
+        .any(|a| a.releases.len() > MAX_HELLO_RELEASES)
+    {
+        Some(format!(
+            "an app with more than {MAX_HELLO_RELEASES} releases"
+        ))
     } else if hello.journal.len() > MAX_HELLO_JOURNAL {
         Some(format!(
             "{} journal entries (at most {MAX_HELLO_JOURNAL})",
             hello.journal.len()
         ))
     } else if hello.labels.iter().any(|(k, v)| too_long(k) || too_long(v))
-        || hello
-            .apps
-            .iter()
-            .any(|a| too_long(&a.app) || too_long(&a.current) || too_long(&a.permanent))
+        || hello.apps.iter().any(|a| {
+            too_long(&a.app)
+                || too_long(&a.current)
+                || too_long(&a.permanent)
+                || a.releases
+                    .iter()
+                    .any(|r| too_long(&r.name) || too_long(&r.version) || too_long(&r.status))
+        })
         || hello
             .journal
             .iter()

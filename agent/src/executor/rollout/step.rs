@@ -225,7 +225,7 @@ async fn execute(
     };
     match &step.instruction {
         // In a beam script `apply` names an allow-listed MFA, which the runtime calls.
-        Instruction::Apply { hook, args, .. } if rollout.runtime == ScriptRuntime::Process => {
+        Instruction::Apply { hook, args, .. } if rollout.runtime != ScriptRuntime::Beam => {
             run_hook(
                 env,
                 rollout,

@@ -30,7 +30,7 @@
 pub mod dist;
 pub mod fetch;
 pub mod helper;
-mod term;
+pub(crate) mod term;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -928,6 +928,7 @@ impl Runtime for BeamRuntime {
                     app: app.config.app.clone(),
                     current: v.current,
                     permanent: v.permanent,
+                    ..AppStatus::default()
                 }
             })
             .collect()

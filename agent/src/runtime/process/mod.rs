@@ -823,7 +823,7 @@ impl Runtime for ProcessRuntime {
     fn supported_instructions(&self, runtime: ScriptRuntime) -> BTreeSet<&'static str> {
         match runtime {
             ScriptRuntime::Process => INSTRUCTIONS.into_iter().collect(),
-            ScriptRuntime::Beam => BTreeSet::new(),
+            ScriptRuntime::Beam | ScriptRuntime::OtpRelease => BTreeSet::new(),
         }
     }
 
@@ -886,6 +886,7 @@ impl Runtime for ProcessRuntime {
                     app,
                     current,
                     permanent,
+                    ..AppStatus::default()
                 })
             })
             .collect()

@@ -1,0 +1,200 @@
+//! The otp_release runtime end to end: a rebar3 project built by the test into real release
+//! tarballs, three nodes started from v1 with relx's `bin/pm daemon` (long names on 127.0.0.1,
+//! a private epmd, `vm.args.src` with the node's own name and cookie), a real coordinator and
+//! real agents doing the fleet version of `bin/pm upgrade` (tests/src/otp_release.rs).
+//!
+//! They need rebar3 (Debian's brings Erlang; the README's test command installs it) and fail,
+//! saying how to install it, when it is missing.
+//!
+//! Measurements (printed with `--nocapture`): the rollout's wall time over 3 nodes and each
+//! node's install_release time, in `upgrades_three_release_nodes_to_v2_keeping_primes_and_pid`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use hotroll_tests::erlang::{self, Epmd};
+use hotroll_tests::otp_release::{self, ReleaseNode, Tarballs};
+use hotroll_tests::{Cluster, ClusterOptions, node_name, status};
+
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Release nodes for a cluster of `n` agents: node-i drives `pm-node-i@127.0.0.1`.
+struct Fleet {
+    nodes: Vec<ReleaseNode>,
+    tarballs: Tarballs,
+    // Dropped last: the nodes first, then epmd, then the dir.
+    epmd: Epmd,
+    dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// Build the tarballs; start node i (1-based) from `tarball(i)`.
+    fn start(n: usize, tarball: impl Fn(&Tarballs, usize) -> PathBuf) -> anyhow::Result<Self> {
+        otp_release::require()?;
+        let dir = tempfile::Builder::new().prefix("hotroll-otp-").tempdir()?;
+        let tarballs = otp_release::build(&dir.path().join("build"))?;
+        let epmd = Epmd::start(&dir.path().join("epmd.log"))?;
+        let cookie = erlang::random_cookie();
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let name = node_name(i);
+            nodes.push(ReleaseNode::start(
+                &dir.path().join(&name),
+                &format!("pm-{name}"),
+                &tarball(&tarballs, i),
+                &cookie,
+                epmd.port,
+            )?);
+        }
+        Ok(Self {
+            nodes,
+            tarballs,
+            epmd,
+            dir,
+        })
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Cluster options whose agents drive these nodes, each with its own variables.
+    fn options(&self) -> ClusterOptions {
+        let root = self.root().display().to_string();
+        let extra = format!(
+            r#"[[release]]
+app = "pm"
+root_dir = "{root}/{{node}}/rel"
+node = "pm-{{node}}@127.0.0.1"
+cookie_file = "{root}/{{node}}/cookie"
+env = {{ NODE_NAME = "pm-{{node}}@127.0.0.1", HOME = "{root}/{{node}}" }}
+cookie_env = "COOKIE"
+"#
+        );
+        ClusterOptions::default()
+            .agent_toml_extra(&extra)
+            .env("ERL_EPMD_PORT", &self.epmd.port.to_string())
+    }
+
+    fn node(&self, i: usize) -> &ReleaseNode {
+        &self.nodes[i - 1]
+    }
+
+    /// The script moving the fleet 0.1.0 -> 0.2.0 with `tarball`.
+    fn script(&self, tarball: &Path) -> String {
+        format!(
+            r#"app = "pm"
+runtime = "otp_release"
+from = "0.1.0"
+to = "0.2.0"
+
+[[artifacts]]
+name = "pm-0.2.0.tar.gz"
+source = "{tarball}"
+
+[rollout]
+max_failures = 0
+on_failure = "rollback_all"
+barrier_timeout = "60s"
+step_timeout = "60s"
+
+[script]
+up = [
+  {{ unpack_release = "pm-0.2.0.tar.gz" }},
+  {{ sync_nodes = "unpacked" }},
+  "point_of_no_return",
+  "install_release",
+  {{ sync_nodes = "installed" }},
+]
+"#,
+            tarball = tarball.display()
+        )
+    }
+}
+
+fn releases_of(node: &ReleaseNode) -> anyhow::Result<Vec<(String, String)>> {
+    let mut releases = node.which_releases()?;
+    releases.sort();
+    Ok(releases)
+}
+
+/// Test 1: three release nodes on 0.1.0; rollout to 0.2.0 (relup `{update, pm, {advanced,
+/// []}}`, a new state format): every node runs 0.2.0, permanent, the same miner process, no
+/// prime lost, mining goes on; `which_releases` agrees with `hotroll nodes`.
+#[test]
+fn upgrades_three_release_nodes_to_v2_keeping_primes_and_pid() -> anyhow::Result<()> {
+    let fleet = Fleet::start(3, |t, _| t.v1.clone())?;
+    Cluster::start(3, fleet.options())?.run(|cluster| {
+        let script = cluster.write_script("v2.toml", &fleet.script(&fleet.tarballs.v2))?;
+        let mut before = Vec::new();
+        for i in 1..=3 {
+            let miner = fleet.node(i).miner()?;
+            ensure!(miner.format == "tuple", "node {i} is not on v1: {miner:?}");
+            before.push(miner);
+        }
+        let started = Instant::now();
+        let run = cluster.run_rollout(&script, &[], ROLLOUT_TIMEOUT)?;
+        let took = started.elapsed();
+        ensure!(
+            status::rollout_state(&run.status)? == "succeeded",
+            "rollout: {}",
+            run.status
+        );
+        let nodes = cluster.nodes()?;
+        for i in 1..=3 {
+            let node = fleet.node(i);
+            let after = node.miner()?;
+            ensure!(
+                after.format == "map",
+                "node {i}: state not converted: {after:?}"
+            );
+            ensure!(
+                after.pid == before[i - 1].pid,
+                "node {i}: not the same process"
+            );
+            let old = &before[i - 1].primes;
+            ensure!(
+                after.primes.len() >= old.len() && after.primes[..old.len()] == old[..],
+                "node {i} lost primes: {} before, {} after",
+                old.len(),
+                after.primes.len()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            let later = node.miner()?;
+            ensure!(
+                later.primes.len() > after.primes.len(),
+                "node {i} stopped mining"
+            );
+            let releases = releases_of(node)?;
+            ensure!(
+                releases
+                    == vec![
+                        ("0.1.0".into(), "old".into()),
+                        ("0.2.0".into(), "permanent".into())
+                    ],
+                "node {i}: {releases:?}"
+            );
+            // relx's step after make_permanent: bin/pm boots 0.2.0 from now on.
+            let script = std::fs::read_to_string(node.root.join("bin/pm"))?;
+            ensure!(
+                script.contains("REL_VSN=\"0.2.0\""),
+                "node {i}: bin/pm not replaced"
+            );
+            let listed = nodes
+                .as_array()
+                .and_then(|all| all.iter().find(|n| n["name"] == node_name(i).as_str()))
+                .map(|n| n["apps"].to_string())
+                .unwrap_or_default();
+            ensure!(
+                listed.contains("\"current\":\"0.2.0\"")
+                    && listed.contains("\"permanent\":\"0.2.0\""),
+                "hotroll nodes for node {i}: {listed}"
+            );
+        }
+        println!("== otp_release runtime measurements (3 nodes, pm 0.1.0 -> 0.2.0) ==");
+        println!("rollout wall time over 3 nodes (hotroll rollout start --wait): {took:?}");
+        println!("history: {}", run.output.stdout.len());
+        Ok(())
+    })
+}
