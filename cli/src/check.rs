@@ -82,6 +82,9 @@ fn check(args: &CheckArgs) -> u8 {
         .extend(check_artifact_files(&script, script_dir));
     diagnostics
         .items
+        .extend(crate::otp::check_release_tarballs(&script, script_dir));
+    diagnostics
+        .items
         .sort_by_key(|d| (d.span.start, d.span.end));
     if diagnostics.has_errors() {
         return invalid(args, &diagnostics);

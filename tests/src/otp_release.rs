@@ -321,3 +321,28 @@ pub struct Miner {
     pub format: String,
     pub primes: Vec<u64>,
 }
+
+/// `v2` repacked broken: no relup, and a `sys.config.src` that does not parse.
+pub fn broken_tarball(v2: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+    let tree = out.join("broken-tree");
+    std::fs::create_dir_all(&tree)?;
+    let mut untar = Command::new("tar");
+    untar.arg("xzf").arg(v2).arg("-C").arg(&tree);
+    let done = run_command(untar, Duration::from_secs(60))?;
+    ensure!(done.code == Some(0), "tar: {}", done.stderr);
+    std::fs::remove_file(tree.join("releases/0.2.0/relup"))?;
+    std::fs::write(
+        tree.join("releases/0.2.0/sys.config.src"),
+        "[{pm, [{started_by, \"${NODE_NAME}\"}}].\n",
+    )?;
+    let tarball = out.join("pm-0.2.0-broken.tar.gz");
+    let mut tar = Command::new("tar");
+    tar.arg("czf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&tree)
+        .args(["bin", "lib", "releases"]);
+    let done = run_command(tar, Duration::from_secs(60))?;
+    ensure!(done.code == Some(0), "tar: {}", done.stderr);
+    Ok(tarball)
+}

@@ -191,10 +191,121 @@ fn upgrades_three_release_nodes_to_v2_keeping_primes_and_pid() -> anyhow::Result
                     && listed.contains("\"permanent\":\"0.2.0\""),
                 "hotroll nodes for node {i}: {listed}"
             );
+            // The releases hotroll nodes shows are the node's own which_releases.
+            let mut shown: Vec<(String, String)> = nodes
+                .as_array()
+                .and_then(|all| all.iter().find(|n| n["name"] == node_name(i).as_str()))
+                .and_then(|n| n["apps"]["pm"]["releases"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .map(|r| {
+                    (
+                        r["version"].as_str().unwrap_or_default().to_string(),
+                        r["status"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect();
+            shown.sort();
+            ensure!(
+                shown == releases,
+                "node {i}: hotroll nodes {shown:?}, which_releases {releases:?}"
+            );
         }
         println!("== otp_release runtime measurements (3 nodes, pm 0.1.0 -> 0.2.0) ==");
         println!("rollout wall time over 3 nodes (hotroll rollout start --wait): {took:?}");
-        println!("history: {}", run.output.stdout.len());
+        Ok(())
+    })
+}
+
+/// A node's `(version, status)` releases and its miner's pid.
+type NodeSnapshot = (Vec<(String, String)>, String);
+
+/// Every node's releases and miner, to compare before and after a refused rollout.
+fn snapshot(fleet: &Fleet, n: usize) -> anyhow::Result<Vec<NodeSnapshot>> {
+    (1..=n)
+        .map(|i| Ok((releases_of(fleet.node(i))?, fleet.node(i).miner()?.pid)))
+        .collect()
+}
+
+/// Test 3: node-2 runs 0.1.1, which the relup does not upgrade from: the rollout stops before
+/// the point of no return naming that node; nothing changed on any node.
+#[test]
+fn a_node_the_relup_does_not_upgrade_from_stops_the_rollout_before_anything_changes()
+-> anyhow::Result<()> {
+    let fleet = Fleet::start(3, |t, i| {
+        if i == 2 {
+            t.other.clone()
+        } else {
+            t.v1.clone()
+        }
+    })?;
+    Cluster::start(3, fleet.options())?.run(|cluster| {
+        let script = cluster.write_script("v2.toml", &fleet.script(&fleet.tarballs.v2))?;
+        // The tarball itself is fine.
+        let check = cluster.hotroll(&["check", &script.display().to_string()])?;
+        ensure!(
+            check.code == Some(0),
+            "check: {}{}",
+            check.stdout,
+            check.stderr
+        );
+        let before = snapshot(&fleet, 3)?;
+        let run = cluster.run_rollout(&script, &[], ROLLOUT_TIMEOUT)?;
+        ensure!(
+            status::rollout_state(&run.status)? == "aborted",
+            "rollout: {}",
+            run.status
+        );
+        let error = status::node_error(&run.status, "node-2")?.unwrap_or_default();
+        ensure!(
+            error.contains("pm-node-2@127.0.0.1") && error.contains("0.1.1"),
+            "node-2 error: {error}"
+        );
+        ensure!(
+            snapshot(&fleet, 3)? == before,
+            "a node changed: {before:?} -> {:?}",
+            snapshot(&fleet, 3)?
+        );
+        for i in 1..=3 {
+            ensure!(
+                !fleet.node(i).root.join("releases/0.2.0").exists(),
+                "node {i} kept the unpacked release"
+            );
+        }
+        Ok(())
+    })
+}
+
+/// Test 4: a tarball with no relup and a sys.config that does not parse: `hotroll check` exits
+/// 2 saying both; a rollout of it aborts before the point of no return, every node unchanged.
+#[test]
+fn a_broken_tarball_fails_check_and_aborts_before_the_point_of_no_return() -> anyhow::Result<()> {
+    let fleet = Fleet::start(2, |t, _| t.v1.clone())?;
+    let broken = otp_release::broken_tarball(&fleet.tarballs.v2, fleet.root())?;
+    Cluster::start(2, fleet.options())?.run(|cluster| {
+        let script = cluster.write_script("broken.toml", &fleet.script(&broken))?;
+        let check = cluster.hotroll(&["check", &script.display().to_string()])?;
+        let said = format!("{}{}", check.stdout, check.stderr);
+        ensure!(check.code == Some(2), "check exit {:?}: {said}", check.code);
+        ensure!(said.contains("no releases/0.2.0/relup"), "check: {said}");
+        ensure!(
+            said.contains("sys.config.src does not parse"),
+            "check: {said}"
+        );
+        let before = snapshot(&fleet, 2)?;
+        let run = cluster.run_rollout(&script, &[], ROLLOUT_TIMEOUT)?;
+        ensure!(
+            status::rollout_state(&run.status)? == "aborted",
+            "rollout: {}",
+            run.status
+        );
+        ensure!(snapshot(&fleet, 2)? == before, "a node changed");
+        for i in 1..=2 {
+            ensure!(
+                !fleet.node(i).root.join("releases/0.2.0").exists(),
+                "node {i} kept the unpacked release"
+            );
+        }
         Ok(())
     })
 }

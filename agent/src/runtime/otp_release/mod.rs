@@ -257,6 +257,23 @@ impl OtpReleaseRuntime {
                 rollout.to, node.config.node
             )));
         }
+        // check_install_release does not look at the relup or sys.config: the node's own
+        // parser does, so a package install_release would fail on is refused here.
+        let froms = node.relup_froms(&rollout.to, ctx.deadline).await?;
+        if !froms.iter().any(|f| f == &rollout.from) {
+            return Err(failed(format!(
+                "the relup of {} has no UpFrom entry for {}, the release {} runs (it upgrades from: {})",
+                rollout.to,
+                rollout.from,
+                node.config.node,
+                if froms.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    froms.join(", ")
+                }
+            )));
+        }
+        node.check_sys_config(&rollout.to, ctx.deadline).await?;
         let identity = node.check_identity(&rollout.to).await?;
         node.which_releases(SHORT_CALL.min(ctx.deadline)).await?;
         ok(format!(
@@ -450,6 +467,104 @@ impl Node {
         }
         identity::check(&text, &vars, &self.config.node, &cookie)
             .map_err(|e| failed(format!("release {version} ({file}): {e}")))
+    }
+
+    /// `file:consult/1` in the node.
+    async fn consult(&self, path: &Path, timeout: Duration) -> Result<Vec<Term>, String> {
+        let answer = self
+            .call(
+                "file",
+                "consult",
+                vec![string(&path.to_string_lossy())],
+                timeout,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        match tagged(&answer, "ok").and_then(|r| r.first()) {
+            Some(Term::List(terms)) => Ok(terms.elements.clone()),
+            _ => Err(format!("file:consult answered {answer}")),
+        }
+    }
+
+    /// The UpFrom versions of `releases/<version>/relup`.
+    async fn relup_froms(
+        &self,
+        version: &str,
+        timeout: Duration,
+    ) -> Result<Vec<String>, RuntimeError> {
+        let path = self
+            .config
+            .root_dir
+            .join("releases")
+            .join(version)
+            .join("relup");
+        let terms = self.consult(&path, timeout).await.map_err(|e| {
+            failed(format!(
+                "release {version} has no readable relup ({}): {e}",
+                path.display()
+            ))
+        })?;
+        let up = match terms.first() {
+            Some(Term::Tuple(t)) if t.elements.len() == 3 => &t.elements[1],
+            _ => {
+                return Err(failed(format!(
+                    "{} is not {{Vsn, UpFrom, DownTo}}",
+                    path.display()
+                )));
+            }
+        };
+        Ok(match up {
+            Term::List(entries) => entries
+                .elements
+                .iter()
+                .filter_map(|e| match e {
+                    Term::Tuple(t) => t.elements.first().map(text),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    /// The new release's sys.config (relx's .src with this node's variables) parses.
+    async fn check_sys_config(&self, version: &str, timeout: Duration) -> Result<(), RuntimeError> {
+        let dir = self.config.root_dir.join("releases").join(version);
+        let plain = dir.join("sys.config");
+        let path = if tokio::fs::try_exists(&plain).await.unwrap_or(false) {
+            plain
+        } else {
+            let src = dir.join("sys.config.src");
+            let Ok(text) = tokio::fs::read_to_string(&src).await else {
+                return Err(failed(format!(
+                    "release {version} has no sys.config or sys.config.src"
+                )));
+            };
+            let mut vars = self.config.env.clone();
+            if let Some(var) = &self.config.cookie_env {
+                vars.insert(var.clone(), self.cookie().await?);
+            }
+            let lookup = |v: &str| vars.get(v).cloned().or_else(|| std::env::var(v).ok());
+            let substituted = identity::substitute(&text, &lookup);
+            let out = self.dir.join(format!("sys.config.{version}.check"));
+            std::fs::create_dir_all(&self.dir)
+                .map_err(|e| failed(format!("cannot create {}: {e}", self.dir.display())))?;
+            write_atomically(&out, substituted.as_bytes())
+                .map_err(|e| failed(format!("cannot write {}: {e}", out.display())))?;
+            out
+        };
+        let result = self.consult(&path, timeout).await;
+        if path.starts_with(&self.dir) {
+            let _ = std::fs::remove_file(&path);
+        }
+        match result {
+            Ok(terms) if matches!(terms.as_slice(), [Term::List(_)]) => Ok(()),
+            Ok(_) => Err(failed(format!(
+                "release {version}: sys.config is not one list of app configs"
+            ))),
+            Err(e) => Err(failed(format!(
+                "release {version}: sys.config does not parse: {e}"
+            ))),
+        }
     }
 
     /// `remove_release` of `version` unless the node runs it or it is permanent.
