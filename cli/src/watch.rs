@@ -117,7 +117,7 @@ pub async fn watch(
     from_seq: u64,
     timeout: Option<Duration>,
 ) -> anyhow::Result<u8> {
-    let status = get_status(client, id).await?;
+    let status = first_status(client, reconnect, id).await?;
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let from_seq = match mode {
         Mode::Live { .. } => 0,
@@ -162,6 +162,39 @@ enum Ended {
     Interrupted,
     /// Whatever reads our stdout went away (`| head`).
     OutputClosed,
+}
+
+/// The rollout's status before watching. With `reconnect`, a coordinator lost at that moment
+/// (a group's leader failing over) is looked for again a few times rather than given up on.
+async fn first_status(
+    client: &mut super::client::Client,
+    reconnect: Option<&super::client::CoordinatorArgs>,
+    id: &str,
+) -> anyhow::Result<pb::RolloutStatus> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        let asked = client
+            .get_rollout(pb::GetRolloutRequest {
+                rollout_id: id.to_string(),
+            })
+            .await;
+        match (asked, reconnect) {
+            (Ok(status), _) => return Ok(status.into_inner()),
+            (Err(status), Some(args))
+                if attempt < ATTEMPTS
+                    && matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ) =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                *client = super::client::connect(args).await?;
+            }
+            (Err(status), _) => return Err(status_error(status)),
+        }
+    }
 }
 
 async fn get_status(
