@@ -329,15 +329,7 @@ impl App {
     }
 
     async fn cookie(&self) -> Result<String, RuntimeError> {
-        let path = &self.config.cookie_file;
-        let text = tokio::fs::read_to_string(path).await.map_err(|e| {
-            failed(format!(
-                "cannot read the cookie of {} from {}: {e}",
-                self.config.node,
-                path.display()
-            ))
-        })?;
-        Ok(text.trim().to_string())
+        read_cookie(&self.config.node, &self.config.cookie_file).await
     }
 
     /// A call into the node, the helper loaded first when it is a helper call.
@@ -1316,4 +1308,18 @@ impl BeamRuntime {
         }
         ok(format!("{function}: {}", done.join(", ")))
     }
+}
+
+/// The Erlang cookie of `node`, from `path` (trimmed, as `erl -setcookie` takes it).
+pub(crate) async fn read_cookie(
+    node: &str,
+    path: &std::path::Path,
+) -> Result<String, RuntimeError> {
+    let text = tokio::fs::read_to_string(path).await.map_err(|e| {
+        failed(format!(
+            "cannot read the cookie of {node} from {}: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(text.trim().to_string())
 }

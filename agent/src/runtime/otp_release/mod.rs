@@ -403,15 +403,7 @@ impl Node {
     }
 
     async fn cookie(&self) -> Result<String, RuntimeError> {
-        let path = &self.config.cookie_file;
-        let text = tokio::fs::read_to_string(path).await.map_err(|e| {
-            failed(format!(
-                "cannot read the cookie of {} from {}: {e}",
-                self.config.node,
-                path.display()
-            ))
-        })?;
-        Ok(text.trim().to_string())
+        crate::runtime::beam::read_cookie(&self.config.node, &self.config.cookie_file).await
     }
 
     async fn call(
