@@ -171,8 +171,12 @@ pub async fn connect(args: &CoordinatorArgs) -> anyhow::Result<Client> {
     loop {
         let (leader, error) = match connect_one(args, &candidate).await {
             Ok(mut client) => {
-                // Cheap, and allowed to every role: a standby answers it "not the leader".
-                let probe = client.has_artifacts(pb::HasArtifactsRequest { digests: vec![] });
+                // Cheap, and allowed to every role that may read: the leader answers it (with
+                // NOT_FOUND for the empty id), a standby "not the leader". (Not HasArtifacts:
+                // a standby serves that one, for the leader's replication.)
+                let probe = client.get_rollout(pb::GetRolloutRequest {
+                    rollout_id: String::new(),
+                });
                 match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
                     // A coordinator that accepts connections but does not answer (paused,
                     // overloaded): try another.

@@ -16,6 +16,7 @@ use crate::auth::MAX_ARTIFACTS_PER_SCRIPT;
 use crate::convert;
 use crate::engine::{Event, LeftOut, Record};
 use crate::registry::{Registry, Selected};
+use crate::replication::ReplicationError;
 use crate::rollouts::{LiveEvent, NewRollout, RolloutError, Rollouts, instruction_namer};
 use crate::store::ArtifactBinding;
 
@@ -43,6 +44,8 @@ pub struct ControlService {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Ends every watch stream when the server stops (the CLI resumes from its last seq).
     pub stopping: crate::stopping::Stopping,
+    /// In a group: artifacts go to a second coordinator before a rollout starts.
+    pub replication: Option<crate::replication::Replication>,
 }
 
 impl std::fmt::Debug for ControlService {
@@ -116,61 +119,16 @@ impl pb::control_server::Control for ControlService {
         &self,
         request: Request<Streaming<pb::ArtifactChunk>>,
     ) -> Result<Response<pb::ArtifactRef>, Status> {
-        let mut chunks = request.into_inner();
-        let first = chunks
-            .next()
+        receive_upload(&self.artifacts, request.into_inner())
             .await
-            .ok_or_else(|| Status::invalid_argument("empty upload"))??;
-        let declared = parse_digest(&first.digest).map_err(artifact_status)?;
-        if self.artifacts.contains(&declared) {
-            // Already stored and verified: drain nothing more, the client may stop sending.
-            let size = self.artifacts.size_of(&declared).map_err(artifact_status)?;
-            return Ok(Response::new(pb::ArtifactRef {
-                digest: first.digest,
-                size,
-            }));
-        }
-        let mut upload = self
-            .artifacts
-            .begin(&declared, first.total_size)
-            .map_err(artifact_status)?;
-        upload
-            .write(first.offset, &first.data)
-            .map_err(artifact_status)?;
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk?;
-            upload
-                .write(chunk.offset, &chunk.data)
-                .map_err(artifact_status)?;
-        }
-        let (digest, size) = upload.finish().map_err(|e| {
-            tracing::warn!(error = %e, "artifact upload refused");
-            artifact_status(e)
-        })?;
-        tracing::info!(%digest, size, "artifact stored");
-        Ok(Response::new(pb::ArtifactRef {
-            digest: digest.to_string(),
-            size,
-        }))
+            .map(Response::new)
     }
 
     async fn has_artifacts(
         &self,
         request: Request<pb::HasArtifactsRequest>,
     ) -> Result<Response<pb::HasArtifactsResponse>, Status> {
-        let digests = request.into_inner().digests;
-        if digests.len() > MAX_ARTIFACTS_PER_SCRIPT {
-            return Err(Status::invalid_argument(format!(
-                "{} digests asked about; at most {MAX_ARTIFACTS_PER_SCRIPT}",
-                digests.len()
-            )));
-        }
-        let present = digests
-            .into_iter()
-            // A malformed digest is simply not present.
-            .filter(|d| parse_digest(d).is_ok_and(|d| self.artifacts.contains(&d)))
-            .collect();
-        Ok(Response::new(pb::HasArtifactsResponse { present }))
+        present(&self.artifacts, request.into_inner()).map(Response::new)
     }
 
     async fn start_rollout(
@@ -306,6 +264,27 @@ impl pb::control_server::Control for ControlService {
                     )));
                 }
             }
+        }
+        // In a group, a second coordinator must hold the artifacts before anything starts
+        // (a new leader serves them to the agents).
+        if let Some(replication) = &self.replication {
+            let digests = artifacts
+                .iter()
+                .map(|a| parse_digest(&a.digest))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(artifact_status)?;
+            replication
+                .ensure(&self.artifacts, &digests)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "start refused: artifacts not replicated");
+                    match e {
+                        ReplicationError::TooFewHolders { .. } => {
+                            Status::failed_precondition(e.to_string())
+                        }
+                        _ => Status::unavailable(e.to_string()),
+                    }
+                })?;
         }
         let snapshot = self
             .rollouts
@@ -461,6 +440,68 @@ impl pb::control_server::Control for ControlService {
 /// Send the stored history, then live events, to one watcher until the rollout's final state.
 /// A watcher that falls more than the broadcast buffer behind gets `DATA_LOSS` naming the seq
 /// to reconnect from; the rollout's driver never waits for a watcher.
+/// `UploadArtifact`: store an upload in `artifacts`, verified against its digest. What the
+/// leader does for the CLI and a standby for the leader's replication.
+pub(crate) async fn receive_upload(
+    artifacts: &ArtifactStore,
+    mut chunks: Streaming<pb::ArtifactChunk>,
+) -> Result<pb::ArtifactRef, Status> {
+    let first = chunks
+        .next()
+        .await
+        .ok_or_else(|| Status::invalid_argument("empty upload"))??;
+    let declared = parse_digest(&first.digest).map_err(artifact_status)?;
+    if artifacts.contains(&declared) {
+        // Already stored and verified: drain nothing more, the client may stop sending.
+        let size = artifacts.size_of(&declared).map_err(artifact_status)?;
+        return Ok(pb::ArtifactRef {
+            digest: first.digest,
+            size,
+        });
+    }
+    let mut upload = artifacts
+        .begin(&declared, first.total_size)
+        .map_err(artifact_status)?;
+    upload
+        .write(first.offset, &first.data)
+        .map_err(artifact_status)?;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        upload
+            .write(chunk.offset, &chunk.data)
+            .map_err(artifact_status)?;
+    }
+    let (digest, size) = upload.finish().map_err(|e| {
+        tracing::warn!(error = %e, "artifact upload refused");
+        artifact_status(e)
+    })?;
+    tracing::info!(%digest, size, "artifact stored");
+    Ok(pb::ArtifactRef {
+        digest: digest.to_string(),
+        size,
+    })
+}
+
+/// `HasArtifacts`: the asked digests `artifacts` holds.
+pub(crate) fn present(
+    artifacts: &ArtifactStore,
+    request: pb::HasArtifactsRequest,
+) -> Result<pb::HasArtifactsResponse, Status> {
+    let digests = request.digests;
+    if digests.len() > MAX_ARTIFACTS_PER_SCRIPT {
+        return Err(Status::invalid_argument(format!(
+            "{} digests asked about; at most {MAX_ARTIFACTS_PER_SCRIPT}",
+            digests.len()
+        )));
+    }
+    let present = digests
+        .into_iter()
+        // A malformed digest is simply not present.
+        .filter(|d| parse_digest(d).is_ok_and(|d| artifacts.contains(&d)))
+        .collect();
+    Ok(pb::HasArtifactsResponse { present })
+}
+
 async fn forward_watch(
     id: String,
     from_seq: u64,

@@ -1,11 +1,13 @@
 //! A coordinator in a group on etcd (docs/ha.md): standby until elected, then leader until its
 //! leadership is lost, then standby again, all on one listener.
 //!
-//! * Standby: every RPC is answered `UNAVAILABLE` "not the leader" with the leader's advertised
-//!   URL in the message and in the `hotroll-leader` metadata; agents and the CLI follow it.
+//! * Standby ([`crate::standby`]): every RPC but the leader's artifact replication is answered
+//!   `UNAVAILABLE` "not the leader" with the leader's advertised URL in the message and in the
+//!   `hotroll-leader` metadata; agents and the CLI follow it.
 //! * Leader: the ordinary server ([`crate::server`]) on an [`EtcdStore`] fenced by this
 //!   leadership's epoch. It rebuilds every unfinished rollout from the stored inputs, exactly as
-//!   a restart does, and tells every agent its epoch in the Welcome.
+//!   a restart does, and tells every agent its epoch in the Welcome. Before a rollout starts,
+//!   its artifacts are copied to the other coordinators ([`crate::replication`]).
 //! * Lost (lease expired, keep-alives silent for the TTL, a fenced write refused): the server
 //!   stops at once (sessions and watch streams end, rollout drivers stop with it) and the
 //!   coordinator campaigns again as a standby.
@@ -22,9 +24,15 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::server::{ServerConfig, ServerError, serve_with};
+use hotroll_proto::v1::control_server::ControlServer;
 
-pub use hotroll_proto::LEADER_METADATA;
+use crate::artifacts::ArtifactStore;
+use crate::auth::Guarded;
+use crate::replication::Replication;
+use crate::server::{MAX_MESSAGE_BYTES, ServerConfig, ServerError, serve_with};
+use crate::standby::StandbyControl;
+
+pub use crate::standby::{LEADER_METADATA, not_leader};
 
 /// How often the leader compacts etcd's old revisions, and how many it keeps.
 const COMPACT_EVERY: Duration = Duration::from_secs(60);
@@ -137,6 +145,13 @@ where
     IO::ConnectInfo: Clone + Send + Sync + 'static,
 {
     let incoming = Arc::new(Mutex::new(incoming));
+    let artifacts = ArtifactStore::new(&config.data_dir)?;
+    let replication = Replication::new(
+        client.clone(),
+        election_name(&group.prefix),
+        group.advertise.clone(),
+        config.tls.clone(),
+    );
     loop {
         // Standby until elected.
         let leadership = {
@@ -149,6 +164,8 @@ where
             let (end_standby, standby_ended) = watch::channel(false);
             let standby = tokio::spawn(serve_standby(
                 shared(incoming.clone()),
+                artifacts.clone(),
+                auth.clone(),
                 leader_rx,
                 standby_ended,
             ));
@@ -181,6 +198,7 @@ where
         store.spawn_compaction(COMPACT_EVERY, COMPACT_KEEP);
         let mut term = config.clone();
         term.leader_epoch = epoch;
+        term.replication = Some(replication.clone());
         let lost = leadership.lost();
         let mut stopping = stop.clone();
         let end = async move {
@@ -228,23 +246,10 @@ async fn watch_leader(client: EtcdClient, name: Vec<u8>, leader: watch::Sender<O
     }
 }
 
-/// The answer of a standby to every RPC.
-pub fn not_leader(leader: Option<&str>) -> tonic::Status {
-    match leader {
-        Some(url) => {
-            let mut status =
-                tonic::Status::unavailable(format!("not the leader; the leader is {url}"));
-            if let Ok(value) = url.parse() {
-                status.metadata_mut().insert(LEADER_METADATA, value);
-            }
-            status
-        }
-        None => tonic::Status::unavailable("not the leader; no leader is elected yet"),
-    }
-}
-
 async fn serve_standby<I, IO, IE>(
     incoming: I,
+    artifacts: ArtifactStore,
+    auth: Arc<crate::auth::Auth>,
     leader: watch::Receiver<Option<String>>,
     mut ended: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error>
@@ -259,7 +264,18 @@ where
     IO::ConnectInfo: Clone + Send + Sync + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let router = axum::Router::new().fallback(move || {
+    let control = StandbyControl {
+        artifacts,
+        leader: leader.clone(),
+    };
+    let router = tonic::service::Routes::new(Guarded::new(
+        ControlServer::new(control)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        auth,
+    ))
+    .into_axum_router()
+    .fallback(move || {
         let url = leader.borrow().clone();
         async move { not_leader(url.as_deref()).into_http::<axum::body::Body>() }
     });

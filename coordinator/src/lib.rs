@@ -9,7 +9,8 @@
 //! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! * [`tls`], [`auth`]: the CA, TLS on the listener, who may call what, limits.
 //! * [`server::run`]: the daemon's one entry point; [`group::run`] runs it in a group of
-//!   coordinators on etcd (standby until elected, fenced leader until deposed).
+//!   coordinators on etcd (standby until elected, fenced leader until deposed); [`standby`]
+//!   is what a standby answers, [`replication`] the leader's copying of artifacts to it.
 
 pub mod artifacts;
 pub mod auth;
@@ -17,8 +18,10 @@ pub mod control;
 pub mod convert;
 pub mod group;
 pub mod metrics;
+pub mod replication;
 pub mod server;
 pub mod session;
+pub mod standby;
 pub mod stopping;
 pub mod throttle;
 pub mod tls;

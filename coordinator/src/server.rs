@@ -60,6 +60,8 @@ pub struct ServerConfig {
     /// The leader epoch of a coordinator group on etcd, told to every agent (`group`); 0 for a
     /// single coordinator.
     pub leader_epoch: u64,
+    /// In a group: where a rollout's artifacts are copied before it starts (`group`).
+    pub replication: Option<crate::replication::Replication>,
 }
 
 impl ServerConfig {
@@ -73,6 +75,7 @@ impl ServerConfig {
             watch_buffer: DEFAULT_WATCH_BUFFER,
             tls: None,
             leader_epoch: 0,
+            replication: None,
         }
     }
 }
@@ -218,6 +221,7 @@ where
         artifacts,
         metrics: metrics.clone(),
         stopping,
+        replication: config.replication.clone(),
     };
     // When told to stop, end every session and watch stream first: graceful shutdown waits
     // for the streams in flight, and these would never end on their own.

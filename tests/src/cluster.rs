@@ -523,6 +523,26 @@ impl Cluster {
         }
     }
 
+    /// How many coordinators the group has (0: not a group).
+    pub fn group_size(&self) -> usize {
+        self.group_ports.len()
+    }
+
+    /// The first coordinator of the group (0-based) whose process has exited, if any.
+    pub fn exited_group_member(&mut self) -> Option<usize> {
+        (0..self.group_size()).find(|&i| self.group_member(i).exit_status().is_some())
+    }
+
+    /// SIGKILL coordinator `i` of the group if it runs, start it again on the same port and
+    /// data dir (it comes back as a standby and campaigns), and wait until it listens.
+    pub fn restart_group_member(&mut self, i: usize) -> anyhow::Result<()> {
+        let port = self.group_ports[i];
+        let timeout = self.options.ready_timeout;
+        let member = self.group_member(i);
+        member.restart()?;
+        wait_port(member, port, timeout)
+    }
+
     /// `http://127.0.0.1:<port>` of a group's coordinator `i` (0-based).
     pub fn group_url(&self, i: usize) -> String {
         format!("http://127.0.0.1:{}", self.group_ports[i])
@@ -563,25 +583,7 @@ impl Cluster {
     /// Wait until the coordinator's port accepts TCP connections; fails at once if the
     /// coordinator exits.
     pub fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.coordinator.exit_status() {
-                bail!("the coordinator exited: {status}");
-            }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                // A connection to someone else's listener would be followed by our exit.
-                std::thread::sleep(Duration::from_millis(20));
-                if let Some(status) = self.coordinator.exit_status() {
-                    bail!("the coordinator exited: {status}");
-                }
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!("the coordinator does not listen on {addr} after {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        wait_port(&mut self.coordinator, self.port, timeout)
     }
 
     /// The coordinator's data dir.
@@ -1102,6 +1104,11 @@ fn wait_port(process: &mut Process, port: u16, timeout: Duration) -> anyhow::Res
             );
         }
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            // A connection to someone else's listener would be followed by our exit.
+            std::thread::sleep(Duration::from_millis(20));
+            if let Some(status) = process.exit_status() {
+                bail!("{} exited: {status}", process.name());
+            }
             return Ok(());
         }
         if Instant::now() >= deadline {

@@ -203,17 +203,46 @@ fn arm(cluster: &Cluster, target: Target, point: &str) -> anyhow::Result<()> {
     }
 }
 
-fn process(cluster: &mut Cluster, target: Target) -> &mut hotroll_tests::Process {
+/// A process that killed itself at its fault point.
+#[derive(Debug, Clone, Copy)]
+enum Crashed {
+    Agent(usize),
+    Coordinator,
+    /// Coordinator `i` (0-based) of a group.
+    GroupMember(usize),
+}
+
+/// The process `target` names, if it has exited. In a group the coordinator is whichever
+/// member crashed: the fault fires in the leader, and the leader changes from case to case.
+fn exited(cluster: &mut Cluster, target: Target) -> Option<Crashed> {
     match target {
-        Target::Agent(i) => cluster.agent(i),
-        Target::Coordinator => cluster.coordinator(),
+        Target::Agent(i) => cluster.agent(i).exit_status().map(|_| Crashed::Agent(i)),
+        Target::Coordinator if cluster.group_size() > 0 => {
+            cluster.exited_group_member().map(Crashed::GroupMember)
+        }
+        Target::Coordinator => cluster
+            .coordinator()
+            .exit_status()
+            .map(|_| Crashed::Coordinator),
     }
 }
 
-fn restart(cluster: &mut Cluster, target: Target) -> anyhow::Result<()> {
+fn restart(cluster: &mut Cluster, crashed: Crashed) -> anyhow::Result<()> {
+    match crashed {
+        Crashed::Agent(i) => cluster.agent(i).start(),
+        Crashed::Coordinator => cluster.restart_coordinator(),
+        Crashed::GroupMember(i) => cluster.restart_group_member(i),
+    }
+}
+
+/// The logs in which `target`'s recovery of a rollout shows: the agent's, or every
+/// coordinator's (in a group another member than the crashed one takes the rollout over).
+fn logs(cluster: &mut Cluster, target: Target) -> Vec<PathBuf> {
     match target {
-        Target::Agent(i) => cluster.agent(i).start(),
-        Target::Coordinator => cluster.restart_coordinator(),
+        Target::Agent(i) => vec![cluster.agent(i).log_path().to_path_buf()],
+        Target::Coordinator => (0..cluster.group_size().max(1))
+            .map(|m| cluster.group_member(m).log_path().to_path_buf())
+            .collect(),
     }
 }
 
@@ -237,16 +266,16 @@ fn crash_and_restart(cluster: &mut Cluster, faults: &[Fault]) -> anyhow::Result<
         );
         let mut next = Vec::new();
         for (fault, left) in pending {
-            if process(cluster, fault.target).exit_status().is_none() {
+            let Some(crashed) = exited(cluster, fault.target) else {
                 next.push((fault, left));
                 continue;
-            }
+            };
             if left == 2
                 && let Some(then) = &fault.then
             {
                 arm(cluster, fault.target, then)?;
             }
-            restart(cluster, fault.target)?;
+            restart(cluster, crashed)?;
             if left > 1 {
                 next.push((fault, left - 1));
             }
@@ -286,7 +315,15 @@ impl Suite {
     fn start_with(
         env: impl Fn(usize) -> Vec<(&'static str, &'static str)>,
     ) -> anyhow::Result<(Cluster, Suite)> {
-        let mut options = crash::with_fault_points(ClusterOptions::default());
+        Self::start_on(ClusterOptions::default(), env)
+    }
+
+    /// [`Suite::start_with`] on a cluster set up by `options` (a group on etcd, say).
+    fn start_on(
+        options: ClusterOptions,
+        env: impl Fn(usize) -> Vec<(&'static str, &'static str)>,
+    ) -> anyhow::Result<(Cluster, Suite)> {
+        let mut options = crash::with_fault_points(options);
         let mut ports = Vec::new();
         for i in 1..=NODES {
             let port = free_port()?;
@@ -382,10 +419,12 @@ impl Suite {
         // Each restarted process did recover this rollout (not merely start afresh), or, when
         // it had finished it before it died, answered for it from its journal.
         for fault in &case.faults {
-            let log = process(cluster, fault.target).log_path().to_path_buf();
-            let recovered = !services::log_lines(&log, &["rollout recovered", &id]).is_empty()
-                || !services::log_lines(&log, &["answering from the journal", &id]).is_empty();
-            ensure!(recovered, "{} shows no recovery of {id}", log.display());
+            let logs = logs(cluster, fault.target);
+            let recovered = logs.iter().any(|log| {
+                !services::log_lines(log, &["rollout recovered", &id]).is_empty()
+                    || !services::log_lines(log, &["answering from the journal", &id]).is_empty()
+            });
+            ensure!(recovered, "{logs:?} show no recovery of {id}");
         }
         let what = format!("{} killed at {}", case.killed(), case.points());
         let outcome = check_invariants(cluster, &self.fleet(), &status, &old, &new)
@@ -568,6 +607,26 @@ fn coordinator_killed_after_the_point_of_no_return() -> anyhow::Result<()> {
             &cases,
         )
     })
+}
+
+/// (b) on the etcd store: the coordinator fault points on both sides of the point of no return,
+/// in a group of three coordinators on a real 3-member etcd cluster. The leader kills itself at
+/// the point and is started again (as a standby); another member takes the rollout over from
+/// the inputs stored in etcd, and the rollout succeeds.
+#[test]
+fn leader_killed_at_the_coordinator_fault_points_on_the_etcd_store() -> anyhow::Result<()> {
+    let (cluster, suite) = Suite::start_on(ClusterOptions::default().group(3), |_| Vec::new())?;
+    let cases: Vec<Case> = [
+        "step node-1 1 started",
+        "command commit node-1",
+        "step node-1 4 started",
+        "node node-1 committed",
+        "command make_permanent node-1",
+    ]
+    .iter()
+    .map(|point| coordinator_case(point))
+    .collect();
+    cluster.run(|cluster| suite.run_all(cluster, "group leader killed on the etcd store", &cases))
 }
 
 /// Fencing: a node that is declared failed after the point of no return (its agent frozen past

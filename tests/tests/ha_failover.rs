@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use hotroll_tests::{Cluster, ClusterOptions, Hook, node_name, poll, status};
+use hotroll_tests::{Cluster, ClusterOptions, Hook, crash, node_name, poll, services, status};
 use serde_json::Value;
 
 const NODES: usize = 3;
@@ -167,6 +167,46 @@ fn leader_killed_after_the_commit_decision_in_the_middle_of_a_wave() -> anyhow::
     killed_leader_case(false, "committed", "committed")
 }
 
+/// 1c. The leader SIGKILLs itself during make-permanent: at the fault point just after it
+///     durably decided to tell `node-2` to make the release permanent (`node-1` may have been
+///     told and confirmed already; `node-3` not yet). A standby takes over and the rollout
+///     succeeds, every node made permanent once.
+#[test]
+fn leader_killed_during_make_permanent() -> anyhow::Result<()> {
+    let options = crash::with_fault_points(options());
+    Cluster::start(NODES, options)?.run(|cluster| {
+        let leader = cluster.wait_group_leader(None, TIMEOUT)?;
+        std::fs::write(cluster.dir().join("gate"), "open")?;
+        crash::arm_coordinator(cluster, &format!("command make_permanent {}", node_name(2)))?;
+        let script = cluster.write_script("up.toml", &script(false))?;
+        let id = cluster.start_rollout(&script, &[])?;
+        let crashed = poll(
+            "the leader to crash at make-permanent",
+            TIMEOUT,
+            Duration::from_millis(20),
+            || Ok(cluster.exited_group_member()),
+        )?;
+        ensure!(
+            crashed == leader,
+            "coordinator {crashed} crashed, but {leader} was the leader"
+        );
+        let next = cluster.wait_group_leader(Some(leader), TIMEOUT)?;
+        ensure!(next != leader);
+        let run = cluster.wait_final(&id, TIMEOUT)?;
+        assert_whole_release(cluster, &id, &run)?;
+        // Every node was told by one leader or the other, and confirmed.
+        for i in 1..=NODES {
+            let log = cluster.agent(i).log_path().to_path_buf();
+            ensure!(
+                !services::log_lines(&log, &["release made permanent", &id]).is_empty(),
+                "{} did not make the release permanent",
+                node_name(i)
+            );
+        }
+        Ok(())
+    })
+}
+
 /// 2. The leader is SIGSTOPped past its lease; another takes over and moves the rollout on;
 ///    SIGCONT: the old leader steps down (its writes are refused by etcd), and nothing it did
 ///    after losing the lease shows: the history has no gap or repeat, every node ran each step
@@ -302,5 +342,161 @@ fn a_watch_survives_a_failover_without_missing_or_repeating_an_event() -> anyhow
             "the watch saw {seen:?}, the history is {stored:?}"
         );
         assert_whole_release(cluster, &id, &run)
+    })
+}
+
+fn count(cluster: &Cluster, i: usize, label: &str) -> anyhow::Result<usize> {
+    Ok(labels(cluster, i)?.iter().filter(|l| *l == label).count())
+}
+
+/// 5. After a failover, a known node whose agent is still away when the rollout starts is a
+///    target: the rollout waits for it and succeeds on every node. With `--skip-unreachable`
+///    it is left out and named as such; a node that never comes back makes the rollout abort
+///    before the point of no return.
+#[test]
+fn after_a_failover_a_node_still_away_is_waited_for_never_skipped() -> anyhow::Result<()> {
+    let everyone: Vec<String> = (1..=NODES).map(node_name).collect();
+    Cluster::start(NODES, options())?.run(|cluster| {
+        std::fs::write(cluster.dir().join("gate"), "open")?;
+        let script = cluster.write_script("up.toml", &script(true))?;
+        let leader = cluster.wait_group_leader(None, TIMEOUT)?;
+        cluster.agent(NODES).kill()?;
+        cluster.group_member(leader).kill()?;
+        cluster.wait_group_leader(Some(leader), TIMEOUT)?;
+        cluster.wait_connected(&everyone[..NODES - 1], TIMEOUT)?;
+
+        // Away when the rollout starts, back a moment later: waited for.
+        let id = cluster.start_rollout(&script, &[])?;
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.agent(NODES).start()?;
+        let run = cluster.wait_final(&id, TIMEOUT)?;
+        assert_whole_release(cluster, &id, &run)?;
+
+        // Away, and skipped on request: named in the answer and the status.
+        cluster.agent(NODES).kill()?;
+        cluster.wait_connected(&everyone[..NODES - 1], TIMEOUT)?;
+        let path = script.display().to_string();
+        let started = cluster
+            .hotroll(&[
+                "rollout",
+                "start",
+                &path,
+                "--skip-unreachable",
+                "--output",
+                "json",
+            ])?
+            .ok()?
+            .json()?;
+        ensure!(
+            started["left_out"][0]["node"] == node_name(NODES).as_str()
+                && started["left_out"].as_array().map(Vec::len) == Some(1),
+            "answer: {started:#}"
+        );
+        let id = started["id"].as_str().context("no id")?.to_string();
+        let run = cluster.wait_final(&id, TIMEOUT)?;
+        ensure!(
+            status::rollout_state(&run)? == "succeeded"
+                && run["left_out"][0]["node"] == node_name(NODES).as_str(),
+            "status: {run:#}"
+        );
+
+        // Away for good: the rollout aborts before the point of no return, nobody commits.
+        let committed: Vec<usize> = (1..NODES)
+            .map(|i| count(cluster, i, "committed"))
+            .collect::<anyhow::Result<_>>()?;
+        let id = cluster.start_rollout(&script, &[])?;
+        let run = cluster.wait_final(&id, TIMEOUT)?;
+        ensure!(
+            status::rollout_state(&run)? == "aborted",
+            "a node that never came back did not abort the rollout: {run:#}"
+        );
+        for i in 1..NODES {
+            ensure!(
+                count(cluster, i, "committed")? == committed[i - 1],
+                "{} committed in an aborted rollout",
+                node_name(i)
+            );
+        }
+        Ok(())
+    })
+}
+
+/// [`script`] with one artifact, `payload`, from `source`.
+fn script_with_artifact(source: &std::path::Path) -> String {
+    script(true).replacen(
+        "[rollout]",
+        &format!(
+            "[[artifacts]]\nname = \"payload\"\nsource = \"{}\"\n\n[rollout]",
+            source.display()
+        ),
+        1,
+    )
+}
+
+/// Where coordinator `i` (0-based) keeps the artifact of `content`.
+fn stored_artifact(cluster: &Cluster, i: usize, content: &[u8]) -> std::path::PathBuf {
+    use sha2::Digest;
+    cluster
+        .dir()
+        .join(format!("coordinator-{}", i + 1))
+        .join("cas/sha256")
+        .join(hex::encode(sha2::Sha256::digest(content)))
+}
+
+/// Artifacts are held by two coordinators before a rollout starts: the leader copies them to
+/// every standby that answers, so a new leader has them. With no standby running the start is
+/// refused, saying why, and nothing starts.
+#[test]
+fn a_rollout_starts_only_once_two_coordinators_hold_its_artifacts() -> anyhow::Result<()> {
+    Cluster::start(NODES, options())?.run(|cluster| {
+        std::fs::write(cluster.dir().join("gate"), "open")?;
+        let leader = cluster.wait_group_leader(None, TIMEOUT)?;
+        let first = b"payload of 2.0.0".to_vec();
+        let source = cluster.dir().join("payload-1");
+        std::fs::write(&source, &first)?;
+        let path = cluster.write_script("first.toml", &script_with_artifact(&source))?;
+        let id = cluster.start_rollout(&path, &[])?;
+        let holders: Vec<usize> = (0..COORDINATORS)
+            .filter(|&i| stored_artifact(cluster, i, &first).is_file())
+            .collect();
+        ensure!(
+            holders.len() == COORDINATORS,
+            "the artifact is on coordinators {holders:?} only, when the rollout started"
+        );
+        let run = cluster.wait_final(&id, TIMEOUT)?;
+        assert_whole_release(cluster, &id, &run)?;
+
+        for i in (0..COORDINATORS).filter(|&i| i != leader) {
+            cluster.group_member(i).kill()?;
+        }
+        let second = b"payload of 2.0.1".to_vec();
+        let source = cluster.dir().join("payload-2");
+        std::fs::write(&source, &second)?;
+        let path = cluster.write_script("second.toml", &script_with_artifact(&source))?;
+        let out = cluster.hotroll(&["rollout", "start", &path.display().to_string()])?;
+        ensure!(
+            out.code != Some(0)
+                && out.stderr.contains("held by 1 coordinator")
+                && out
+                    .stderr
+                    .contains("no other coordinator of the group is running"),
+            "a start with the artifact on the leader alone: exit {:?}\n{}{}",
+            out.code,
+            out.stdout,
+            out.stderr
+        );
+        ensure!(
+            stored_artifact(cluster, leader, &second).is_file(),
+            "the upload itself did not reach the leader"
+        );
+        let listed = cluster
+            .hotroll(&["rollout", "list", "--output", "json"])?
+            .ok()?
+            .json()?;
+        ensure!(
+            listed.as_array().map(Vec::len) == Some(1),
+            "a refused start left a rollout: {listed:#}"
+        );
+        Ok(())
     })
 }

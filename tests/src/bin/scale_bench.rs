@@ -29,6 +29,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use clap::{Parser, Subcommand};
+use hotroll_etcd::{EtcdClient, EtcdOptions};
+use hotroll_tests::etcd::EtcdCluster;
 use hotroll_tests::scale::run::{RunOptions, RunResult, run};
 use hotroll_tests::scale::worker::{self, WorkerOptions};
 use hotroll_tests::scale::{Stats, raise_fd_limit};
@@ -74,6 +76,11 @@ struct Args {
     /// Parent of the agents' data dirs (default: /dev/shm when it exists, else the temp dir).
     #[arg(long)]
     agent_data_dir: Option<PathBuf>,
+    /// Where the coordinator keeps its state: `redb` (its data dir) or `etcd` (a real 3-member
+    /// etcd cluster on 127.0.0.1 the bench starts, fresh for every run; its size is reported
+    /// after the rollouts). A comma-separated list runs the bench once per store.
+    #[arg(long, value_delimiter = ',', default_value = "redb", value_parser = ["redb", "etcd"])]
+    store: Vec<String>,
     /// Extra argument for `hotroll serve` (repeat for several), e.g. `--coordinator-arg=--insecure`.
     #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
     coordinator_args: Vec<String>,
@@ -154,7 +161,16 @@ fn main() -> anyhow::Result<()> {
     }
     let bins = hotroll_tests::binaries()?;
     let mut results = Vec::new();
-    for &n in &args.agents {
+    let runs: Vec<(String, usize)> = args
+        .store
+        .iter()
+        .flat_map(|store| args.agents.iter().map(move |&n| (store.clone(), n)))
+        .collect();
+    for (store, n) in runs {
+        let etcd = match store.as_str() {
+            "etcd" => Some(EtcdCluster::start(3)?),
+            _ => None,
+        };
         let dir = tempfile::Builder::new()
             .prefix(&format!("hotroll-scale-{n}-"))
             .tempdir()
@@ -175,7 +191,7 @@ fn main() -> anyhow::Result<()> {
             .settle
             .unwrap_or_else(|| (args.heartbeat_interval * 2).max(Duration::from_secs(3)));
         eprintln!(
-            "scale-bench: {n} agents, {} workers, heartbeat {:?}, logs in {}",
+            "scale-bench: {n} agents on {store}, {} workers, heartbeat {:?}, logs in {}",
             args.workers,
             args.heartbeat_interval,
             dir.path().display()
@@ -193,6 +209,7 @@ fn main() -> anyhow::Result<()> {
             rollout_timeout: args.rollout_timeout,
             agent_data_root: agent_dir.path().to_path_buf(),
             coordinator_args: args.coordinator_args.clone(),
+            etcd_endpoints: etcd.as_ref().map(EtcdCluster::endpoints_arg),
             perf: args.perf.clone(),
             perf_dir: args.perf_dir.clone(),
         };
@@ -203,8 +220,16 @@ fn main() -> anyhow::Result<()> {
             eprintln!("scale-bench: kept {}", kept.display());
         }
         let result = result?;
-        print_one(&result);
-        results.push(result);
+        let size = match &etcd {
+            Some(etcd) => Some(etcd_size(etcd)?),
+            None => None,
+        };
+        print_one(&result, size.as_ref());
+        results.push(Measured {
+            store,
+            run: result,
+            etcd: size,
+        });
     }
     print_table(&results);
     if let Some(path) = &args.json {
@@ -222,7 +247,60 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_one(r: &RunResult) {
+/// One run and, on etcd, what it left there.
+#[derive(Debug, serde::Serialize)]
+struct Measured {
+    store: String,
+    #[serde(flatten)]
+    run: RunResult,
+    etcd: Option<EtcdSize>,
+}
+
+/// etcd's size after a run: the database files (the largest member's; bbolt does not shrink
+/// without a defrag), the part of them in use, and the live keys under the prefix.
+#[derive(Debug, serde::Serialize)]
+struct EtcdSize {
+    db_bytes: i64,
+    db_in_use_bytes: i64,
+    live_keys: usize,
+    live_bytes: usize,
+}
+
+fn etcd_size(etcd: &EtcdCluster) -> anyhow::Result<EtcdSize> {
+    let client = EtcdClient::new(&EtcdOptions::new(etcd.endpoints()))?;
+    let mut db_bytes = 0;
+    let mut db_in_use_bytes = 0;
+    for endpoint in etcd.endpoints() {
+        let one = EtcdClient::new(&EtcdOptions::new(vec![endpoint]))?;
+        let asked = one.clone();
+        let status = one.block_on(async move { asked.status().await })?;
+        db_bytes = db_bytes.max(status.db_size);
+        db_in_use_bytes = db_in_use_bytes.max(status.db_size_in_use);
+    }
+    let asked = client.clone();
+    let keys = client.block_on(async move { asked.get_prefix(b"/hotroll/").await })?;
+    let live_bytes = keys.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
+    Ok(EtcdSize {
+        db_bytes,
+        db_in_use_bytes,
+        live_keys: keys.len(),
+        live_bytes,
+    })
+}
+
+fn print_one(r: &RunResult, etcd: Option<&EtcdSize>) {
+    if let Some(size) = etcd {
+        eprintln!(
+            "  etcd after {} rollouts of {} agents: db {:.2} MiB ({:.2} MiB in use), {} live keys \
+             of {:.1} KiB",
+            r.rounds.len(),
+            r.options.agents,
+            size.db_bytes as f64 / 1048576.0,
+            size.db_in_use_bytes as f64 / 1048576.0,
+            size.live_keys,
+            size.live_bytes as f64 / 1024.0
+        );
+    }
     eprintln!(
         "  {} agents: connected in {:.2} s, {:.1} KiB/agent, idle CPU {:.2} % (agents {:.1} %), \
          rollout p50 {:.0} ms, release p99 {:.2} ms (load before: {})",
@@ -237,7 +315,8 @@ fn print_one(r: &RunResult) {
     );
 }
 
-fn print_table(results: &[RunResult]) {
+fn print_table(measured: &[Measured]) {
+    let results: Vec<&RunResult> = measured.iter().map(|m| &m.run).collect();
     let heartbeat = results
         .first()
         .map(|r| format!("{:?}", r.options.heartbeat))
@@ -255,17 +334,22 @@ fn print_table(results: &[RunResult]) {
             .unwrap_or(0)
     );
     let mut header = format!("{:<44}", "agents");
-    for r in results {
+    for r in &results {
         header.push_str(&format!(" {:>12}", r.options.agents));
     }
     println!("{header}");
     let row = |name: &str, value: &dyn Fn(&RunResult) -> String| {
         let mut line = format!("{name:<44}");
-        for r in results {
+        for r in &results {
             line.push_str(&format!(" {:>12}", value(r)));
         }
         println!("{line}");
     };
+    let mut stores = format!("{:<44}", "store");
+    for m in measured {
+        stores.push_str(&format!(" {:>12}", m.store));
+    }
+    println!("{stores}");
     let stat = |name: &str, get: fn(&RunResult) -> Stats| {
         for (label, pick) in [
             ("p50", (|s: &Stats| s.p50) as fn(&Stats) -> f64),
@@ -315,7 +399,22 @@ fn print_table(results: &[RunResult]) {
         let total: f64 = r.rounds.iter().map(|x| x.workers_cpu_s).sum();
         format!("{:.2}", total / r.rounds.len().max(1) as f64)
     });
-    for r in results {
+    for m in measured {
+        if let Some(size) = &m.etcd {
+            println!(
+                "etcd after {} rollouts of {} agents: db {} bytes ({} in use), {} live keys of \
+                 {} bytes, {:.0} db bytes per node per rollout",
+                m.run.rounds.len(),
+                m.run.options.agents,
+                size.db_bytes,
+                size.db_in_use_bytes,
+                size.live_keys,
+                size.live_bytes,
+                size.db_bytes as f64 / (m.run.rounds.len().max(1) * m.run.options.agents) as f64
+            );
+        }
+    }
+    for r in &results {
         for e in &r.worker_errors {
             println!("warning ({} agents): {e}", r.options.agents);
         }

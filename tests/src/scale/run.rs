@@ -61,6 +61,9 @@ pub struct RunOptions {
     pub agent_data_root: PathBuf,
     /// Extra `hotroll serve` arguments.
     pub coordinator_args: Vec<String>,
+    /// `Some(endpoints)`: the coordinator keeps its state in etcd there (`serve --store etcd`,
+    /// a group of one), instead of its redb file.
+    pub etcd_endpoints: Option<String>,
     /// `perf record` the coordinator during this phase (`connect`, `idle`, `rollout`).
     pub perf: Option<String>,
     pub perf_dir: PathBuf,
@@ -263,6 +266,16 @@ pub fn run(hotroll: &Path, dir: &Path, options: RunOptions) -> anyhow::Result<Ru
         // TLS is on by default since the security work.
         "--insecure".into(),
     ];
+    if let Some(endpoints) = &options.etcd_endpoints {
+        args.extend([
+            "--store".into(),
+            "etcd".into(),
+            "--etcd-endpoints".into(),
+            endpoints.clone(),
+            "--advertise".into(),
+            url.clone(),
+        ]);
+    }
     args.extend(options.coordinator_args.iter().cloned());
     let mut coordinator = Process::new(
         "coordinator",
