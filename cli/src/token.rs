@@ -39,6 +39,37 @@ impl DataDirArgs {
     }
 }
 
+/// Where the tokens are: the data dir's, or a coordinator group's in etcd.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenStoreArgs {
+    /// The tokens of a coordinator group (`serve --store etcd`): the etcd cluster's client
+    /// URLs, comma-separated. A token made there works on every coordinator of the group; it is
+    /// written under the epoch of the coordinator that leads, so one must be running. The CA
+    /// (for the token's pin) is still read from --data-dir or --ca-cert.
+    #[arg(long, value_name = "URL[,URL..]", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// The group's key prefix (`serve --etcd-prefix`).
+    #[arg(long, default_value = "/hotroll", value_name = "PREFIX")]
+    pub etcd_prefix: String,
+}
+
+impl TokenStoreArgs {
+    fn open(&self, data: &DataDirArgs) -> anyhow::Result<TokenStore> {
+        if self.etcd_endpoints.is_empty() {
+            return Ok(TokenStore::new(&data.data_dir));
+        }
+        for url in &self.etcd_endpoints {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("--etcd-endpoints: `{url}` must be an http:// or https:// URL");
+            }
+        }
+        Ok(TokenStore::for_group(
+            self.etcd_endpoints.clone(),
+            &self.etcd_prefix,
+        )?)
+    }
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum TokenCommand {
     /// Issue a token and print it (only the token on stdout; keep it secret). `--role agent`:
@@ -65,6 +96,8 @@ pub struct CreateArgs {
     pub node: Option<String>,
     #[command(flatten)]
     pub data: DataDirArgs,
+    #[command(flatten)]
+    pub store: TokenStoreArgs,
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
 }
@@ -73,6 +106,8 @@ pub struct CreateArgs {
 pub struct ListArgs {
     #[command(flatten)]
     pub data: DataDirArgs,
+    #[command(flatten)]
+    pub store: TokenStoreArgs,
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
 }
@@ -82,6 +117,8 @@ pub struct RevokeArgs {
     pub id: String,
     #[command(flatten)]
     pub data: DataDirArgs,
+    #[command(flatten)]
+    pub store: TokenStoreArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -141,7 +178,7 @@ fn token(command: &TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Create(args) => create(args),
         TokenCommand::List(args) => list(args),
         TokenCommand::Revoke(args) => {
-            let removed = TokenStore::new(&args.data.data_dir).revoke(&args.id)?;
+            let removed = args.store.open(&args.data)?.revoke(&args.id)?;
             if removed == 0 {
                 bail!("no live token has an id starting with `{}`", args.id);
             }
@@ -165,7 +202,7 @@ fn create(args: &CreateArgs) -> anyhow::Result<()> {
         TokenRole::Operator | TokenRole::Viewer => Duration::from_secs(24 * 3600),
     });
     let pki = args.data.pki()?;
-    let store = TokenStore::new(&args.data.data_dir);
+    let store = args.store.open(&args.data)?;
     let (token, record) = store.create(pki.ca_pin(), args.role, ttl, args.node.clone())?;
     match args.output {
         Output::Text => {
@@ -208,7 +245,7 @@ fn humanize(d: Duration) -> String {
 }
 
 fn list(args: &ListArgs) -> anyhow::Result<()> {
-    let tokens = TokenStore::new(&args.data.data_dir).list()?;
+    let tokens = args.store.open(&args.data)?.list()?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&tokens)?),
         Output::Text => {

@@ -13,7 +13,7 @@
 //!   coordinator campaigns again as a standby.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::Stream;
@@ -27,7 +27,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use hotroll_proto::v1::control_server::ControlServer;
 
 use crate::artifacts::ArtifactStore;
-use crate::auth::Guarded;
+use crate::auth::{Guarded, TokenFence, TokenStore};
 use crate::replication::Replication;
 use crate::server::{MAX_MESSAGE_BYTES, ServerConfig, ServerError, serve_with};
 use crate::standby::StandbyControl;
@@ -82,15 +82,23 @@ pub async fn run(
         std::future::pending::<()>().await;
     };
     let terms = async {
+        // The group's tokens are in etcd, written under this coordinator's epoch while it
+        // leads (a join redeems its token): the cell holds the leadership of the term.
+        let leading = Arc::new(RwLock::new(None));
         if let Some(tls) = config.tls.clone() {
-            let auth = Arc::new(crate::auth::Auth::secure(tls.clone()));
+            let tokens = TokenStore::etcd(
+                client.clone(),
+                &group.prefix,
+                TokenFence::Leader(leading.clone()),
+            );
+            let auth = Arc::new(crate::auth::Auth::secure_with(tls.clone(), tokens));
             let incoming = tls.incoming(listener, auth.throttle.clone()).into_inner();
-            run_terms(incoming, &client, &config, &group, auth, stop_rx).await
+            run_terms(incoming, &client, &config, &group, auth, leading, stop_rx).await
         } else {
             let (tx, incoming) = mpsc::channel(64);
             tokio::spawn(forward_plaintext(listener, tx));
             let auth = Arc::new(crate::auth::Auth::insecure());
-            run_terms(incoming, &client, &config, &group, auth, stop_rx).await
+            run_terms(incoming, &client, &config, &group, auth, leading, stop_rx).await
         }
     };
     tokio::select! {
@@ -133,6 +141,7 @@ async fn run_terms<IO>(
     config: &ServerConfig,
     group: &GroupOptions,
     auth: Arc<crate::auth::Auth>,
+    leading: Arc<RwLock<Option<Leadership>>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ServerError>
 where
@@ -196,6 +205,7 @@ where
         tracing::info!(epoch, advertise = %group.advertise, "leading the group: recovering rollouts from etcd");
         let store = EtcdStore::new(client.clone(), &group.prefix, leadership.clone());
         store.spawn_compaction(COMPACT_EVERY, COMPACT_KEEP);
+        set_leading(&leading, Some(leadership.clone()));
         let mut term = config.clone();
         term.leader_epoch = epoch;
         term.replication = Some(replication.clone());
@@ -215,6 +225,7 @@ where
             auth.clone(),
         )
         .await;
+        set_leading(&leading, None);
         if *stop.borrow() {
             leadership.resign().await;
             return result;
@@ -225,6 +236,14 @@ where
         // Whatever ended the term, this coordinator no longer acts on this epoch.
         leadership.resign().await;
         tokio::time::sleep(RETRY_AFTER).await;
+    }
+}
+
+fn set_leading(cell: &RwLock<Option<Leadership>>, leadership: Option<Leadership>) {
+    match cell.write() {
+        Ok(mut leading) => *leading = leadership,
+        // A panic while holding it cannot leave a half-written Option: take it over.
+        Err(poisoned) => *poisoned.into_inner() = leadership,
     }
 }
 

@@ -97,6 +97,9 @@ pub enum Op {
 pub enum Condition {
     /// The key exists and was created at this revision (the fence: the leader key of an epoch).
     CreatedAt { key: Vec<u8>, revision: i64 },
+    /// The key exists and was last written at this revision (nobody wrote it since it was
+    /// read: a compare-and-swap).
+    ModifiedAt { key: Vec<u8>, revision: i64 },
 }
 
 /// The leader key etcd's election gave: its creation revision is the epoch.
@@ -508,6 +511,13 @@ fn compare_of(condition: &Condition) -> pb::Compare {
             target: pb::compare::CompareTarget::Create as i32,
             key: key.clone(),
             target_union: Some(pb::compare::TargetUnion::CreateRevision(*revision)),
+            range_end: Vec::new(),
+        },
+        Condition::ModifiedAt { key, revision } => pb::Compare {
+            result: pb::compare::CompareResult::Equal as i32,
+            target: pb::compare::CompareTarget::Mod as i32,
+            key: key.clone(),
+            target_union: Some(pb::compare::TargetUnion::ModRevision(*revision)),
             range_end: Vec::new(),
         },
     }

@@ -14,7 +14,7 @@ pub mod client;
 pub mod leadership;
 pub mod store;
 
-pub use client::{EtcdClient, EtcdError, EtcdOptions};
+pub use client::{Condition, EtcdClient, EtcdError, EtcdOptions, KeyValue, Op};
 pub use leadership::{Leadership, LeadershipLost};
 pub use store::EtcdStore;
 

@@ -188,10 +188,12 @@ impl ClusterOptions {
     /// `coordinators` coordinators in a group on a real 3-member etcd cluster the harness
     /// starts: each `serve --store etcd` on a port of its own, advertising its URL. Agents list
     /// them all (`coordinator = [..]`) and so does the CLI (`HOTROLL_COORDINATOR=a,b,c`).
-    /// Plaintext for now (a group's one trust root is not built yet).
+    /// With TLS (unless [`ClusterOptions::insecure`]) the group has one trust root: the first
+    /// coordinator makes the CA, the others are given it (`--ca-cert`, `--ca-key`), each issues
+    /// its own server certificate; tokens are the group's, in etcd (`token create
+    /// --etcd-endpoints`), made once the group has a leader.
     pub fn group(mut self, coordinators: usize) -> Self {
         self.group = coordinators;
-        self.insecure = true;
         self
     }
 
@@ -463,9 +465,10 @@ impl Cluster {
         let ports = (0..self.options.group)
             .map(|_| free_port())
             .collect::<anyhow::Result<Vec<_>>>()?;
+        self.group_ports = ports.clone();
         for (i, port) in ports.iter().enumerate() {
             let name = format!("coordinator-{}", i + 1);
-            let data_dir = self.path.join(&name);
+            let data_dir = self.group_data_dir(i);
             let mut args = vec![
                 "serve".to_string(),
                 "--listen".into(),
@@ -478,16 +481,27 @@ impl Cluster {
                 self.options.session_grace.clone(),
                 "--step-slack".into(),
                 self.options.step_slack.clone(),
-                "--insecure".into(),
                 "--store".into(),
                 "etcd".into(),
                 "--etcd-endpoints".into(),
                 endpoints.clone(),
                 "--advertise".into(),
-                format!("http://127.0.0.1:{port}"),
+                self.group_url(i),
                 "--lease-ttl".into(),
                 self.options.lease_ttl.clone(),
             ];
+            if self.options.insecure {
+                args.push("--insecure".into());
+            } else if i > 0 {
+                // The group's one trust root: the first coordinator's CA (made as it started).
+                let tls = self.group_data_dir(0).join("tls");
+                args.extend([
+                    "--ca-cert".into(),
+                    tls.join("ca.pem").display().to_string(),
+                    "--ca-key".into(),
+                    tls.join("ca.key.pem").display().to_string(),
+                ]);
+            }
             args.extend(self.options.coordinator_args.iter().cloned());
             let mut process = Process::new(
                 name.clone(),
@@ -506,13 +520,20 @@ impl Cluster {
                 self.standbys.push(GroupMember { process });
             }
         }
-        self.url = ports
-            .iter()
-            .map(|port| format!("http://127.0.0.1:{port}"))
+        self.url = (0..ports.len())
+            .map(|i| self.group_url(i))
             .collect::<Vec<_>>()
             .join(",");
-        self.group_ports = ports;
+        if !self.options.insecure {
+            // Tokens are written under the leader's epoch.
+            self.wait_group_leader(None, self.options.ready_timeout)?;
+        }
         Ok(())
+    }
+
+    /// The data dir of a group's coordinator `i` (0-based).
+    fn group_data_dir(&self, i: usize) -> PathBuf {
+        self.path.join(format!("coordinator-{}", i + 1))
     }
 
     /// Coordinator `i` (0-based) of a group; the first is [`Cluster::coordinator`].
@@ -543,9 +564,15 @@ impl Cluster {
         wait_port(member, port, timeout)
     }
 
-    /// `http://127.0.0.1:<port>` of a group's coordinator `i` (0-based).
+    /// `https://127.0.0.1:<port>` of a group's coordinator `i` (0-based; `http://` with
+    /// [`ClusterOptions::insecure`]).
     pub fn group_url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.group_ports[i])
+        let scheme = if self.options.insecure {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.group_ports[i])
     }
 
     /// The group's etcd cluster.
@@ -588,6 +615,10 @@ impl Cluster {
 
     /// The coordinator's data dir.
     pub fn coordinator_data_dir(&self) -> PathBuf {
+        if self.options.group > 0 {
+            // Where the group's CA was made.
+            return self.group_data_dir(0);
+        }
         self.options
             .coordinator_data_dir
             .clone()
@@ -609,6 +640,11 @@ impl Cluster {
     pub fn create_token(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut all = vec!["token", "create"];
         all.extend_from_slice(args);
+        // A group's tokens are the group's, in etcd.
+        let endpoints = self.etcd.as_ref().map(|etcd| etcd.endpoints_arg());
+        if let Some(endpoints) = &endpoints {
+            all.extend(["--etcd-endpoints", endpoints]);
+        }
         let output = self.local_hotroll(&all)?;
         let token = output.stdout.trim().to_string();
         if !token.starts_with("hr1.") {

@@ -178,3 +178,99 @@ async fn a_final_rollouts_engine_inputs_are_deleted_and_its_history_kept() -> an
     .await?;
     Ok(())
 }
+
+/// A group's tokens in etcd: made by an administrator under the current leader's epoch (and
+/// refused when nobody leads), checked by any coordinator, a join token redeemed once only,
+/// and never by a deposed leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_tokens_are_shared_single_use_and_fenced() -> anyhow::Result<()> {
+    use hotroll_coordinator::auth::{TokenError, TokenFence, TokenRole, TokenStore};
+    use std::sync::{Arc, RwLock};
+
+    let etcd = EtcdCluster::start(3)?;
+    let endpoints = etcd.endpoints();
+    let admin = TokenStore::for_group(endpoints.clone(), "/tokens")?;
+    {
+        let admin = admin.clone();
+        let refused = blocking(move || {
+            admin.create([7; 32], TokenRole::Operator, Duration::from_secs(60), None)
+        })
+        .await;
+        anyhow::ensure!(
+            matches!(&refused, Err(TokenError::Io(e)) if e.contains("no coordinator of the group leads")),
+            "a token was made with no leader: {refused:?}"
+        );
+    }
+
+    let client = client(&etcd)?;
+    let a = Leadership::campaign(&client, "/tokens", "http://a", TTL).await?;
+    let cell = Arc::new(RwLock::new(Some(a.clone())));
+    let leader = TokenStore::etcd(client.clone(), "/tokens", TokenFence::Leader(cell.clone()));
+    let standby = TokenStore::etcd(
+        client.clone(),
+        "/tokens",
+        TokenFence::Leader(Arc::new(RwLock::new(None))),
+    );
+
+    let (operator, join, other_join) = {
+        let admin = admin.clone();
+        blocking(move || -> Result<_, TokenError> {
+            let ttl = Duration::from_secs(60);
+            let (operator, _) = admin.create([7; 32], TokenRole::Operator, ttl, None)?;
+            let (join, _) = admin.create([7; 32], TokenRole::Agent, ttl, None)?;
+            let (other, _) = admin.create([7; 32], TokenRole::Agent, ttl, None)?;
+            Ok((operator, join, other))
+        })
+        .await?
+    };
+    let (leader_c, standby_c) = (leader.clone(), standby.clone());
+    let (op, j) = (operator.clone(), join.clone());
+    blocking(move || -> anyhow::Result<()> {
+        // Checked on any coordinator of the group, leader or not.
+        standby_c.check(&op, &[TokenRole::Operator])?;
+        leader_c.check(&op, &[TokenRole::Operator])?;
+        anyhow::ensure!(matches!(
+            standby_c.check(&op, &[TokenRole::Agent]),
+            Err(TokenError::WrongRole(_))
+        ));
+        // A standby does not redeem.
+        anyhow::ensure!(standby_c.redeem(&j, "node-1").is_err());
+        // Redeemed once.
+        leader_c.redeem(&j, "node-1")?;
+        anyhow::ensure!(matches!(
+            leader_c.redeem(&j, "node-2"),
+            Err(TokenError::Used { by }) if by == "node-1"
+        ));
+        anyhow::ensure!(matches!(
+            standby_c.check(&j, &[TokenRole::Agent]),
+            Err(TokenError::Used { .. })
+        ));
+        Ok(())
+    })
+    .await?;
+
+    // A is deposed behind its back: its redeem is refused by etcd, and A learns it.
+    client.lease_revoke(a.leader_key().lease).await?;
+    let b = Leadership::campaign(&client, "/tokens", "http://b", TTL).await?;
+    let (leader_c, oj) = (leader.clone(), other_join.clone());
+    let refused = blocking(move || leader_c.redeem(&oj, "node-3")).await;
+    anyhow::ensure!(refused.is_err(), "a deposed leader redeemed a join token");
+    anyhow::ensure!(a.is_lost(), "the refused write did not depose A");
+    *cell.write().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(b.clone());
+    let (leader_c, oj, admin_c) = (leader.clone(), other_join.clone(), admin.clone());
+    blocking(move || -> anyhow::Result<()> {
+        leader_c.redeem(&oj, "node-3")?;
+        let listed = admin_c.list()?;
+        anyhow::ensure!(listed.len() == 3, "listed: {listed:?}");
+        anyhow::ensure!(listed.iter().filter(|t| t.used).count() == 2);
+        anyhow::ensure!(admin_c.revoke(&operator.id()[..12])? == 1);
+        anyhow::ensure!(matches!(
+            leader_c.check(&operator, &[TokenRole::Operator]),
+            Err(TokenError::Unknown)
+        ));
+        Ok(())
+    })
+    .await?;
+    b.resign().await;
+    Ok(())
+}

@@ -88,8 +88,14 @@ impl Auth {
         }
     }
 
+    /// TLS, with the tokens of the data dir.
     pub fn secure(tls: Arc<ServerTls>) -> Self {
         let tokens = TokenStore::new(tls.data_dir());
+        Self::secure_with(tls, tokens)
+    }
+
+    /// TLS, with the tokens of `tokens` (a group's, in etcd).
+    pub fn secure_with(tls: Arc<ServerTls>, tokens: TokenStore) -> Self {
         Self {
             tls: Some(tls),
             tokens: Some(tokens),

@@ -27,4 +27,6 @@ pub use limits::{
     MAX_HELLO_LABELS, MAX_HELLO_STRING,
 };
 pub use policy::{Access, METHODS, MethodRule, NodeIdentity, Principal, check_hello, rule_for};
-pub use tokens::{DEFAULT_TOKEN_TTL, ListedToken, TokenError, TokenRecord, TokenRole, TokenStore};
+pub use tokens::{
+    DEFAULT_TOKEN_TTL, ListedToken, TokenError, TokenFence, TokenRecord, TokenRole, TokenStore,
+};

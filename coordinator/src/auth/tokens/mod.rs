@@ -1,16 +1,24 @@
-//! Join and bearer tokens at rest: files in `<data_dir>/tokens/`, one per token, named by the
-//! SHA-256 of its secret (the secret itself is never stored), 0600 in a 0700 directory.
-//! `hotroll token create` writes them without the server (file access to the data dir is the
-//! admin credential); the server reads them per request. A join token is single-use: redeeming
-//! renames its file into `used/`, which only one caller can do.
+//! Join and bearer tokens at rest, by the SHA-256 of their secret (the secret itself is never
+//! stored): files in `<data_dir>/tokens/` for one coordinator ([`files`]), keys in etcd for a
+//! group ([`etcd`]). `hotroll token create` writes them without the server (access to the data
+//! dir, or to the group's etcd, is the admin credential); the server reads them per request. A
+//! join token is single-use: of concurrent redeemers exactly one succeeds.
 
-use std::path::{Path, PathBuf};
+mod etcd;
+mod files;
+
+pub use etcd::TokenFence;
+
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use hotroll_etcd::EtcdClient;
+use hotroll_tls::Token;
 use hotroll_tls::identity::unix_ms;
-use hotroll_tls::token::short_id;
-use hotroll_tls::{Token, files};
 use serde::{Deserialize, Serialize};
+
+use etcd::EtcdTokens;
+use files::FileTokens;
 
 /// Default lifetime of a token created without `--ttl`.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
@@ -92,35 +100,41 @@ pub struct ListedToken {
     pub expired: bool,
 }
 
-/// Tokens at rest, as files.
+/// Where tokens are kept: files in the data dir (one coordinator), or etcd (a group: a token
+/// made with `hotroll token create --etcd-endpoints` works on every coordinator of it).
 #[derive(Debug, Clone)]
 pub struct TokenStore {
-    dir: PathBuf,
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Files(FileTokens),
+    Etcd(EtcdTokens),
 }
 
 impl TokenStore {
+    /// Tokens in `<data_dir>/tokens/`.
     pub fn new(data_dir: &Path) -> Self {
         Self {
-            dir: data_dir.join("tokens"),
+            backend: Backend::Files(FileTokens::new(data_dir)),
         }
     }
 
-    fn live_path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.json"))
-    }
-
-    fn used_path(&self, id: &str) -> PathBuf {
-        self.dir.join("used").join(format!("{id}.json"))
-    }
-
-    fn read(path: &Path) -> Result<Option<TokenRecord>, TokenError> {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| TokenError::Io(format!("{}: {e}", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(TokenError::Io(format!("{}: {e}", path.display()))),
+    /// Tokens in etcd under `<prefix>/tokens/`, written under `fence`.
+    pub fn etcd(client: EtcdClient, prefix: &str, fence: TokenFence) -> Self {
+        Self {
+            backend: Backend::Etcd(EtcdTokens::new(client, prefix, fence)),
         }
+    }
+
+    /// The tokens of the group on the etcd cluster at `endpoints` under `prefix`, as an
+    /// administrator's `hotroll token` writes them: under the epoch of the coordinator that
+    /// leads at that moment.
+    pub fn for_group(endpoints: Vec<String>, prefix: &str) -> Result<Self, TokenError> {
+        let client = EtcdClient::new(&hotroll_etcd::EtcdOptions::new(endpoints))
+            .map_err(|e| TokenError::Io(format!("etcd: {e}")))?;
+        Ok(Self::etcd(client, prefix, TokenFence::CurrentLeader))
     }
 
     /// Issue a token for the CA `ca_pin`, valid for `ttl`.
@@ -131,125 +145,78 @@ impl TokenStore {
         ttl: Duration,
         node: Option<String>,
     ) -> Result<(Token, TokenRecord), TokenError> {
-        files::private_dir(&self.dir).map_err(|e| TokenError::Io(e.to_string()))?;
-        let token = Token::generate(ca_pin);
-        let now = SystemTime::now();
-        let record = TokenRecord {
-            role,
-            node,
-            created_unix_ms: unix_ms(now),
-            expires_unix_ms: unix_ms(now + ttl),
-            used_by: None,
-            used_unix_ms: None,
-        };
-        let bytes =
-            serde_json::to_vec_pretty(&record).map_err(|e| TokenError::Io(e.to_string()))?;
-        files::write_secret(&self.live_path(&token.id()), &bytes)
-            .map_err(|e| TokenError::Io(e.to_string()))?;
-        Ok((token, record))
+        match &self.backend {
+            Backend::Files(files) => files.create(ca_pin, role, ttl, node),
+            Backend::Etcd(etcd) => etcd.create(ca_pin, role, ttl, node),
+        }
     }
 
     /// The live record of `token` for a use by `role`, checked for expiry and role.
     pub fn check(&self, token: &Token, roles: &[TokenRole]) -> Result<TokenRecord, TokenError> {
-        let id = token.id();
-        let Some(record) = Self::read(&self.live_path(&id))? else {
-            return Err(match Self::read(&self.used_path(&id))? {
-                Some(used) => TokenError::Used {
-                    by: used.used_by.unwrap_or_default(),
-                },
-                None => TokenError::Unknown,
-            });
-        };
-        if unix_ms(SystemTime::now()) >= record.expires_unix_ms {
-            return Err(TokenError::Expired(record.expires_unix_ms));
+        match &self.backend {
+            Backend::Files(files) => files.check(token, roles),
+            Backend::Etcd(etcd) => etcd.check(token, roles),
         }
-        if !roles.contains(&record.role) {
-            return Err(TokenError::WrongRole(record.role.as_str()));
-        }
-        Ok(record)
     }
 
     /// Use up a join token for `node`: of concurrent callers exactly one succeeds.
     pub fn redeem(&self, token: &Token, node: &str) -> Result<(), TokenError> {
-        let id = token.id();
-        let used = self.used_path(&id);
-        files::private_dir(&self.dir.join("used")).map_err(|e| TokenError::Io(e.to_string()))?;
-        match std::fs::rename(self.live_path(&id), &used) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(TokenError::Used {
-                    by: Self::read(&used)?
-                        .and_then(|r| r.used_by)
-                        .unwrap_or_default(),
-                });
-            }
-            Err(e) => return Err(TokenError::Io(e.to_string())),
+        match &self.backend {
+            Backend::Files(files) => files.redeem(token, node),
+            Backend::Etcd(etcd) => etcd.redeem(token, node),
         }
-        // Who used it, for `hotroll token list` and the error of a second attempt.
-        if let Ok(Some(mut record)) = Self::read(&used) {
-            record.used_by = Some(node.to_string());
-            record.used_unix_ms = Some(unix_ms(SystemTime::now()));
-            if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
-                let _ = files::write_secret(&used, &bytes);
-            }
-        }
-        Ok(())
     }
 
     /// Every token, live and used.
     pub fn list(&self) -> Result<Vec<ListedToken>, TokenError> {
-        let now = unix_ms(SystemTime::now());
-        let mut out = Vec::new();
-        for (dir, used) in [(self.dir.clone(), false), (self.dir.join("used"), true)] {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(TokenError::Io(format!("{}: {e}", dir.display()))),
-            };
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                    continue;
-                };
-                if id.starts_with('.') {
-                    continue;
-                }
-                if let Some(record) = Self::read(&entry.path())? {
-                    out.push(ListedToken {
-                        id: short_id(id).to_string(),
-                        expired: now >= record.expires_unix_ms,
-                        record,
-                        used,
-                    });
-                }
-            }
+        match &self.backend {
+            Backend::Files(files) => files.list(),
+            Backend::Etcd(etcd) => etcd.list(),
         }
-        out.sort_by_key(|t| t.record.created_unix_ms);
-        Ok(out)
     }
 
     /// Revoke the live tokens whose id starts with `prefix` (at least 8 characters); returns
     /// how many.
     pub fn revoke(&self, prefix: &str) -> Result<usize, TokenError> {
-        if prefix.len() < 8 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(TokenError::Io(
-                "give at least 8 hex characters of the token id (see `hotroll token list`)".into(),
-            ));
+        match &self.backend {
+            Backend::Files(files) => files.revoke(prefix),
+            Backend::Etcd(etcd) => etcd.revoke(prefix),
         }
-        let prefix = prefix.to_ascii_lowercase();
-        let mut removed = 0;
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                if name.to_str().is_some_and(|n| n.starts_with(&prefix)) {
-                    std::fs::remove_file(entry.path())
-                        .map_err(|e| TokenError::Io(e.to_string()))?;
-                    removed += 1;
-                }
-            }
-        }
-        Ok(removed)
     }
+}
+
+/// A new record of `role`, valid for `ttl` from now.
+fn new_record(role: TokenRole, ttl: Duration, node: Option<String>) -> TokenRecord {
+    let now = SystemTime::now();
+    TokenRecord {
+        role,
+        node,
+        created_unix_ms: unix_ms(now),
+        expires_unix_ms: unix_ms(now + ttl),
+        used_by: None,
+        used_unix_ms: None,
+    }
+}
+
+/// `record` (live, not used) for a use by one of `roles`: expiry and role.
+fn check_record(record: TokenRecord, roles: &[TokenRole]) -> Result<TokenRecord, TokenError> {
+    if unix_ms(SystemTime::now()) >= record.expires_unix_ms {
+        return Err(TokenError::Expired(record.expires_unix_ms));
+    }
+    if !roles.contains(&record.role) {
+        return Err(TokenError::WrongRole(record.role.as_str()));
+    }
+    Ok(record)
+}
+
+/// The id prefix of `hotroll token revoke`, lowercased: at least 8 hex characters.
+fn check_revoke_prefix(prefix: &str) -> Result<String, TokenError> {
+    if prefix.len() < 8 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(TokenError::Io(
+            "give at least 8 hex characters of the token id (see `hotroll token list`)".into(),
+        ));
+    }
+    Ok(prefix.to_ascii_lowercase())
 }
 
 #[cfg(test)]
