@@ -1,7 +1,10 @@
 //! `hotroll token` and `hotroll cert`: credentials, made on the coordinator's machine from its
 //! data dir. Whoever can read and write the data dir (`tls/ca.key.pem`, `tokens/`) is the
 //! administrator; these commands need no running server and no other credential, which is how
-//! the first one is made (docs/security.md).
+//! the first one is made (docs/security.md). A coordinator group's tokens are in its etcd
+//! (`--etcd-endpoints`): access to that etcd is then the administrator's credential for tokens,
+//! and a running leader is needed, since every write to it is fenced by the leader's epoch
+//! (docs/ha.md).
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -23,7 +23,6 @@ use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::artifacts::ArtifactStore;
-use crate::server::MAX_MESSAGE_BYTES;
 
 /// A rollout starts only when this many coordinators of the group hold each of its artifacts.
 pub const REQUIRED_HOLDERS: usize = 2;
@@ -156,9 +155,8 @@ async fn replicate_to(
     digests: &[Sha256Digest],
 ) -> Result<Vec<Sha256Digest>, String> {
     let channel = connect(tls, peer).await?;
-    let mut control = ControlClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Chunks are ARTIFACT_CHUNK_SIZE and the answers small: tonic's default limits fit.
+    let mut control = ControlClient::new(channel);
     let asked = pb::HasArtifactsRequest {
         digests: digests.iter().map(ToString::to_string).collect(),
     };
