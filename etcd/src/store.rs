@@ -12,9 +12,10 @@
 //! leadership's epoch. A deposed leader's write is refused by etcd; the store then deposes its
 //! leadership so the coordinator stops acting (docs/design.md §12).
 //!
-//! Size (docs/ha.md): once a rollout is final its engine inputs are deleted in the same
-//! transaction that stores its final record (recovery replays unfinished rollouts only); the
-//! history stays. The leader also compacts etcd's old revisions ([`EtcdStore::compact_history`]).
+//! Size (docs/ha.md): once a rollout is final, in the transaction that stores its final record,
+//! its engine inputs are deleted (recovery replays unfinished rollouts only) and its history
+//! moves into gzipped archive keys `P/archive/<id>/<index>`. The leader also compacts etcd's old
+//! revisions ([`EtcdStore::compact_history`]).
 
 use std::time::Duration;
 
@@ -135,6 +136,64 @@ impl EtcdStore {
         Ok(out)
     }
 
+    /// The commit that makes a rollout final. A final rollout is never replayed, so its
+    /// inputs go; its history (every chunk and this commit's events) is archived gzipped in
+    /// `P/archive/<id>/<index>` keys and its live chunks go, all in the transaction that stores
+    /// the final record. An archive too large for one transaction is written first, chunk by
+    /// chunk; until the final transaction lands the live chunks stay and are what is read, so
+    /// a crash in between loses nothing (the recovered rollout commits its end again).
+    fn commit_final(&self, commit: Commit<'_>) -> Result<(), StoreError> {
+        let mut history = self.read_chunks::<StoredEvent>("events", commit.rollout)?;
+        history.extend(commit.events.iter().cloned());
+        let archive = gzip(&encode(&history)?)?;
+        let chunks: Vec<&[u8]> = archive.chunks(ARCHIVE_CHUNK_BYTES).collect();
+        let archive_ops: Vec<Op> = chunks
+            .iter()
+            .enumerate()
+            .map(|(index, chunk)| Op::Put {
+                key: self.key(&["archive", commit.rollout, &format!("{index:06}")]),
+                value: chunk.to_vec(),
+            })
+            .collect();
+        let mut ops = vec![
+            Op::DeletePrefix {
+                prefix: self.chunks_prefix("inputs", commit.rollout),
+            },
+            Op::DeletePrefix {
+                prefix: self.chunks_prefix("events", commit.rollout),
+            },
+        ];
+        let record = commit.record.map(encode).transpose()?;
+        let record_bytes = record.as_ref().map_or(0, Vec::len);
+        if archive.len() + record_bytes + 64 * 1024 <= MAX_WRITE_BYTES {
+            ops.extend(archive_ops);
+        } else {
+            for op in archive_ops {
+                self.fenced_write("the rollout's archived history", vec![op])?;
+            }
+        }
+        if let Some(record) = record {
+            ops.push(Op::Put {
+                key: self.key(&["rollouts", commit.rollout]),
+                value: record,
+            });
+        }
+        self.fenced_write("the rollout's final step", ops)
+    }
+
+    /// A final rollout's archived history (empty when there is none).
+    fn read_archive(&self, rollout: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        let chunks = self.read_prefix(self.chunks_prefix("archive", rollout))?;
+        if chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = String::from_utf8_lossy(&self.chunks_prefix("archive", rollout)).into_owned();
+        let gzipped: Vec<u8> = chunks.into_iter().flat_map(|(_, value)| value).collect();
+        let json = gunzip(&gzipped)
+            .map_err(|e| StoreError::Remote(format!("{key}: not a gzipped history: {e}")))?;
+        decode(&key, &json)
+    }
+
     /// Forget etcd's revisions older than `keep` revisions back (a rollout's many commits
     /// otherwise keep every superseded record). Returns the revision compacted to, if any.
     pub fn compact_history(&self, keep: i64) -> Result<Option<i64>, StoreError> {
@@ -186,6 +245,25 @@ impl EtcdStore {
     }
 }
 
+/// One key of an archived history: well under etcd's request limit.
+const ARCHIVE_CHUNK_BYTES: usize = 1024 * 1024;
+
+fn gzip(bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder
+        .write_all(bytes)
+        .and_then(|()| encoder.finish())
+        .map_err(|e| StoreError::Remote(format!("cannot compress a history: {e}")))
+}
+
+fn gunzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out)?;
+    Ok(out)
+}
+
 fn remote(error: EtcdError) -> StoreError {
     StoreError::Remote(error.to_string())
 }
@@ -234,7 +312,12 @@ impl Store for EtcdStore {
     }
 
     fn events(&self, rollout: &str, from_seq: u64) -> Result<Vec<StoredEvent>, StoreError> {
+        // The live chunks while the rollout runs (and while a final commit that archives is
+        // under way); the archive once it is final.
         let mut events = self.read_chunks::<StoredEvent>("events", rollout)?;
+        if events.is_empty() {
+            events = self.read_archive(rollout)?;
+        }
         events.retain(|event| event.seq >= from_seq);
         Ok(events)
     }
@@ -243,13 +326,11 @@ impl Store for EtcdStore {
         let finished = commit
             .record
             .is_some_and(|record| record.status.state.is_final());
-        let mut ops = Vec::new();
         if finished {
-            // A final rollout is never replayed: its inputs go, its history stays.
-            ops.push(Op::DeletePrefix {
-                prefix: self.chunks_prefix("inputs", commit.rollout),
-            });
-        } else if let Some(first) = commit.inputs.first() {
+            return self.commit_final(commit);
+        }
+        let mut ops = Vec::new();
+        if let Some(first) = commit.inputs.first() {
             ops.push(Op::Put {
                 key: self.chunk_key("inputs", commit.rollout, first.seq),
                 value: encode(&commit.inputs)?,

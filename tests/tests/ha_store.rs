@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use hotroll_engine::{Event, RolloutState};
+use hotroll_engine::{Event, Record, RolloutState, StepPhase};
 use hotroll_etcd::{EtcdClient, EtcdOptions, EtcdStore, Leadership, LeadershipLost};
 use hotroll_rollouts::store::contract::{check, record};
-use hotroll_rollouts::store::{Commit, Store, StoreError, StoredInput};
+use hotroll_rollouts::store::{Commit, Store, StoreError, StoredEvent, StoredInput};
 use hotroll_tests::etcd::EtcdCluster;
 
 const TTL: Duration = Duration::from_secs(2);
@@ -176,6 +176,92 @@ async fn a_final_rollouts_engine_inputs_are_deleted_and_its_history_kept() -> an
         }
     })
     .await?;
+    Ok(())
+}
+
+/// One history entry whose error is `len` bytes of hex that compresses poorly.
+fn noisy_event(seq: u64, len: usize) -> StoredEvent {
+    use sha2::Digest;
+    let mut error = String::new();
+    while error.len() < len {
+        error.push_str(&hex::encode(sha2::Sha256::digest(
+            format!("{seq}/{}", error.len()).as_bytes(),
+        )));
+    }
+    StoredEvent {
+        seq,
+        at_ms: seq,
+        record: Record::Step {
+            node: format!("node-{}", seq % 1000),
+            step: 1,
+            phase: StepPhase::Failed,
+            error: Some(error),
+            duration_ms: Some(seq),
+        },
+    }
+}
+
+/// A final rollout's history moves into gzipped archive keys in its final commit (the live
+/// chunks go), and reads the same as before: a small one in the final transaction, one larger
+/// than an etcd request in chunks written first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_rollouts_history_is_archived_and_reads_the_same() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(3)?;
+    let client = client(&etcd)?;
+    let leader = Leadership::campaign(&client, "/archive", "http://a", TTL).await?;
+    let store = EtcdStore::new(client.clone(), "/archive", leader);
+    for (rollout, events, batch, len) in [
+        ("small", 40u64, 10usize, 50usize),
+        ("large", 12_000, 1_000, 256),
+    ] {
+        let store = store.clone();
+        let history: Vec<StoredEvent> = (1..=events).map(|seq| noisy_event(seq, len)).collect();
+        let check = history.clone();
+        let raw = serde_json::to_vec(&history)?.len();
+        blocking(move || -> anyhow::Result<()> {
+            store.put_rollout(&record(rollout))?;
+            let (last, earlier) = history.split_last().context("no history")?;
+            for chunk in earlier.chunks(batch) {
+                store.append_events(rollout, chunk)?;
+            }
+            let mut done = record(rollout);
+            done.status.state = RolloutState::RolledBack;
+            store.commit(Commit {
+                rollout,
+                inputs: &[],
+                events: std::slice::from_ref(last),
+                record: Some(&done),
+            })?;
+            anyhow::ensure!(
+                store.events(rollout, 0)? == check,
+                "{rollout}: the archived history differs from what was stored"
+            );
+            anyhow::ensure!(store.events(rollout, events - 1)?.len() == 2);
+            Ok(())
+        })
+        .await?;
+        let live = client
+            .get_prefix(format!("/archive/events/{rollout}/").as_bytes())
+            .await?;
+        let archive = client
+            .get_prefix(format!("/archive/archive/{rollout}/").as_bytes())
+            .await?;
+        let archived: usize = archive.iter().map(|kv| kv.value.len()).sum();
+        anyhow::ensure!(
+            live.is_empty(),
+            "{rollout}: live chunks left: {}",
+            live.len()
+        );
+        anyhow::ensure!(
+            !archive.is_empty() && (rollout == "small" || archive.len() > 1),
+            "{rollout}: {} archive keys",
+            archive.len()
+        );
+        eprintln!(
+            "{rollout}: {events} events, {raw} bytes as JSON, archived in {} keys of {archived} bytes",
+            archive.len()
+        );
+    }
     Ok(())
 }
 
