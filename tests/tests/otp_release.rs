@@ -12,12 +12,15 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::ensure;
+use anyhow::{Context, ensure};
 use hotroll_tests::erlang::{self, Epmd};
 use hotroll_tests::otp_release::{self, ReleaseNode, Tarballs};
 use hotroll_tests::{Cluster, ClusterOptions, node_name, status};
 
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Any failure rolls every node back.
+const ROLLBACK_ALL: &str = "max_failures = 0\non_failure = \"rollback_all\"";
 
 /// Release nodes for a cluster of `n` agents: node-i drives `pm-node-i@127.0.0.1`.
 struct Fleet {
@@ -83,25 +86,29 @@ cookie_env = "COOKIE"
 
     /// The script moving the fleet 0.1.0 -> 0.2.0 with `tarball`.
     fn script(&self, tarball: &Path) -> String {
+        self.script_with(tarball, "0.1.0", "0.2.0", ROLLBACK_ALL)
+    }
+
+    /// The script moving the fleet `from` -> `to` with `tarball` and the `[rollout]` `policy`.
+    fn script_with(&self, tarball: &Path, from: &str, to: &str, policy: &str) -> String {
         format!(
             r#"app = "pm"
 runtime = "otp_release"
-from = "0.1.0"
-to = "0.2.0"
+from = "{from}"
+to = "{to}"
 
 [[artifacts]]
-name = "pm-0.2.0.tar.gz"
+name = "pm-{to}.tar.gz"
 source = "{tarball}"
 
 [rollout]
-max_failures = 0
-on_failure = "rollback_all"
+{policy}
 barrier_timeout = "60s"
 step_timeout = "60s"
 
 [script]
 up = [
-  {{ unpack_release = "pm-0.2.0.tar.gz" }},
+  {{ unpack_release = "pm-{to}.tar.gz" }},
   {{ sync_nodes = "unpacked" }},
   "point_of_no_return",
   "install_release",
@@ -305,6 +312,89 @@ fn a_broken_tarball_fails_check_and_aborts_before_the_point_of_no_return() -> an
                 !fleet.node(i).root.join("releases/0.2.0").exists(),
                 "node {i} kept the unpacked release"
             );
+        }
+        Ok(())
+    })
+}
+
+/// Test 5: the canary (canary 1, paused after its wave) has installed 0.2.0 when its Erlang
+/// node is SIGKILLed, before make-permanent. Promoted, the rest of the fleet upgrades; at
+/// make-permanent the canary's agent finds its node gone, starts it again from its permanent
+/// release (bin/pm still boots 0.1.0) and reports the node rolled back, saying the in-memory
+/// state was lost; the rollout ends `partially_rolled_back`.
+#[test]
+fn a_node_killed_between_install_and_make_permanent_comes_back_on_its_permanent_release()
+-> anyhow::Result<()> {
+    let fleet = Fleet::start(3, |t, _| t.v1.clone())?;
+    Cluster::start(3, fleet.options())?.run(|cluster| {
+        let policy = "canary = 1\npause_after_canary = true\nmax_failures = 1\non_failure = \"rollback_node\"";
+        let text = fleet.script_with(&fleet.tarballs.v2, "0.1.0", "0.2.0", policy);
+        let script = cluster.write_script("v2-canary.toml", &text)?;
+        let id = cluster.start_rollout(&script, &[])?;
+        let paused = cluster.wait_status(&id, "the canary wave to finish", ROLLOUT_TIMEOUT, |s| {
+            status::rollout_state(s).is_ok_and(|st| st == "paused")
+        })?;
+        let canary = status::node_states(&paused)
+            .into_iter()
+            .find(|(_, state)| state == "committed")
+            .map(|(name, _)| name)
+            .with_context(|| format!("no committed canary: {paused}"))?;
+        let i = (1..=3)
+            .find(|&i| node_name(i) == canary)
+            .with_context(|| format!("unknown canary {canary}"))?;
+        let node = fleet.node(i);
+        ensure!(
+            releases_of(node)?
+                == vec![
+                    ("0.1.0".into(), "permanent".into()),
+                    ("0.2.0".into(), "current".into())
+                ],
+            "canary {canary} not installed: {:?}",
+            releases_of(node)?
+        );
+        let killed_pid = node.miner()?.pid;
+        node.erl.stop()?;
+        let promoted = cluster.hotroll(&["rollout", "promote", &id])?;
+        ensure!(promoted.code == Some(0), "promote: {promoted:?}");
+        let status = cluster.wait_final(&id, ROLLOUT_TIMEOUT)?;
+        ensure!(
+            status::rollout_state(&status)? == "partially_rolled_back",
+            "rollout: {status:#}"
+        );
+        // The rollout is final once the canary reports it is rolling back; its restart takes
+        // longer.
+        let status = cluster.wait_status(&id, "the canary to roll back", ROLLOUT_TIMEOUT, |s| {
+            status::node_state(s, &canary).is_ok_and(|st| st == "rolled_back")
+        })?;
+        // The history says how: restarted from the permanent release, state lost.
+        let said = status::node_error(&status, &canary)?.unwrap_or_default();
+        ensure!(
+            said.contains("restarted from the permanent release 0.1.0")
+                && said.contains("in-memory state lost"),
+            "canary: {said}"
+        );
+        node.wait_running(Duration::from_secs(30))?;
+        let back = node.miner()?;
+        ensure!(back.format == "tuple", "canary not on v1 code: {back:?}");
+        ensure!(back.pid != killed_pid || back.primes.len() < 5, "not a new node: {back:?}");
+        let releases = releases_of(node)?;
+        ensure!(
+            releases.first() == Some(&("0.1.0".into(), "permanent".into()))
+                && !releases.iter().any(|(_, st)| st == "current"),
+            "canary releases: {releases:?}"
+        );
+        for j in (1..=3).filter(|&j| j != i) {
+            let other = fleet.node(j);
+            ensure!(
+                releases_of(other)?
+                    == vec![
+                        ("0.1.0".into(), "old".into()),
+                        ("0.2.0".into(), "permanent".into())
+                    ],
+                "node {j}: {:?}",
+                releases_of(other)?
+            );
+            ensure!(other.miner()?.format == "map", "node {j} not on v2");
         }
         Ok(())
     })
