@@ -89,6 +89,29 @@ const APPUP_V2: &str = r#"{"0.2.0",
  [{"0.1.0", [{update, pm, {advanced, []}}]}]}.
 "#;
 
+/// v3: v2's code whose code_change crashes, whichever way it is called.
+const PM_V3: &str = r#"-module(pm).
+-behaviour(gen_server).
+-export([start_link/0, primes/0, init/1, handle_call/3, handle_cast/2, handle_info/2, code_change/3]).
+start_link() -> gen_server:start_link({local, pm}, ?MODULE, [], []).
+primes() -> gen_server:call(pm, primes).
+init([]) -> self() ! mine, {ok, #{next => 2, primes => []}}.
+handle_call(primes, _, #{primes := Ps} = S) -> {reply, lists:reverse(Ps), S};
+handle_call(format, _, S) -> {reply, map3, S}.
+handle_cast(_, S) -> {noreply, S}.
+handle_info(mine, #{next := N, primes := Ps} = S) ->
+    erlang:send_after(2, self(), mine),
+    {noreply, S#{next := N + 1, primes := case is_prime(N) of true -> [N | Ps]; false -> Ps end}}.
+code_change(_, _, _) -> erlang:error(code_change_crashed).
+is_prime(N) when N < 2 -> false;
+is_prime(N) -> lists:all(fun(D) -> N rem D =/= 0 end, lists:seq(2, trunc(math:sqrt(N)))).
+"#;
+
+const APPUP_V3: &str = r#"{"0.3.0",
+ [{"0.2.0", [{update, pm, {advanced, []}}]}],
+ [{"0.2.0", [{update, pm, {advanced, []}}]}]}.
+"#;
+
 /// The tarballs a test needs.
 #[derive(Debug)]
 pub struct Tarballs {
@@ -154,6 +177,38 @@ pub fn build(dir: &Path) -> anyhow::Result<Tarballs> {
         v2: take("0.2.0")?,
         other: take("0.1.1")?,
     })
+}
+
+/// After [`build`] in the same `dir`: `pm-0.3.0.tar.gz`, whose relup upgrades from 0.2.0 and
+/// whose `code_change` crashes.
+pub fn build_v3(dir: &Path) -> anyhow::Result<PathBuf> {
+    let project = dir.join("pm");
+    let app = project.join("apps/pm");
+    let home = dir.join("home");
+    std::fs::write(
+        project.join("rebar.config"),
+        REBAR_CONFIG.replace("@VSN@", "0.3.0"),
+    )?;
+    std::fs::write(
+        app.join("src/pm.app.src"),
+        APP_SRC.replace("@VSN@", "0.3.0"),
+    )?;
+    std::fs::write(app.join("src/pm.erl"), PM_V3)?;
+    std::fs::write(app.join("ebin/pm.appup"), APPUP_V3)?;
+    rebar3(&project, &home, &["as", "prod", "release"])?;
+    rebar3(
+        &project,
+        &home,
+        &[
+            "as", "prod", "relup", "-n", "pm", "-v", "0.3.0", "-u", "0.2.0",
+        ],
+    )?;
+    rebar3(&project, &home, &["as", "prod", "tar"])?;
+    let name = "pm-0.3.0.tar.gz";
+    let to = dir.join("tarballs").join(name);
+    std::fs::copy(project.join("_build/prod/rel/pm").join(name), &to)
+        .with_context(|| format!("no {name} built"))?;
+    Ok(to)
 }
 
 fn rebar3(project: &Path, home: &Path, args: &[&str]) -> anyhow::Result<()> {

@@ -399,3 +399,91 @@ fn a_node_killed_between_install_and_make_permanent_comes_back_on_its_permanent_
         Ok(())
     })
 }
+
+/// Test 2: the fleet on 0.2.0; a 0.3.0 whose `code_change` crashes, canary 1, no failure
+/// allowed: the canary's install_release fails after the point of no return and it is rolled
+/// back to 0.2.0 (the relup's downgrade with its state, or a restart without it: what its
+/// outcome says is what the node shows); the other nodes never changed (never committed, the
+/// unpacked 0.3.0 removed); the rollout ends `rolled_back`.
+#[test]
+fn a_v3_whose_code_change_crashes_rolls_the_canary_back_and_leaves_the_rest_unchanged()
+-> anyhow::Result<()> {
+    let fleet = Fleet::start(3, |t, _| t.v2.clone())?;
+    let v3 = otp_release::build_v3(&fleet.root().join("build"))?;
+    Cluster::start(3, fleet.options())?.run(|cluster| {
+        let policy = "canary = 1\nmax_failures = 0\non_failure = \"rollback_node\"";
+        let text = fleet.script_with(&v3, "0.2.0", "0.3.0", policy);
+        let script = cluster.write_script("v3.toml", &text)?;
+        let before = snapshot(&fleet, 3)?;
+        for (i, (releases, _)) in before.iter().enumerate() {
+            ensure!(
+                releases == &vec![("0.2.0".to_string(), "permanent".to_string())],
+                "node {} not on 0.2.0: {releases:?}",
+                i + 1
+            );
+        }
+        let run = cluster.run_rollout(&script, &[], ROLLOUT_TIMEOUT)?;
+        let id = run.id.clone();
+        let state = status::rollout_state(&run.status)?.to_string();
+        ensure!(
+            state == "rolled_back" || state == "partially_rolled_back",
+            "rollout: {:#}",
+            run.status
+        );
+        let canary = status::node_states(&run.status)
+            .into_iter()
+            .find(|(_, st)| st != "aborted")
+            .map(|(name, _)| name)
+            .with_context(|| format!("no canary: {:#}", run.status))?;
+        let status = cluster.wait_status(&id, "the canary to roll back", ROLLOUT_TIMEOUT, |s| {
+            status::node_state(s, &canary).is_ok_and(|st| st == "rolled_back")
+        })?;
+        ensure!(
+            status::rollout_state(&status)? == "rolled_back",
+            "rollout: {status:#}"
+        );
+        let said = status::node_error(&status, &canary)?
+            .unwrap_or_default()
+            .to_string();
+        ensure!(said.contains("install_release"), "canary: {said}");
+        let kept = said.contains("in-memory state kept");
+        ensure!(
+            kept || said.contains("in-memory state lost"),
+            "the canary's outcome does not say what happened to its state: {said}"
+        );
+        let i = (1..=3)
+            .find(|&i| node_name(i) == canary)
+            .with_context(|| format!("unknown canary {canary}"))?;
+        let node = fleet.node(i);
+        node.wait_running(Duration::from_secs(30))?;
+        let back = node.miner()?;
+        ensure!(back.format == "map", "canary not on v2 code: {back:?}");
+        let (releases, pid) = &before[i - 1];
+        ensure!(
+            kept == (back.pid == *pid),
+            "the canary says {said:?} but its miner is {} (was {pid})",
+            back.pid
+        );
+        ensure!(
+            releases_of(node)? == *releases,
+            "canary releases: {:?}",
+            releases_of(node)?
+        );
+        for j in (1..=3).filter(|&j| j != i) {
+            ensure!(
+                status::node_state(&status, &node_name(j))? == "aborted",
+                "node {j}: {status:#}"
+            );
+            ensure!(
+                (releases_of(fleet.node(j))?, fleet.node(j).miner()?.pid) == before[j - 1],
+                "node {j} changed"
+            );
+            ensure!(
+                !fleet.node(j).root.join("releases/0.3.0").exists(),
+                "node {j} kept the unpacked release"
+            );
+        }
+        println!("canary {canary}: {said}");
+        Ok(())
+    })
+}
