@@ -17,6 +17,7 @@ pub mod control;
 pub mod convert;
 pub mod group;
 pub mod metrics;
+pub mod releases;
 pub mod server;
 pub mod session;
 pub mod stopping;

@@ -379,18 +379,47 @@ pub struct Miner {
 
 /// `v2` repacked broken: no relup, and a `sys.config.src` that does not parse.
 pub fn broken_tarball(v2: &Path, out: &Path) -> anyhow::Result<PathBuf> {
-    let tree = out.join("broken-tree");
+    repack(v2, out, "broken", |tree| {
+        std::fs::remove_file(tree.join("releases/0.2.0/relup"))?;
+        std::fs::write(
+            tree.join("releases/0.2.0/sys.config.src"),
+            "[{pm, [{started_by, \"${NODE_NAME}\"}}].\n",
+        )?;
+        Ok(())
+    })
+}
+
+/// `v2` repacked with OTP's own `sync_nodes` right after the relup's point_of_no_return.
+pub fn sync_nodes_tarball(v2: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+    repack(v2, out, "sync-nodes", |tree| {
+        let path = tree.join("releases/0.2.0/relup");
+        let relup = std::fs::read_to_string(&path)?;
+        ensure!(relup.contains("point_of_no_return"), "relup: {relup}");
+        let edited = relup.replacen(
+            "point_of_no_return",
+            "point_of_no_return,{sync_nodes,hotroll_test,['pm-node-1@127.0.0.1']}",
+            1,
+        );
+        std::fs::write(&path, edited)?;
+        Ok(())
+    })
+}
+
+/// `v2` unpacked under `out/<tag>-tree`, changed by `edit`, packed as `pm-0.2.0-<tag>.tar.gz`.
+fn repack(
+    v2: &Path,
+    out: &Path,
+    tag: &str,
+    edit: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<PathBuf> {
+    let tree = out.join(format!("{tag}-tree"));
     std::fs::create_dir_all(&tree)?;
     let mut untar = Command::new("tar");
     untar.arg("xzf").arg(v2).arg("-C").arg(&tree);
     let done = run_command(untar, Duration::from_secs(60))?;
     ensure!(done.code == Some(0), "tar: {}", done.stderr);
-    std::fs::remove_file(tree.join("releases/0.2.0/relup"))?;
-    std::fs::write(
-        tree.join("releases/0.2.0/sys.config.src"),
-        "[{pm, [{started_by, \"${NODE_NAME}\"}}].\n",
-    )?;
-    let tarball = out.join("pm-0.2.0-broken.tar.gz");
+    edit(&tree)?;
+    let tarball = out.join(format!("pm-0.2.0-{tag}.tar.gz"));
     let mut tar = Command::new("tar");
     tar.arg("czf")
         .arg(&tarball)

@@ -234,11 +234,13 @@ fn snapshot(fleet: &Fleet, n: usize) -> anyhow::Result<Vec<NodeSnapshot>> {
         .collect()
 }
 
-/// Test 3: node-2 runs 0.1.1, which the relup does not upgrade from: the rollout stops before
-/// the point of no return naming that node; nothing changed on any node.
+/// Test 3: node-2 runs 0.1.1, which the relup does not upgrade from: the coordinator refuses
+/// the rollout at start, naming that node (it knows what each node runs from its Hello);
+/// nothing changed on any node, no rollout recorded. And a relup with OTP's own `sync_nodes`
+/// is refused by `hotroll check` (exit 2) and at start, with its place in the relup and the
+/// hotroll barrier to use instead.
 #[test]
-fn a_node_the_relup_does_not_upgrade_from_stops_the_rollout_before_anything_changes()
--> anyhow::Result<()> {
+fn a_node_the_relup_does_not_upgrade_from_is_refused_at_start_naming_it() -> anyhow::Result<()> {
     let fleet = Fleet::start(3, |t, i| {
         if i == 2 {
             t.other.clone()
@@ -246,6 +248,7 @@ fn a_node_the_relup_does_not_upgrade_from_stops_the_rollout_before_anything_chan
             t.v1.clone()
         }
     })?;
+    let sync_nodes = otp_release::sync_nodes_tarball(&fleet.tarballs.v2, fleet.root())?;
     Cluster::start(3, fleet.options())?.run(|cluster| {
         let script = cluster.write_script("v2.toml", &fleet.script(&fleet.tarballs.v2))?;
         // The tarball itself is fine.
@@ -257,16 +260,64 @@ fn a_node_the_relup_does_not_upgrade_from_stops_the_rollout_before_anything_chan
             check.stderr
         );
         let before = snapshot(&fleet, 3)?;
-        let run = cluster.run_rollout(&script, &[], ROLLOUT_TIMEOUT)?;
+        let start = |script: &Path| {
+            cluster.hotroll(&[
+                "rollout",
+                "start",
+                &script.display().to_string(),
+                "--wait",
+                "--output",
+                "json",
+            ])
+        };
+        let refused = start(&script)?;
+        let said = format!("{}{}", refused.stdout, refused.stderr);
         ensure!(
-            status::rollout_state(&run.status)? == "aborted",
-            "rollout: {}",
-            run.status
+            refused.code == Some(1),
+            "start exit {:?}: {said}",
+            refused.code
         );
-        let error = status::node_error(&run.status, "node-2")?.unwrap_or_default();
         ensure!(
-            error.contains("pm-node-2@127.0.0.1") && error.contains("0.1.1"),
-            "node-2 error: {error}"
+            said.contains("no UpFrom entry") && said.contains("node-2 (runs 0.1.1)"),
+            "start: {said}"
+        );
+        ensure!(
+            !said.contains("node-1") && !said.contains("node-3"),
+            "start names other nodes: {said}"
+        );
+
+        let script = cluster.write_script("sync.toml", &fleet.script(&sync_nodes))?;
+        let check = cluster.hotroll(&["check", &script.display().to_string()])?;
+        let checked = format!("{}{}", check.stdout, check.stderr);
+        ensure!(
+            check.code == Some(2),
+            "check exit {:?}: {checked}",
+            check.code
+        );
+        ensure!(
+            checked.contains("UpFrom \"0.1.0\" instruction 3 is OTP's")
+                && checked.contains("sync_nodes, which waits without a deadline")
+                && checked.contains("hotroll barrier"),
+            "check: {checked}"
+        );
+        let refused = start(&script)?;
+        let said = format!("{}{}", refused.stdout, refused.stderr);
+        ensure!(
+            refused.code == Some(1),
+            "start exit {:?}: {said}",
+            refused.code
+        );
+        ensure!(
+            said.contains("UpFrom \"0.1.0\" instruction 3 is OTP's sync_nodes")
+                && said.contains("hotroll barrier"),
+            "start: {said}"
+        );
+
+        let list = cluster.hotroll(&["rollout", "list", "--output", "json"])?;
+        ensure!(
+            !list.stdout.contains("\"id\""),
+            "a rollout was recorded: {}",
+            list.stdout
         );
         ensure!(
             snapshot(&fleet, 3)? == before,
@@ -276,7 +327,7 @@ fn a_node_the_relup_does_not_upgrade_from_stops_the_rollout_before_anything_chan
         for i in 1..=3 {
             ensure!(
                 !fleet.node(i).root.join("releases/0.2.0").exists(),
-                "node {i} kept the unpacked release"
+                "node {i} holds the new release"
             );
         }
         Ok(())
