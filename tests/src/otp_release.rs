@@ -405,6 +405,18 @@ pub fn sync_nodes_tarball(v2: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// `v2` repacked with a `vm.args.src` that names one fixed node for the whole fleet (the
+/// mistake the per-node identity check is for).
+pub fn fixed_name_tarball(v2: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+    repack(v2, out, "fixed-name", |tree| {
+        let path = tree.join("releases/0.2.0/vm.args.src");
+        let text = std::fs::read_to_string(&path)?;
+        ensure!(text.contains("${NODE_NAME}"), "vm.args.src: {text}");
+        std::fs::write(&path, text.replace("${NODE_NAME}", "pm-fixed@127.0.0.1"))?;
+        Ok(())
+    })
+}
+
 /// `v2` unpacked under `out/<tag>-tree`, changed by `edit`, packed as `pm-0.2.0-<tag>.tar.gz`.
 fn repack(
     v2: &Path,

@@ -336,10 +336,12 @@ fn a_node_the_relup_does_not_upgrade_from_is_refused_at_start_naming_it() -> any
 
 /// Test 4: a tarball with no relup and a sys.config that does not parse: `hotroll check` exits
 /// 2 saying both; a rollout of it aborts before the point of no return, every node unchanged.
+/// Then one whose `vm.args.src` names a fixed node: the nodes' identity check aborts it too.
 #[test]
 fn a_broken_tarball_fails_check_and_aborts_before_the_point_of_no_return() -> anyhow::Result<()> {
     let fleet = Fleet::start(2, |t, _| t.v1.clone())?;
     let broken = otp_release::broken_tarball(&fleet.tarballs.v2, fleet.root())?;
+    let fixed = otp_release::fixed_name_tarball(&fleet.tarballs.v2, fleet.root())?;
     Cluster::start(2, fleet.options())?.run(|cluster| {
         let script = cluster.write_script("broken.toml", &fleet.script(&broken))?;
         let check = cluster.hotroll(&["check", &script.display().to_string()])?;
@@ -356,6 +358,32 @@ fn a_broken_tarball_fails_check_and_aborts_before_the_point_of_no_return() -> an
             status::rollout_state(&run.status)? == "aborted",
             "rollout: {}",
             run.status
+        );
+        ensure!(snapshot(&fleet, 2)? == before, "a node changed");
+        for i in 1..=2 {
+            ensure!(
+                !fleet.node(i).root.join("releases/0.2.0").exists(),
+                "node {i} kept the unpacked release"
+            );
+        }
+        // A package whose vm.args.src names one node for the whole fleet: each node's vote
+        // refuses it (its own name would not survive), before the point of no return.
+        let script = cluster.write_script("fixed.toml", &fleet.script(&fixed))?;
+        let run = cluster.run_rollout(&script, &[], ROLLOUT_TIMEOUT)?;
+        ensure!(
+            status::rollout_state(&run.status)? == "aborted",
+            "rollout: {}",
+            run.status
+        );
+        // Whichever node voted first is named (the other is aborted by the coordinator).
+        let said = format!(
+            "{} {}",
+            status::node_error(&run.status, "node-1")?.unwrap_or_default(),
+            status::node_error(&run.status, "node-2")?.unwrap_or_default()
+        );
+        ensure!(
+            said.contains("makes the node `pm-fixed@127.0.0.1`, not `pm-node-"),
+            "errors: {said}"
         );
         ensure!(snapshot(&fleet, 2)? == before, "a node changed");
         for i in 1..=2 {
