@@ -26,6 +26,9 @@ use anyhow::{Context, bail};
 pub enum PlanCommand {
     /// Write the upgrade script of an Erlang app from its old and new ebin directories.
     Beam(BeamArgs),
+    /// Write the script of an OTP release upgrade from its tarball and print what its relup
+    /// does per UpFrom version.
+    Release(crate::plan_release::ReleaseArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -53,6 +56,7 @@ pub struct BeamArgs {
 pub async fn run(command: PlanCommand) -> anyhow::Result<u8> {
     match command {
         PlanCommand::Beam(args) => run_beam(&args).map(|()| crate::exit::OK),
+        PlanCommand::Release(args) => crate::plan_release::run(&args),
     }
 }
 

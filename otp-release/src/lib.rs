@@ -51,6 +51,59 @@ impl Relup {
     }
 }
 
+/// The release a package holds: `(name, version)` from its `releases/<vsn>/<name>.rel`; the
+/// one with a relup when there are several.
+pub fn release_of(tarball: &Tarball) -> Option<(String, String)> {
+    let mut found = Vec::new();
+    for (path, bytes) in &tarball.files {
+        let Some(rest) = path.strip_prefix("releases/") else {
+            continue;
+        };
+        let Some((vsn, file)) = rest.split_once('/') else {
+            continue;
+        };
+        if file.contains('/') || !file.ends_with(".rel") {
+            continue;
+        }
+        let Ok(terms) = consult(&String::from_utf8_lossy(bytes)) else {
+            continue;
+        };
+        if let Some([Term::Atom(tag), Term::Tuple(nv), ..]) = terms.first().and_then(Term::elements)
+            && tag == "release"
+            && let [name, v, ..] = nv.as_slice()
+            && let (Some(name), Some(v)) = (name.string(), v.string())
+            && v == vsn
+        {
+            let has_relup = tarball.files.contains_key(&format!("releases/{vsn}/relup"));
+            found.push((has_relup, name, v));
+        }
+    }
+    found.sort();
+    found.pop().map(|(_, name, vsn)| (name, vsn))
+}
+
+/// One relup instruction in words, for `hotroll plan release`: the instruction as Erlang
+/// writes it, and what it means on the node when that needs saying.
+pub fn describe(instruction: &Term) -> String {
+    let meaning = match instruction_name(instruction) {
+        Some("point_of_no_return") => " (after it a failure means a node restart)",
+        Some("restart_new_emulator") => {
+            " (the node restarts on the new emulator and core apps: in-memory state is lost)"
+        }
+        Some("restart_emulator") => " (the node restarts at the end of the upgrade)",
+        Some("suspend") => " (sys:suspend of the processes running these modules)",
+        Some("code_change") => " (sys:change_code of the suspended processes)",
+        Some("resume") => " (sys:resume)",
+        Some("load_object_code") => " (reads the new .beam files; nothing changes yet)",
+        Some("load") => " (code:load of the new version)",
+        Some("sync_nodes") => {
+            " (REFUSED by hotroll: no deadline; use a sync_nodes barrier in the script)"
+        }
+        _ => "",
+    };
+    format!("{instruction}{meaning}")
+}
+
 /// Why a relup could not be read.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RelupError {
@@ -408,6 +461,24 @@ mod tests {
         t.libs.clear();
         let errors = check_tarball(&t, "0.1.0", "0.2.0").join("\n");
         assert!(errors.contains("lib/pm-0.2.0"), "{errors}");
+    }
+
+    #[test]
+    fn the_release_and_its_instructions_are_named() -> Result<(), RelupError> {
+        let t = tarball(Some(RELUP), "[].");
+        assert_eq!(release_of(&t), Some(("pm".into(), "0.2.0".into())));
+        let r = relup(&t, "0.2.0")?;
+        let said: Vec<String> = r.up_from[0].instructions.iter().map(describe).collect();
+        assert_eq!(
+            said[0],
+            "{load_object_code,{pm,\"0.2.0\",[pm]}} (reads the new .beam files; nothing changes yet)"
+        );
+        assert!(
+            said[3].starts_with("{code_change,up,[{pm,[]}]}"),
+            "{said:?}"
+        );
+        assert_eq!(Term::Atom("Odd".into()).to_string(), "'Odd'");
+        Ok(())
     }
 
     #[test]

@@ -127,13 +127,42 @@ fn releases_of(node: &ReleaseNode) -> anyhow::Result<Vec<(String, String)>> {
 }
 
 /// Test 1: three release nodes on 0.1.0; rollout to 0.2.0 (relup `{update, pm, {advanced,
-/// []}}`, a new state format): every node runs 0.2.0, permanent, the same miner process, no
-/// prime lost, mining goes on; `which_releases` agrees with `hotroll nodes`.
+/// []}}`, a new state format) with the script `hotroll plan release` writes from the tarball
+/// (it also prints the relup's instructions): every node runs 0.2.0, permanent, the same miner
+/// process, no prime lost, mining goes on; `which_releases` agrees with `hotroll nodes`.
 #[test]
 fn upgrades_three_release_nodes_to_v2_keeping_primes_and_pid() -> anyhow::Result<()> {
     let fleet = Fleet::start(3, |t, _| t.v1.clone())?;
     Cluster::start(3, fleet.options())?.run(|cluster| {
-        let script = cluster.write_script("v2.toml", &fleet.script(&fleet.tarballs.v2))?;
+        // The script is the one `hotroll plan release` writes from the tarball.
+        let script = fleet.root().join("planned.toml");
+        let plan = cluster.hotroll(&[
+            "plan",
+            "release",
+            "--tar",
+            &fleet.tarballs.v2.display().to_string(),
+            "-o",
+            &script.display().to_string(),
+        ])?;
+        let said = format!("{}{}", plan.stdout, plan.stderr);
+        ensure!(plan.code == Some(0), "plan exit {:?}: {said}", plan.code);
+        for part in [
+            "relup 0.2.0 UpFrom 0.1.0",
+            "relup 0.2.0 DownTo 0.1.0",
+            "point_of_no_return",
+            "{suspend,[pm]}",
+            "{code_change,up,[{pm,[]}]}",
+            "{resume,[pm]}",
+        ] {
+            ensure!(said.contains(part), "plan does not say {part}: {said}");
+        }
+        let check = cluster.hotroll(&["check", &script.display().to_string()])?;
+        ensure!(
+            check.code == Some(0),
+            "check of the planned script: {}{}",
+            check.stdout,
+            check.stderr
+        );
         let mut before = Vec::new();
         for i in 1..=3 {
             let miner = fleet.node(i).miner()?;
