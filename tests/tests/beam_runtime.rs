@@ -521,6 +521,72 @@ fn planned_script_upgrades_the_nodes() -> anyhow::Result<()> {
     })
 }
 
+/// `hotroll plan beam --node NAME --to NEW_EBIN`: the running node says what it has loaded
+/// (and the app's version); the plan holds what really differs (counter_fmt added,
+/// counter_server changed, callee first) and nothing the node already runs (counter_sup,
+/// counter_app); the planned script upgrades the fleet.
+#[test]
+fn a_script_planned_from_the_running_node_upgrades_the_nodes() -> anyhow::Result<()> {
+    erlang::require()?;
+    let fleet = Fleet::start(2, |_| String::new())?;
+    Cluster::start(2, fleet.options())?.run(|cluster| {
+        let plan = cluster.dir().join("scripts/from-node.toml");
+        let to = fleet.ebin.join("v2").display().to_string();
+        let plan_arg = plan.display().to_string();
+        let node = fleet.node(1);
+        let mut command = cluster.hotroll_command();
+        command
+            .args(["plan", "beam", "--node", &node.name, "--cookie-file"])
+            .arg(&node.cookie_file)
+            .args([
+                "--to",
+                &to,
+                "--app",
+                "counter",
+                "--to-version",
+                "2",
+                "-o",
+                &plan_arg,
+            ])
+            .env("ERL_EPMD_PORT", node.epmd_port.to_string());
+        let out = hotroll_tests::cluster::run_command(command, Duration::from_secs(60))?;
+        ensure!(out.code == Some(0), "plan: {}{}", out.stdout, out.stderr);
+        ensure!(
+            out.stderr.contains("1 changed, 1 added"),
+            "plan: {}",
+            out.stderr
+        );
+        let text = std::fs::read_to_string(&plan)?;
+        ensure!(
+            text.contains("from = \"1\""),
+            "from the node's app vsn: {text}"
+        );
+        let fmt = text
+            .find("\"counter_fmt\"")
+            .context("counter_fmt not in the plan")?;
+        ensure!(
+            text[fmt..].contains("\"counter_server\""),
+            "counter_server not loaded after counter_fmt: {text}"
+        );
+        ensure!(
+            !text.contains("counter_sup") && !text.contains("counter_app"),
+            "unchanged modules planned: {text}"
+        );
+        cluster.hotroll(&["check", &plan_arg])?.ok()?;
+        let run = cluster.run_rollout(&plan, &[], ROLLOUT_TIMEOUT)?;
+        ensure!(
+            status::rollout_state(&run.status)? == "succeeded",
+            "{}",
+            run.status
+        );
+        for i in 1..=2 {
+            let after = counter(fleet.node(i))?;
+            ensure!(after.version == "2" && after.sys == "running", "{after:?}");
+        }
+        Ok(())
+    })
+}
+
 /// Test 5: a node that is down when the rollout starts: aborted before the point of no return,
 /// no node changed.
 #[test]
