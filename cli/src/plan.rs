@@ -88,10 +88,7 @@ fn run_beam(args: &BeamArgs) -> anyhow::Result<()> {
             let cookie = crate::plan_node::cookie(args.cookie_file.as_deref())?;
             let loaded = crate::plan_node::loaded(node, &cookie, &app)?;
             let local = crate::plan_node::md5s(&args.to)?;
-            (
-                crate::plan_node::as_old(&new, &loaded, &local),
-                loaded.app_vsn,
-            )
+            (as_old(&new, &loaded, &local), loaded.app_vsn)
         }
         (None, None) => bail!("give --from OLD_EBIN or --node NAME"),
     };
@@ -134,6 +131,26 @@ fn run_beam(args: &BeamArgs) -> anyhow::Result<()> {
         plan.unchanged
     );
     Ok(())
+}
+
+/// The "old ebin" the diff compares against: a new module the node runs with the same md5 is
+/// unchanged (a copy of the new one), with another md5 changed, not loaded added. Modules the
+/// node runs that the new ebin lacks are not this app's concern: none is removed.
+pub fn as_old(
+    new: &BTreeMap<String, BeamModule>,
+    loaded: &crate::plan_node::Loaded,
+    local: &BTreeMap<String, String>,
+) -> BTreeMap<String, BeamModule> {
+    new.iter()
+        .filter_map(|(name, module)| {
+            let running = loaded.md5.get(name)?;
+            let mut old = module.clone();
+            if local.get(name) != Some(running) {
+                old.code = vec![("md5".to_string(), running.as_bytes().to_vec())];
+            }
+            Some((name.clone(), old))
+        })
+        .collect()
 }
 
 /// What a module is, for the upgrade.

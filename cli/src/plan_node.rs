@@ -10,8 +10,6 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use crate::plan::BeamModule;
-
 /// What the node runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Loaded {
@@ -120,26 +118,6 @@ pub fn md5s(ebin: &Path) -> anyhow::Result<BTreeMap<String, String>> {
         );
     }
     Ok(parse_pairs(&String::from_utf8_lossy(&out.stdout)))
-}
-
-/// The "old ebin" the diff compares against: a new module the node runs with the same md5 is
-/// unchanged (a copy of the new one), with another md5 changed, not loaded added. Modules the
-/// node runs that the new ebin lacks are not this app's concern: none is removed.
-pub fn as_old(
-    new: &BTreeMap<String, BeamModule>,
-    loaded: &Loaded,
-    local: &BTreeMap<String, String>,
-) -> BTreeMap<String, BeamModule> {
-    new.iter()
-        .filter_map(|(name, module)| {
-            let running = loaded.md5.get(name)?;
-            let mut old = module.clone();
-            if local.get(name) != Some(running) {
-                old.code = vec![("md5".to_string(), running.as_bytes().to_vec())];
-            }
-            Some((name.clone(), old))
-        })
-        .collect()
 }
 
 #[cfg(test)]
