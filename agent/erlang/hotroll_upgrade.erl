@@ -27,7 +27,7 @@
          status/1]).
 
 %% Bump together with HELPER_VERSION in agent/src/runtime/beam/helper.rs.
--define(VERSION, 1).
+-define(VERSION, 2).
 
 %% Only one group runs at a time on a node: a second caller (an agent that restarted while the
 %% first call still runs, a rollback after a timeout) waits for the first to finish.
@@ -81,7 +81,8 @@ group({SuspendMods, Ops, SuspendTimeout, ChangeTimeout}) ->
         Prepared ->
             %% The supervision trees are read once, before anything is suspended: finding the
             %% modules of a `dynamic` child asks the process itself, which must not be suspended.
-            All = supervised(),
+            Changed = [M || {code_change, Vsns, _, _} <- Prepared, {M, _} <- Vsns],
+            All = known_procs(lists:usort(SuspendMods ++ Changed)),
             Procs = procs_of(SuspendMods, All),
             T0 = erlang:monotonic_time(microsecond),
             case suspend_all(Procs, SuspendTimeout) of
@@ -225,6 +226,33 @@ procs_of(Mods, All) ->
 supervised() ->
     try release_handler_1:get_supervised_procs()
     catch _:_ -> []
+    end.
+
+%% The supervised processes, plus the ones running one of Mods that no supervisor knows (the
+%% release handler does not see them): a registered gen_server started by hand, a process under
+%% a non-OTP parent. Any proc_lib process (gen_server, gen_statem, ..) whose initial call is one
+%% of Mods' is taken, as `{none, Name, Pid, [Mod]}`.
+known_procs(Mods) ->
+    Sup = supervised(),
+    Known = [P || {_, _, P, _} <- Sup, is_pid(P)],
+    Sup ++ [{none, registered_name(P), P, [M]}
+            || P <- erlang:processes(), P =/= self(), not lists:member(P, Known),
+               M <- [initial_module(P)], lists:member(M, Mods)].
+
+initial_module(Pid) ->
+    case erlang:process_info(Pid, dictionary) of
+        {dictionary, Dict} ->
+            case lists:keyfind('$initial_call', 1, Dict) of
+                {_, {M, _, _}} when is_atom(M) -> M;
+                _ -> none
+            end;
+        _ -> none
+    end.
+
+registered_name(Pid) ->
+    case erlang:process_info(Pid, registered_name) of
+        {registered_name, Name} -> Name;
+        _ -> undefined
     end.
 
 procs_running(Mod, All) ->
@@ -397,7 +425,7 @@ top_supervisor(App) ->
 %% For the agent's health check and tests: [{Mod, LoadedVsnText, OldCode, [{Pid, SysState}]}].
 status(Mods) when is_list(Mods) ->
     [{M, fmt("~0p", [catch current_vsn(M)]), erlang:check_old_code(M),
-      [{Pid, sys_state(Pid)} || Pid <- procs_running(M, All)]} || All <- [supervised()], M <- Mods].
+      [{Pid, sys_state(Pid)} || Pid <- procs_running(M, All)]} || All <- [known_procs(Mods)], M <- Mods].
 
 sys_state(Pid) ->
     case catch sys:get_status(Pid, 1000) of

@@ -8,6 +8,8 @@ pub mod demo;
 pub mod nodes;
 pub mod otp;
 pub mod plan;
+pub mod plan_node;
+pub mod plan_release;
 pub mod rollout;
 pub mod serve;
 pub mod states;

@@ -1,5 +1,7 @@
 //! `hotroll plan beam --from OLD_EBIN --to NEW_EBIN [--app NAME] [-o FILE]`: write the upgrade
-//! script of an Erlang app from its two ebin directories, without a hand-written appup.
+//! script of an Erlang app from its two ebin directories, without a hand-written appup. With
+//! `--node NAME` instead of `--from`, the running node says which modules it has loaded and their
+//! md5 (`plan_node.rs`), and only the modules that really differ are planned.
 //!
 //! * Modules are compared by the chunks that make their code (`Code`, `AtU8`/`Atom`, `ImpT`,
 //!   `ExpT`, `LitT`, `FunT`, `StrT`, `Attr`): changed, added and removed.
@@ -26,13 +28,28 @@ use anyhow::{Context, bail};
 pub enum PlanCommand {
     /// Write the upgrade script of an Erlang app from its old and new ebin directories.
     Beam(BeamArgs),
+    /// Write the script of an OTP release upgrade from its tarball and print what its relup
+    /// does per UpFrom version.
+    Release(crate::plan_release::ReleaseArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BeamArgs {
     /// The ebin directory of the running (old) release.
-    #[arg(long, value_name = "OLD_EBIN")]
-    pub from: PathBuf,
+    #[arg(
+        long,
+        value_name = "OLD_EBIN",
+        required_unless_present = "node",
+        conflicts_with = "node"
+    )]
+    pub from: Option<PathBuf>,
+    /// Instead of OLD_EBIN, the running node (`name@host`): it is asked which modules it has
+    /// loaded and their md5 (`erl_call`, read-only), and only what really differs is planned.
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// The node's cookie file (with --node; default: ~/.erlang.cookie).
+    #[arg(long, value_name = "FILE", requires = "node")]
+    pub cookie_file: Option<PathBuf>,
     /// The ebin directory of the new release.
     #[arg(long, value_name = "NEW_EBIN")]
     pub to: PathBuf,
@@ -53,24 +70,33 @@ pub struct BeamArgs {
 pub async fn run(command: PlanCommand) -> anyhow::Result<u8> {
     match command {
         PlanCommand::Beam(args) => run_beam(&args).map(|()| crate::exit::OK),
+        PlanCommand::Release(args) => crate::plan_release::run(&args),
     }
 }
 
 fn run_beam(args: &BeamArgs) -> anyhow::Result<()> {
-    let old = read_ebin(&args.from)?;
     let new = read_ebin(&args.to)?;
     let new_app = read_app_file(&args.to);
-    let old_app = read_app_file(&args.from);
     let app = args
         .app
         .clone()
         .or_else(|| new_app.as_ref().map(|(name, _)| name.clone()))
         .context("no --app given and no .app file in the new ebin directory")?;
+    let (old, old_vsn) = match (&args.from, &args.node) {
+        (Some(dir), _) => (read_ebin(dir)?, read_app_file(dir).map(|(_, vsn)| vsn)),
+        (None, Some(node)) => {
+            let cookie = crate::plan_node::cookie(args.cookie_file.as_deref())?;
+            let loaded = crate::plan_node::loaded(node, &cookie, &app)?;
+            let local = crate::plan_node::md5s(&args.to)?;
+            (as_old(&new, &loaded, &local), loaded.app_vsn)
+        }
+        (None, None) => bail!("give --from OLD_EBIN or --node NAME"),
+    };
     let from = args
         .from_version
         .clone()
-        .or_else(|| old_app.as_ref().map(|(_, vsn)| vsn.clone()))
-        .context("no --from-version given and no .app file with a vsn in the old ebin")?;
+        .or(old_vsn)
+        .context("no --from-version given and no vsn of the app found (old .app file, or the node's loaded app)")?;
     let to = args
         .to_version
         .clone()
@@ -105,6 +131,26 @@ fn run_beam(args: &BeamArgs) -> anyhow::Result<()> {
         plan.unchanged
     );
     Ok(())
+}
+
+/// The "old ebin" the diff compares against: a new module the node runs with the same md5 is
+/// unchanged (a copy of the new one), with another md5 changed, not loaded added. Modules the
+/// node runs that the new ebin lacks are not this app's concern: none is removed.
+pub fn as_old(
+    new: &BTreeMap<String, BeamModule>,
+    loaded: &crate::plan_node::Loaded,
+    local: &BTreeMap<String, String>,
+) -> BTreeMap<String, BeamModule> {
+    new.iter()
+        .filter_map(|(name, module)| {
+            let running = loaded.md5.get(name)?;
+            let mut old = module.clone();
+            if local.get(name) != Some(running) {
+                old.code = vec![("md5".to_string(), running.as_bytes().to_vec())];
+            }
+            Some((name.clone(), old))
+        })
+        .collect()
 }
 
 /// What a module is, for the upgrade.

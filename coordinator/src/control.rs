@@ -265,6 +265,36 @@ impl pb::control_server::Control for ControlService {
                 }
             }
         }
+        // An OTP release rollout: what the release tarball says against what each target
+        // runs, before anything changes anywhere (reads the tarball: off the workers).
+        if script.runtime == hotroll_script::Runtime::OtpRelease {
+            let known: BTreeMap<String, crate::store::NodeRecord> = self
+                .registry
+                .list()
+                .into_iter()
+                .map(|n| (n.record.name.clone(), n.record))
+                .collect();
+            let nodes: BTreeMap<String, Option<crate::store::AppVersions>> = targets
+                .iter()
+                .map(|t| {
+                    let app = known
+                        .get(t)
+                        .and_then(|r| r.apps.get(&script.app.value).cloned());
+                    (t.clone(), app)
+                })
+                .collect();
+            let (checked, bindings, store) =
+                (script.clone(), artifacts.clone(), self.artifacts.clone());
+            let verdict = tokio::task::spawn_blocking(move || {
+                crate::releases::check_start(&checked, &bindings, &store, &nodes)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("release check failed: {e}")))?;
+            if let Err(why) = verdict {
+                tracing::warn!(app = %script.app.value, %why, "start refused");
+                return Err(Status::failed_precondition(why));
+            }
+        }
         // In a group, a second coordinator must hold the artifacts before anything starts
         // (a new leader serves them to the agents).
         if let Some(replication) = &self.replication {

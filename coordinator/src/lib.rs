@@ -18,6 +18,7 @@ pub mod control;
 pub mod convert;
 pub mod group;
 pub mod metrics;
+pub mod releases;
 pub mod replication;
 pub mod server;
 pub mod session;

@@ -89,6 +89,29 @@ const APPUP_V2: &str = r#"{"0.2.0",
  [{"0.1.0", [{update, pm, {advanced, []}}]}]}.
 "#;
 
+/// v3: v2's code whose code_change crashes, whichever way it is called.
+const PM_V3: &str = r#"-module(pm).
+-behaviour(gen_server).
+-export([start_link/0, primes/0, init/1, handle_call/3, handle_cast/2, handle_info/2, code_change/3]).
+start_link() -> gen_server:start_link({local, pm}, ?MODULE, [], []).
+primes() -> gen_server:call(pm, primes).
+init([]) -> self() ! mine, {ok, #{next => 2, primes => []}}.
+handle_call(primes, _, #{primes := Ps} = S) -> {reply, lists:reverse(Ps), S};
+handle_call(format, _, S) -> {reply, map3, S}.
+handle_cast(_, S) -> {noreply, S}.
+handle_info(mine, #{next := N, primes := Ps} = S) ->
+    erlang:send_after(2, self(), mine),
+    {noreply, S#{next := N + 1, primes := case is_prime(N) of true -> [N | Ps]; false -> Ps end}}.
+code_change(_, _, _) -> erlang:error(code_change_crashed).
+is_prime(N) when N < 2 -> false;
+is_prime(N) -> lists:all(fun(D) -> N rem D =/= 0 end, lists:seq(2, trunc(math:sqrt(N)))).
+"#;
+
+const APPUP_V3: &str = r#"{"0.3.0",
+ [{"0.2.0", [{update, pm, {advanced, []}}]}],
+ [{"0.2.0", [{update, pm, {advanced, []}}]}]}.
+"#;
+
 /// The tarballs a test needs.
 #[derive(Debug)]
 pub struct Tarballs {
@@ -154,6 +177,38 @@ pub fn build(dir: &Path) -> anyhow::Result<Tarballs> {
         v2: take("0.2.0")?,
         other: take("0.1.1")?,
     })
+}
+
+/// After [`build`] in the same `dir`: `pm-0.3.0.tar.gz`, whose relup upgrades from 0.2.0 and
+/// whose `code_change` crashes.
+pub fn build_v3(dir: &Path) -> anyhow::Result<PathBuf> {
+    let project = dir.join("pm");
+    let app = project.join("apps/pm");
+    let home = dir.join("home");
+    std::fs::write(
+        project.join("rebar.config"),
+        REBAR_CONFIG.replace("@VSN@", "0.3.0"),
+    )?;
+    std::fs::write(
+        app.join("src/pm.app.src"),
+        APP_SRC.replace("@VSN@", "0.3.0"),
+    )?;
+    std::fs::write(app.join("src/pm.erl"), PM_V3)?;
+    std::fs::write(app.join("ebin/pm.appup"), APPUP_V3)?;
+    rebar3(&project, &home, &["as", "prod", "release"])?;
+    rebar3(
+        &project,
+        &home,
+        &[
+            "as", "prod", "relup", "-n", "pm", "-v", "0.3.0", "-u", "0.2.0",
+        ],
+    )?;
+    rebar3(&project, &home, &["as", "prod", "tar"])?;
+    let name = "pm-0.3.0.tar.gz";
+    let to = dir.join("tarballs").join(name);
+    std::fs::copy(project.join("_build/prod/rel/pm").join(name), &to)
+        .with_context(|| format!("no {name} built"))?;
+    Ok(to)
 }
 
 fn rebar3(project: &Path, home: &Path, args: &[&str]) -> anyhow::Result<()> {
@@ -324,18 +379,59 @@ pub struct Miner {
 
 /// `v2` repacked broken: no relup, and a `sys.config.src` that does not parse.
 pub fn broken_tarball(v2: &Path, out: &Path) -> anyhow::Result<PathBuf> {
-    let tree = out.join("broken-tree");
+    repack(v2, out, "broken", |tree| {
+        std::fs::remove_file(tree.join("releases/0.2.0/relup"))?;
+        std::fs::write(
+            tree.join("releases/0.2.0/sys.config.src"),
+            "[{pm, [{started_by, \"${NODE_NAME}\"}}].\n",
+        )?;
+        Ok(())
+    })
+}
+
+/// `v2` repacked with OTP's own `sync_nodes` right after the relup's point_of_no_return.
+pub fn sync_nodes_tarball(v2: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+    repack(v2, out, "sync-nodes", |tree| {
+        let path = tree.join("releases/0.2.0/relup");
+        let relup = std::fs::read_to_string(&path)?;
+        ensure!(relup.contains("point_of_no_return"), "relup: {relup}");
+        let edited = relup.replacen(
+            "point_of_no_return",
+            "point_of_no_return,{sync_nodes,hotroll_test,['pm-node-1@127.0.0.1']}",
+            1,
+        );
+        std::fs::write(&path, edited)?;
+        Ok(())
+    })
+}
+
+/// `v2` repacked with a `vm.args.src` that names one fixed node for the whole fleet (the
+/// mistake the per-node identity check is for).
+pub fn fixed_name_tarball(v2: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+    repack(v2, out, "fixed-name", |tree| {
+        let path = tree.join("releases/0.2.0/vm.args.src");
+        let text = std::fs::read_to_string(&path)?;
+        ensure!(text.contains("${NODE_NAME}"), "vm.args.src: {text}");
+        std::fs::write(&path, text.replace("${NODE_NAME}", "pm-fixed@127.0.0.1"))?;
+        Ok(())
+    })
+}
+
+/// `v2` unpacked under `out/<tag>-tree`, changed by `edit`, packed as `pm-0.2.0-<tag>.tar.gz`.
+fn repack(
+    v2: &Path,
+    out: &Path,
+    tag: &str,
+    edit: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<PathBuf> {
+    let tree = out.join(format!("{tag}-tree"));
     std::fs::create_dir_all(&tree)?;
     let mut untar = Command::new("tar");
     untar.arg("xzf").arg(v2).arg("-C").arg(&tree);
     let done = run_command(untar, Duration::from_secs(60))?;
     ensure!(done.code == Some(0), "tar: {}", done.stderr);
-    std::fs::remove_file(tree.join("releases/0.2.0/relup"))?;
-    std::fs::write(
-        tree.join("releases/0.2.0/sys.config.src"),
-        "[{pm, [{started_by, \"${NODE_NAME}\"}}].\n",
-    )?;
-    let tarball = out.join("pm-0.2.0-broken.tar.gz");
+    edit(&tree)?;
+    let tarball = out.join(format!("pm-0.2.0-{tag}.tar.gz"));
     let mut tar = Command::new("tar");
     tar.arg("czf")
         .arg(&tarball)

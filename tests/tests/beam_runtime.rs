@@ -322,6 +322,65 @@ up = [
     })
 }
 
+/// Issue 15, test 6: `counter_server` is not in any supervision tree — its supervised child
+/// is removed and it is started again by hand as a registered gen_server (`gen_server:start`,
+/// no parent) — so the release handler's way of finding processes (the supervisors) does not
+/// see it. The rollout to v2 still finds it (a proc_lib process whose initial call is the
+/// module's), suspends it, and its code_change converts the state: the same pid, the state
+/// migrated, running, `succeeded`.
+#[test]
+fn an_unsupervised_registered_gen_server_is_upgraded_with_its_state_and_pid() -> anyhow::Result<()>
+{
+    erlang::require()?;
+    let fleet = Fleet::start(2, |_| String::new())?;
+    let mut before = Vec::new();
+    for i in 1..=2 {
+        let node = fleet.node(i);
+        node.eval(
+            "ok = supervisor:terminate_child(counter_sup, counter_server), \
+             ok = supervisor:delete_child(counter_sup, counter_server), \
+             {ok, _} = gen_server:start({local, counter_server}, counter_server, [], []), ok.",
+        )?;
+        let children = node.eval("supervisor:which_children(counter_sup).")?;
+        ensure!(children == "[]", "node {i}: still supervised: {children}");
+        incr(node, i + 2)?;
+        before.push(counter(node)?);
+    }
+    Cluster::start(2, fleet.options())?.run(|cluster| {
+        let script = cluster.write_script(
+            "v2.toml",
+            &v2_script(
+                &fleet,
+                "upgraded",
+                "max_failures = 0\non_failure = \"rollback_all\"",
+            ),
+        )?;
+        let run = cluster.run_rollout(&script, &[], ROLLOUT_TIMEOUT)?;
+        ensure!(
+            status::rollout_state(&run.status)? == "succeeded",
+            "rollout: {}",
+            run.status
+        );
+        for i in 1..=2 {
+            let after = counter(fleet.node(i))?;
+            let n = i + 2;
+            ensure!(after.version == "2", "node {i}: {after:?}");
+            ensure!(
+                after.state == format!("{{state,{n},upgraded}}"),
+                "node {i}: state not migrated: {after:?} (before {:?})",
+                before[i - 1]
+            );
+            ensure!(
+                after.pid == before[i - 1].pid,
+                "node {i}: not the same process"
+            );
+            ensure!(after.sys == "running", "node {i}: {after:?}");
+            incr(fleet.node(i), 1)?;
+        }
+        Ok(())
+    })
+}
+
 /// Test 3: the agent is SIGKILLed while the node runs the upgrade group (a slow code_change):
 /// the group completes inside the node and resumes the process, nothing stays suspended; the
 /// restarted agent rolls the unfinished upgrade back: the node ends on a whole release (v1).
@@ -458,6 +517,72 @@ fn planned_script_upgrades_the_nodes() -> anyhow::Result<()> {
         );
         let described = fleet.node(1).eval("counter_server:describe().")?;
         ensure!(described.contains("2 (migrated)"), "{described}");
+        Ok(())
+    })
+}
+
+/// `hotroll plan beam --node NAME --to NEW_EBIN`: the running node says what it has loaded
+/// (and the app's version); the plan holds what really differs (counter_fmt added,
+/// counter_server changed, callee first) and nothing the node already runs (counter_sup,
+/// counter_app); the planned script upgrades the fleet.
+#[test]
+fn a_script_planned_from_the_running_node_upgrades_the_nodes() -> anyhow::Result<()> {
+    erlang::require()?;
+    let fleet = Fleet::start(2, |_| String::new())?;
+    Cluster::start(2, fleet.options())?.run(|cluster| {
+        let plan = cluster.dir().join("scripts/from-node.toml");
+        let to = fleet.ebin.join("v2").display().to_string();
+        let plan_arg = plan.display().to_string();
+        let node = fleet.node(1);
+        let mut command = cluster.hotroll_command();
+        command
+            .args(["plan", "beam", "--node", &node.name, "--cookie-file"])
+            .arg(&node.cookie_file)
+            .args([
+                "--to",
+                &to,
+                "--app",
+                "counter",
+                "--to-version",
+                "2",
+                "-o",
+                &plan_arg,
+            ])
+            .env("ERL_EPMD_PORT", node.epmd_port.to_string());
+        let out = hotroll_tests::cluster::run_command(command, Duration::from_secs(60))?;
+        ensure!(out.code == Some(0), "plan: {}{}", out.stdout, out.stderr);
+        ensure!(
+            out.stderr.contains("1 changed, 1 added"),
+            "plan: {}",
+            out.stderr
+        );
+        let text = std::fs::read_to_string(&plan)?;
+        ensure!(
+            text.contains("from = \"1\""),
+            "from the node's app vsn: {text}"
+        );
+        let fmt = text
+            .find("\"counter_fmt\"")
+            .context("counter_fmt not in the plan")?;
+        ensure!(
+            text[fmt..].contains("\"counter_server\""),
+            "counter_server not loaded after counter_fmt: {text}"
+        );
+        ensure!(
+            !text.contains("counter_sup") && !text.contains("counter_app"),
+            "unchanged modules planned: {text}"
+        );
+        cluster.hotroll(&["check", &plan_arg])?.ok()?;
+        let run = cluster.run_rollout(&plan, &[], ROLLOUT_TIMEOUT)?;
+        ensure!(
+            status::rollout_state(&run.status)? == "succeeded",
+            "{}",
+            run.status
+        );
+        for i in 1..=2 {
+            let after = counter(fleet.node(i))?;
+            ensure!(after.version == "2" && after.sys == "running", "{after:?}");
+        }
         Ok(())
     })
 }

@@ -41,6 +41,11 @@ pub enum RuntimeError {
     Unsupported(&'static str),
     #[error("{message}")]
     Failed { message: String, output: String },
+    /// From [`Runtime::make_permanent`]: the node no longer runs the new release (it died and
+    /// came back, or was never reached), so there is nothing to make permanent; the agent rolls
+    /// it back to its permanent release and reports it rolled back.
+    #[error("{0}")]
+    NotRunningNew(String),
 }
 
 impl RuntimeError {
@@ -53,7 +58,7 @@ impl RuntimeError {
 
     pub fn output(&self) -> &str {
         match self {
-            RuntimeError::Unsupported(_) => "",
+            RuntimeError::Unsupported(_) | RuntimeError::NotRunningNew(_) => "",
             RuntimeError::Failed { output, .. } => output,
         }
     }

@@ -388,6 +388,12 @@ impl Run {
         let result =
             match tokio::time::timeout(bound, self.env.runtime.make_permanent(&self.rollout)).await
             {
+                // The node is not on the new release any more (an Erlang node killed after
+                // install_release came back on its permanent release): roll it back, which
+                // finishes the job and reports what happened.
+                Ok(Err(RuntimeError::NotRunningNew(why))) => {
+                    return self.rollback(format!("make_permanent: {why}")).await;
+                }
                 Ok(result) => result.map_err(|e| e.to_string()),
                 Err(_) => Err(format!("make_permanent did not finish within {bound:?}")),
             };

@@ -38,6 +38,7 @@ impl Run {
         self.inbox.releases.clear();
 
         let mut failed = None;
+        let mut how = None;
         match self.script.down.clone() {
             Some(down) => {
                 for (index, step) in down.iter().enumerate() {
@@ -81,6 +82,16 @@ impl Run {
                     Ran::Ended { result: Err(f), .. } => {
                         failed = Some(format!("default rollback failed: {}", f.error));
                     }
+                    // An OTP release node is rolled back by the relup's downgrade or by a
+                    // restart: the node's outcome says which, and whether its in-memory state
+                    // survived.
+                    Ran::Ended {
+                        result: Ok(out), ..
+                    } if self.rollout.runtime == hotroll_script::Runtime::OtpRelease
+                        && !out.output.is_empty() =>
+                    {
+                        how = Some(out.output);
+                    }
                     Ran::Ended { .. } => {}
                 }
             }
@@ -93,6 +104,10 @@ impl Run {
                 self.outcome(NodeState::Failed, &failure)
             }
             None => {
+                let error = match how {
+                    Some(how) => format!("{error}; rolled back: {how}"),
+                    None => error,
+                };
                 tracing::info!(rollout_id = %self.rollout.rollout_id, "rolled back");
                 let _ = self
                     .journal(Phase::Done, NodeState::RolledBack, &error)

@@ -739,6 +739,24 @@ impl Node {
     }
 
     async fn make_permanent(&self, version: &str) -> Result<(), RuntimeError> {
+        // The node may have died since install_release (and been started again from its
+        // permanent release, or not at all): then there is nothing to make permanent, and the
+        // executor rolls it back ([`RuntimeError::NotRunningNew`]).
+        self.client.reset().await;
+        let releases = self.which_releases(SHORT_CALL).await.map_err(|e| {
+            RuntimeError::NotRunningNew(format!(
+                "{} cannot be reached since install_release of {version} ({e})",
+                self.config.node
+            ))
+        })?;
+        let current = current_of(&releases);
+        if current.as_deref() != Some(version) {
+            return Err(RuntimeError::NotRunningNew(format!(
+                "{} runs {} since install_release of {version}",
+                self.config.node,
+                current.as_deref().unwrap_or("no release")
+            )));
+        }
         let answer = self
             .call(
                 "release_handler",

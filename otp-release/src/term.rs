@@ -42,6 +42,57 @@ impl Term {
     }
 }
 
+/// Erlang's own way of writing the term (`~0p`-like: atoms bare, strings quoted).
+impl std::fmt::Display for Term {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn seq(f: &mut std::fmt::Formatter<'_>, items: &[Term]) -> std::fmt::Result {
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(",")?;
+                }
+                write!(f, "{item}")?;
+            }
+            Ok(())
+        }
+        match self {
+            Term::Atom(a) => {
+                let bare = a.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+                    && a.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '@');
+                if bare {
+                    f.write_str(a)
+                } else {
+                    write!(f, "'{}'", a.replace('\\', "\\\\").replace('\'', "\\'"))
+                }
+            }
+            Term::Int(n) => write!(f, "{n}"),
+            Term::Float(x) => write!(f, "{x}"),
+            Term::Str(s) => write!(f, "{s:?}"),
+            Term::Bin(s) => write!(f, "<<{s:?}>>"),
+            Term::Tuple(items) => {
+                f.write_str("{")?;
+                seq(f, items)?;
+                f.write_str("}")
+            }
+            Term::List(items) => {
+                f.write_str("[")?;
+                seq(f, items)?;
+                f.write_str("]")
+            }
+            Term::Map(pairs) => {
+                f.write_str("#{")?;
+                for (i, (k, v)) in pairs.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{k} => {v}")?;
+                }
+                f.write_str("}")
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}: {message}")]
 pub struct TermError {

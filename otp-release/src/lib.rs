@@ -1,7 +1,9 @@
-//! `hotroll check` on an otp_release script: read the tarball `unpack_release` names before
-//! anything changes — its `.rel`, the `relup` (UpFrom/DownTo, and instructions hotroll cannot
-//! honour safely), `sys.config` parses, the boot file, and the applications the relup touches
-//! are in the tarball.
+//! `hotroll-otp-release`: read an OTP release tarball (rebar3/relx `<rel>-<vsn>.tar.gz`)
+//! before anything changes — its `.rel`, the `relup` (UpFrom/DownTo, and instructions hotroll
+//! cannot honour safely, such as OTP's own `sync_nodes`), `sys.config` parses, the boot file,
+//! and the applications the relup touches are in the tarball. `hotroll check`, `hotroll plan
+//! release` and the coordinator at rollout start (every target's current release must have an
+//! UpFrom entry) read tarballs through it. No I/O but reading the file it is given.
 
 pub mod term;
 
@@ -9,9 +11,143 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::Path;
 
-use hotroll_script::{Diagnostic, Instruction, Runtime, Script};
-
 use term::{Term, consult};
+
+/// Why a tarball could not be read at all.
+#[derive(Debug, thiserror::Error)]
+pub enum TarballError {
+    #[error("cannot open: {0}")]
+    Open(std::io::Error),
+    #[error("not a tar archive: {0}")]
+    NotTar(std::io::Error),
+    #[error("broken tar archive: {0}")]
+    Broken(std::io::Error),
+    #[error("cannot read {name}: {source}")]
+    Read {
+        name: String,
+        source: std::io::Error,
+    },
+}
+
+/// One UpFrom or DownTo entry of a relup: the version and its low-level instructions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelupEntry {
+    pub version: String,
+    pub instructions: Vec<Term>,
+}
+
+/// `releases/<vsn>/relup`: `{Vsn, [{UpFromVsn, Descr, Instrs}], [{DownToVsn, Descr, Instrs}]}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Relup {
+    pub version: String,
+    pub up_from: Vec<RelupEntry>,
+    pub down_to: Vec<RelupEntry>,
+}
+
+impl Relup {
+    /// The versions it upgrades from.
+    pub fn froms(&self) -> Vec<String> {
+        self.up_from.iter().map(|e| e.version.clone()).collect()
+    }
+}
+
+/// The release a package holds: `(name, version)` from its `releases/<vsn>/<name>.rel`; the
+/// one with a relup when there are several.
+pub fn release_of(tarball: &Tarball) -> Option<(String, String)> {
+    let mut found = Vec::new();
+    for (path, bytes) in &tarball.files {
+        let Some(rest) = path.strip_prefix("releases/") else {
+            continue;
+        };
+        let Some((vsn, file)) = rest.split_once('/') else {
+            continue;
+        };
+        if file.contains('/') || !file.ends_with(".rel") {
+            continue;
+        }
+        let Ok(terms) = consult(&String::from_utf8_lossy(bytes)) else {
+            continue;
+        };
+        if let Some([Term::Atom(tag), Term::Tuple(nv), ..]) = terms.first().and_then(Term::elements)
+            && tag == "release"
+            && let [name, v, ..] = nv.as_slice()
+            && let (Some(name), Some(v)) = (name.string(), v.string())
+            && v == vsn
+        {
+            let has_relup = tarball.files.contains_key(&format!("releases/{vsn}/relup"));
+            found.push((has_relup, name, v));
+        }
+    }
+    found.sort();
+    found.pop().map(|(_, name, vsn)| (name, vsn))
+}
+
+/// One relup instruction in words, for `hotroll plan release`: the instruction as Erlang
+/// writes it, and what it means on the node when that needs saying.
+pub fn describe(instruction: &Term) -> String {
+    let meaning = match instruction_name(instruction) {
+        Some("point_of_no_return") => " (after it a failure means a node restart)",
+        Some("restart_new_emulator") => {
+            " (the node restarts on the new emulator and core apps: in-memory state is lost)"
+        }
+        Some("restart_emulator") => " (the node restarts at the end of the upgrade)",
+        Some("suspend") => " (sys:suspend of the processes running these modules)",
+        Some("code_change") => " (sys:change_code of the suspended processes)",
+        Some("resume") => " (sys:resume)",
+        Some("load_object_code") => " (reads the new .beam files; nothing changes yet)",
+        Some("load") => " (code:load of the new version)",
+        Some("sync_nodes") => {
+            " (REFUSED by hotroll: no deadline; use a sync_nodes barrier in the script)"
+        }
+        _ => "",
+    };
+    format!("{instruction}{meaning}")
+}
+
+/// Why a relup could not be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RelupError {
+    #[error("no {0}")]
+    Missing(String),
+    #[error("{path} does not parse: {error}")]
+    Parse { path: String, error: String },
+    #[error("{0} is not {{Vsn, UpFrom, DownTo}}")]
+    Shape(String),
+}
+
+/// The relup of release `to` in `tarball`.
+pub fn relup(tarball: &Tarball, to: &str) -> Result<Relup, RelupError> {
+    let path = format!("releases/{to}/relup");
+    let text = tarball
+        .files
+        .get(&path)
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .ok_or_else(|| RelupError::Missing(path.clone()))?;
+    let terms = consult(&text).map_err(|e| RelupError::Parse {
+        path: path.clone(),
+        error: e.to_string(),
+    })?;
+    let Some([vsn, Term::List(up), Term::List(down)]) = terms.first().and_then(Term::elements)
+    else {
+        return Err(RelupError::Shape(path));
+    };
+    let entries = |list: &[Term]| -> Result<Vec<RelupEntry>, RelupError> {
+        list.iter()
+            .map(|entry| match entry.elements() {
+                Some([version, _, Term::List(instructions)]) => Ok(RelupEntry {
+                    version: version.string().unwrap_or_default(),
+                    instructions: instructions.clone(),
+                }),
+                _ => Err(RelupError::Shape(path.clone())),
+            })
+            .collect()
+    };
+    Ok(Relup {
+        version: vsn.string().unwrap_or_default(),
+        up_from: entries(up)?,
+        down_to: entries(down)?,
+    })
+}
 
 /// Release files are small; anything bigger under `releases/` is not read.
 const MAX_RELEASE_FILE: u64 = 16 * 1024 * 1024;
@@ -26,11 +162,11 @@ pub struct Tarball {
 }
 
 /// Read a `.tar.gz` (or plain `.tar`) release package.
-pub fn read_tarball(path: &Path) -> Result<Tarball, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+pub fn read_tarball(path: &Path) -> Result<Tarball, TarballError> {
+    let file = std::fs::File::open(path).map_err(TarballError::Open)?;
     let mut magic = [0u8; 2];
     let gz = {
-        let mut probe = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+        let mut probe = std::fs::File::open(path).map_err(TarballError::Open)?;
         probe.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b]
     };
     let reader: Box<dyn Read> = if gz {
@@ -40,14 +176,12 @@ pub fn read_tarball(path: &Path) -> Result<Tarball, String> {
     };
     let mut archive = tar::Archive::new(reader);
     let mut out = Tarball::default();
-    let entries = archive
-        .entries()
-        .map_err(|e| format!("not a tar archive: {e}"))?;
+    let entries = archive.entries().map_err(TarballError::NotTar)?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| format!("broken tar archive: {e}"))?;
+        let mut entry = entry.map_err(TarballError::Broken)?;
         let name = entry
             .path()
-            .map_err(|e| format!("broken tar entry: {e}"))?
+            .map_err(TarballError::Broken)?
             .to_string_lossy()
             .trim_start_matches("./")
             .to_string();
@@ -62,9 +196,9 @@ pub fn read_tarball(path: &Path) -> Result<Tarball, String> {
             && entry.size() <= MAX_RELEASE_FILE
         {
             let mut bytes = Vec::new();
-            entry
-                .read_to_end(&mut bytes)
-                .map_err(|e| format!("cannot read {name}: {e}"))?;
+            if let Err(source) = entry.read_to_end(&mut bytes) {
+                return Err(TarballError::Read { name, source });
+            }
             out.files.insert(name, bytes);
         }
     }
@@ -187,13 +321,7 @@ pub fn check_tarball(tarball: &Tarball, from: &str, to: &str) -> Vec<String> {
                     _ => continue,
                 };
                 if name == "sync_nodes" {
-                    errors.push(format!(
-                        "{relup_path}: {kind} \"{version}\" instruction {} is OTP's sync_nodes, \
-                         which waits without a deadline: hotroll refuses it; remove it from the \
-                         appup and use a hotroll barrier instead ({{ sync_nodes = \"<id>\" }} in \
-                         the script, which has a timeout)",
-                        index + 1
-                    ));
+                    errors.push(sync_nodes_refusal(&relup_path, kind, &version, index));
                 }
                 if kind == "UpFrom"
                     && name == "load_object_code"
@@ -214,6 +342,44 @@ pub fn check_tarball(tarball: &Tarball, from: &str, to: &str) -> Vec<String> {
     errors
 }
 
+fn sync_nodes_refusal(relup_path: &str, kind: &str, version: &str, index: usize) -> String {
+    format!(
+        "{relup_path}: {kind} \"{version}\" instruction {} is OTP's sync_nodes, which waits \
+         without a deadline: hotroll refuses it; remove it from the appup and use a hotroll \
+         barrier instead ({{ sync_nodes = \"<id>\" }} in the script, which has a timeout)",
+        index + 1
+    )
+}
+
+/// The name of a relup instruction (`point_of_no_return`, `{load_object_code, ..}` ..).
+pub fn instruction_name(instruction: &Term) -> Option<&str> {
+    match instruction {
+        Term::Atom(a) => Some(a.as_str()),
+        Term::Tuple(items) => match items.first() {
+            Some(Term::Atom(a)) => Some(a.as_str()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Every instruction of `relup` hotroll cannot honour safely (OTP's own `sync_nodes`, which
+/// waits without a deadline), each with its place in the relup and what to use instead.
+pub fn unsafe_instructions(relup: &Relup) -> Vec<String> {
+    let path = format!("releases/{}/relup", relup.version);
+    let mut out = Vec::new();
+    for (kind, entries) in [("UpFrom", &relup.up_from), ("DownTo", &relup.down_to)] {
+        for entry in entries {
+            for (index, instruction) in entry.instructions.iter().enumerate() {
+                if instruction_name(instruction) == Some("sync_nodes") {
+                    out.push(sync_nodes_refusal(&path, kind, &entry.version, index));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// relx's `${VAR}` substitution with a stand-in value, so the file can be parsed.
 fn replace_vars(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -232,42 +398,6 @@ fn replace_vars(text: &str) -> String {
         }
     }
     out.push_str(rest);
-    out
-}
-
-/// The tarball of every `unpack_release` of an otp_release script, checked; errors point at the
-/// artifact's `source`.
-pub fn check_release_tarballs(script: &Script, script_dir: &Path) -> Vec<Diagnostic> {
-    if script.runtime != Runtime::OtpRelease {
-        return Vec::new();
-    }
-    let mut out = Vec::new();
-    for step in &script.up {
-        let Instruction::UnpackRelease { artifact, .. } = &step.instruction else {
-            continue;
-        };
-        let Some(declared) = script
-            .artifacts
-            .iter()
-            .find(|a| a.name.value == artifact.value)
-        else {
-            continue; // Reported by the validator.
-        };
-        let path = script_dir.join(&declared.source.value);
-        if !path.is_file() {
-            continue; // Reported with the artifact files.
-        }
-        let problems = match read_tarball(&path) {
-            Ok(tarball) => check_tarball(&tarball, &script.from.value, &script.to.value),
-            Err(e) => vec![e],
-        };
-        for problem in problems {
-            out.push(Diagnostic::error(
-                declared.source.span,
-                format!("release package `{}`: {problem}", declared.source.value),
-            ));
-        }
-    }
     out
 }
 
@@ -293,6 +423,10 @@ mod tests {
         }
         t.libs.insert("pm-0.2.0".to_string());
         t
+    }
+
+    fn relup_of(t: &Tarball) -> Option<Relup> {
+        relup(t, "0.2.0").ok()
     }
 
     #[test]
@@ -330,6 +464,43 @@ mod tests {
     }
 
     #[test]
+    fn the_release_and_its_instructions_are_named() -> Result<(), RelupError> {
+        let t = tarball(Some(RELUP), "[].");
+        assert_eq!(release_of(&t), Some(("pm".into(), "0.2.0".into())));
+        let r = relup(&t, "0.2.0")?;
+        let said: Vec<String> = r.up_from[0].instructions.iter().map(describe).collect();
+        assert_eq!(
+            said[0],
+            "{load_object_code,{pm,\"0.2.0\",[pm]}} (reads the new .beam files; nothing changes yet)"
+        );
+        assert!(
+            said[3].starts_with("{code_change,up,[{pm,[]}]}"),
+            "{said:?}"
+        );
+        assert_eq!(Term::Atom("Odd".into()).to_string(), "'Odd'");
+        Ok(())
+    }
+
+    #[test]
+    fn the_relup_is_read_with_its_entries() -> Result<(), RelupError> {
+        let t = tarball(Some(RELUP), "[].");
+        let r = relup(&t, "0.2.0")?;
+        assert_eq!(r.version, "0.2.0");
+        assert_eq!(r.froms(), vec!["0.1.0".to_string()]);
+        assert_eq!(r.up_from[0].instructions.len(), 5);
+        assert_eq!(
+            instruction_name(&r.up_from[0].instructions[1]),
+            Some("point_of_no_return")
+        );
+        assert!(unsafe_instructions(&r).is_empty());
+        assert_eq!(
+            relup(&tarball(None, "[]."), "0.2.0"),
+            Err(RelupError::Missing("releases/0.2.0/relup".into()))
+        );
+        Ok(())
+    }
+
+    #[test]
     fn otp_sync_nodes_is_refused_with_its_place() {
         let relup = RELUP.replace(
             "point_of_no_return,\n    {suspend",
@@ -342,5 +513,10 @@ mod tests {
                 && errors.contains("use a hotroll barrier instead"),
             "{errors}"
         );
+        let found = relup_of(&t)
+            .map(|r| unsafe_instructions(&r))
+            .unwrap_or_default();
+        assert_eq!(found.len(), 1);
+        assert!(found[0].contains("UpFrom \"0.1.0\" instruction 3 is OTP's sync_nodes"));
     }
 }
