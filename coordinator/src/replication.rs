@@ -90,8 +90,7 @@ impl Replication {
     pub async fn peers(&self) -> Result<Vec<String>, EtcdError> {
         let mut prefix = self.election.clone();
         prefix.push(b'/');
-        let client = self.client.clone();
-        let candidates = client.get_prefix(&prefix).await?;
+        let candidates = self.client.get_prefix(&prefix).await?;
         let mut peers: Vec<String> = candidates
             .into_iter()
             .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
