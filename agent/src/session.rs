@@ -20,7 +20,7 @@ use tonic::transport::Endpoint;
 use crate::cancel::CancelToken;
 use crate::coordinators::Coordinators;
 use crate::dialer::Dialer;
-use crate::executor::{Env, Node};
+use crate::executor::{CommandKind, Env, Node};
 use crate::wire::{self, Inbound};
 
 /// First reconnect delay; doubles up to `reconnect_max_backoff` (protocol: 200 ms to 5 s).
@@ -33,6 +33,8 @@ const GROUP_RETRY_MAX: Duration = Duration::from_millis(300);
 const GROUP_QUICK_RETRIES: u32 = 40;
 /// Before connecting to the leader a standby named (a standby answers at once).
 const REDIRECT_DELAY: Duration = Duration::from_millis(50);
+/// Where the session logs each barrier release it receives (trace level; scale-bench reads it).
+const RECEIVED_TARGET: &str = module_path!();
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 keepalive ping, in heartbeat intervals.
 const KEEPALIVE_INTERVALS: u32 = 4;
@@ -296,7 +298,13 @@ impl Sessions<'_> {
                         last_heard = Instant::now();
                         match wire::inbound(message) {
                             Inbound::Heartbeat => {}
-                            Inbound::Command(command) => node.handle(command),
+                            Inbound::Command(command) => {
+                                if let CommandKind::BarrierRelease { barrier_id, .. } = &command.kind {
+                                    // scale-bench's probe of the agent's side of a release.
+                                    tracing::trace!(target: RECEIVED_TARGET, node = %config.node, rollout_id = %command.rollout_id, barrier_id = %barrier_id, "barrier release received");
+                                }
+                                node.handle(command)
+                            }
                             Inbound::Goodbye(reason) => {
                                 return lost(format!("the coordinator said goodbye: {reason}"));
                             }

@@ -289,7 +289,8 @@ pub fn coordinator_message(outbound: Outbound) -> pb::CoordinatorMessage {
             seq,
             sent_unix_ms: sent_ms,
         }),
-        Outbound::Rollout(command) => node_command(command),
+        // The probe (if any) drops here: this release is handed to the connection.
+        Outbound::Rollout(command, _probe) => node_command(command),
     };
     pb::CoordinatorMessage { msg: Some(msg) }
 }

@@ -11,6 +11,7 @@
 //! | `hotroll_rollouts_started_total` | counter | | rollouts started by this process |
 //! | `hotroll_instruction_duration_seconds` | histogram | `instruction`, `outcome` | how long instructions of `up` ran on a node (the agent's measure), `outcome` = `succeeded` or `failed` |
 //! | `hotroll_barrier_wait_seconds` | histogram | `outcome` | from the first arrival at a barrier instance to its release (`released`) or failure (`failed`) |
+//! | `hotroll_barrier_fanout_seconds` | histogram | | from the last arrival at a barrier reaching the coordinator's rollouts to its last release handed to a node's connection (store commit included) |
 //! | `hotroll_rollbacks_total` | counter | | nodes that confirmed a rollback to their permanent release |
 //! | `hotroll_artifact_bytes_sent_total` | counter | | artifact bytes sent to agents (`FetchArtifact`) |
 //! | `hotroll_watch_streams` | gauge | | open `WatchRollout` streams |
@@ -72,6 +73,7 @@ pub struct Metrics {
     rollouts_started: Counter,
     instruction_duration: Family<InstructionLabels, Histogram>,
     barrier_wait: Family<OutcomeLabels, Histogram>,
+    barrier_fanout: Histogram,
     rollbacks: Counter,
     artifact_bytes_sent: Counter,
     watch_streams: Gauge,
@@ -98,6 +100,11 @@ fn instruction_buckets() -> Histogram {
 /// 1 ms .. ~65 s, doubling: barrier waits are bounded by their timeouts.
 fn barrier_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// 50 µs .. ~1.6 s, doubling: a release fan-out is a commit and a queue push per node.
+fn fanout_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
 impl Metrics {
@@ -143,6 +150,12 @@ impl Metrics {
             "From the first arrival at a sync_nodes barrier to its release or failure",
             barrier_wait.clone(),
         );
+        let barrier_fanout = fanout_buckets();
+        registry.register(
+            "barrier_fanout_seconds",
+            "From the last arrival at a barrier reaching the rollouts to its last release handed to a node's connection",
+            barrier_fanout.clone(),
+        );
         let rollbacks = Counter::default();
         registry.register(
             "rollbacks",
@@ -174,6 +187,7 @@ impl Metrics {
             rollouts_started,
             instruction_duration,
             barrier_wait,
+            barrier_fanout,
             rollbacks,
             artifact_bytes_sent,
             watch_streams,
@@ -230,6 +244,10 @@ impl Metrics {
         self.barrier_wait
             .get_or_create(&OutcomeLabels { outcome })
             .observe(waited.as_secs_f64());
+    }
+
+    pub fn observe_barrier_fanout(&self, took: Duration) {
+        self.barrier_fanout.observe(took.as_secs_f64());
     }
 
     pub fn rollback_confirmed(&self) {
@@ -301,6 +319,7 @@ mod tests {
         metrics.observe_instruction("check", StepOutcome::Succeeded, Duration::from_millis(3));
         metrics.observe_instruction("check", StepOutcome::Failed, Duration::from_millis(40));
         metrics.observe_barrier_wait(BarrierOutcome::Released, Duration::from_millis(12));
+        metrics.observe_barrier_fanout(Duration::from_micros(700));
         metrics.rollback_confirmed();
         metrics.artifact_bytes_sent(1000);
         metrics.artifact_bytes_sent(24);
@@ -326,6 +345,10 @@ mod tests {
                 &text,
                 r#"hotroll_barrier_wait_seconds_count{outcome="released"}"#
             ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "hotroll_barrier_fanout_seconds_count"),
             Some(1.0)
         );
         assert_eq!(sample(&text, "hotroll_rollbacks_total"), Some(1.0));

@@ -4,16 +4,87 @@
 //! (`convert::coordinator_message`) only as it writes its stream.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::engine::{Command, Millis};
+use crate::metrics::Metrics;
 use crate::store::ArtifactBinding;
 
 /// One message on a session's outbound queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
-    Rollout(NodeCommand),
-    Heartbeat { seq: u64, sent_ms: Millis },
+    /// A rollout's command; the probe, when there is one, measures the fan-out it is part of.
+    Rollout(NodeCommand, Option<FanoutProbe>),
+    Heartbeat {
+        seq: u64,
+        sent_ms: Millis,
+    },
 }
+
+/// Measures one barrier release's fan-out: from the moment the input that completed the
+/// barrier reached the coordinator's rollouts (the last arrival, decoded) to the moment the
+/// last release was handed to its node's connection. Every release of the fan-out carries a
+/// clone; the session drops it once the message is converted for the wire, so the last drop
+/// is the end of the fan-out (a release to a node whose queue refused it drops at once).
+#[derive(Clone)]
+pub struct FanoutProbe(Arc<FanoutTimer>);
+
+struct FanoutTimer {
+    started: Instant,
+    rollout: String,
+    barrier: String,
+    nodes: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl FanoutProbe {
+    pub fn start(
+        started: Instant,
+        rollout: &str,
+        barrier: &str,
+        nodes: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self(Arc::new(FanoutTimer {
+            started,
+            rollout: rollout.to_string(),
+            barrier: barrier.to_string(),
+            nodes,
+            metrics,
+        }))
+    }
+}
+
+impl Drop for FanoutTimer {
+    fn drop(&mut self) {
+        let took: Duration = self.started.elapsed();
+        self.metrics.observe_barrier_fanout(took);
+        // One line per barrier instance (not per node): scale-bench reads `fanout_us` off it.
+        tracing::info!(
+            rollout = %self.rollout,
+            barrier = %self.barrier,
+            nodes = self.nodes,
+            fanout_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            "barrier release handed to every node's connection"
+        );
+    }
+}
+
+impl std::fmt::Debug for FanoutProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FanoutProbe")
+            .field("barrier", &self.0.barrier)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A probe measures a message; it is not part of what the message says.
+impl PartialEq for FanoutProbe {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for FanoutProbe {}
 
 /// A rollout's instruction to one node.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,6 +1,9 @@
 //! A batch: the inputs the driver handles together, and what the engine made of them, until it
 //! is durable and sent (see `Driver::run`).
 
+use std::collections::HashMap;
+use std::time::Instant;
+
 use tokio::sync::oneshot;
 
 use crate::engine::{Command, Millis, NotApplicable};
@@ -21,6 +24,9 @@ pub(super) struct Batch {
     pub(super) restored: Vec<String>,
     /// Operator commands, answered once the batch is durable and sent.
     pub(super) replies: Vec<PendingReply>,
+    /// Barriers the batch releases, and when the input that released each reached the
+    /// rollouts (what `hotroll_barrier_fanout_seconds` measures from).
+    pub(super) releases: HashMap<String, Instant>,
 }
 
 /// An operator command's reply channel and the engine's verdict on it.

@@ -27,7 +27,7 @@ use crate::engine::{
     Command, Event, Millis, NodeState, NotApplicable, Record, Rollout, RolloutState, StepPhase,
 };
 use crate::metrics::{BarrierOutcome, Metrics, StepOutcome};
-use crate::outbound::{NodeCommand, Order, ScriptToRun};
+use crate::outbound::{FanoutProbe, NodeCommand, Order, ScriptToRun};
 use crate::registry::Registry;
 use crate::store::{
     Commit, RolloutRecord, RolloutSnapshot, Store, StoreError, StoredEvent, StoredInput,
@@ -155,7 +155,7 @@ impl Driver {
                     Some(input) => input,
                     None => return,
                 },
-                () = sleep_until_some(sleep) => Input::Event(Event::Tick),
+                () = sleep_until_some(sleep) => Input::event(Event::Tick),
                 () = sleep_until_some(flush_at) => {
                     self.flush_snapshot();
                     continue;
@@ -194,11 +194,17 @@ impl Driver {
     /// Run one input through the engine into `batch` (nothing is stored or sent yet).
     fn take(&mut self, input: Input, batch: &mut Batch) {
         match input {
-            Input::Event(event) => {
+            Input::Event(event, received) => {
                 if let Event::SessionRestored { node } = &event {
                     batch.restored.push(node.clone());
                 }
+                let commands_before = batch.commands.len();
                 let _ = self.step(event, batch);
+                for command in &batch.commands[commands_before..] {
+                    if let Command::ReleaseBarrier { barrier, .. } = command {
+                        batch.releases.entry(barrier.clone()).or_insert(received);
+                    }
+                }
             }
             Input::Operator(event, reply) => {
                 let result = self.step(event, batch);
@@ -303,7 +309,14 @@ impl Driver {
             events: &batch.stored,
             record: write_record.then_some(&self.record),
         };
+        let started = std::time::Instant::now();
         let result = self.store.commit(commit);
+        tracing::trace!(
+            rollout = %self.record.id,
+            inputs = batch.inputs.len(),
+            commit_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "batch committed"
+        );
         match &result {
             Ok(()) => self.record_unsaved = false,
             Err(_) => self.metrics.store_commit_failed(),
@@ -319,6 +332,7 @@ impl Driver {
             commands,
             restored,
             replies,
+            releases,
             ..
         } = batch;
         self.fault_points(&stored, &commands);
@@ -336,14 +350,20 @@ impl Driver {
         for event in stored {
             let _ = self.events.send(LiveEvent::Stored(event));
         }
+        let probes = self.fanout_probes(&releases, &commands);
         for command in &commands {
-            self.send(command);
+            let probe = match command {
+                Command::ReleaseBarrier { barrier, .. } => probes.get(barrier).cloned(),
+                _ => None,
+            };
+            self.send(command, probe);
         }
+        drop(probes);
         // A node whose session came back hears the last command it was sent (it may have been
         // lost with the old stream).
         for node in &restored {
             if let Some(command) = self.resend(node) {
-                self.registry.send(node, command.clone());
+                self.registry.send(node, command.clone(), None);
             }
         }
         for (reply, result) in replies {
@@ -560,12 +580,39 @@ impl Driver {
         }
     }
 
-    fn send(&mut self, command: &Command) {
+    /// One probe per barrier the batch releases, shared by every release of it.
+    fn fanout_probes(
+        &self,
+        releases: &HashMap<String, std::time::Instant>,
+        commands: &[Command],
+    ) -> HashMap<String, FanoutProbe> {
+        releases
+            .iter()
+            .map(|(barrier, started)| {
+                let nodes = commands
+                    .iter()
+                    .filter(
+                        |c| matches!(c, Command::ReleaseBarrier { barrier: b, .. } if b == barrier),
+                    )
+                    .count();
+                let probe = FanoutProbe::start(
+                    *started,
+                    &self.record.id,
+                    barrier,
+                    nodes,
+                    self.metrics.clone(),
+                );
+                (barrier.clone(), probe)
+            })
+            .collect()
+    }
+
+    fn send(&mut self, command: &Command, probe: Option<FanoutProbe>) {
         let Some((node, message)) = self.node_command(command) else {
             return;
         };
         self.last_sent.insert(node.clone(), message.clone());
-        if !self.registry.send(&node, message) {
+        if !self.registry.send(&node, message, probe) {
             tracing::warn!(rollout = %self.record.id, node, ?command, "node not connected; command not delivered");
         }
     }

@@ -93,11 +93,18 @@ pub enum LiveEvent {
 }
 
 enum Input {
-    Event(Event),
+    /// An event and when it reached the rollouts (the start of a barrier fan-out it completes).
+    Event(Event, std::time::Instant),
     Operator(
         Event,
         oneshot::Sender<Result<RolloutSnapshot, NotApplicable>>,
     ),
+}
+
+impl Input {
+    fn event(event: Event) -> Self {
+        Self::Event(event, std::time::Instant::now())
+    }
 }
 
 struct Handle {
@@ -207,14 +214,14 @@ impl Rollouts {
         self.metrics.rollout_state_changed(None, snapshot.state);
         let driver = self.driver(engine, record, &new.script, 1, 1);
         let tx = self.spawn(driver);
-        let _ = tx.send(Input::Event(Event::Start));
+        let _ = tx.send(Input::event(Event::Start));
         {
             // Under the handles' lock, as `session_changed` takes it: a target that connects
             // after this check is told `SessionRestored` after our `SessionLost`, never before.
             let _handles = self.lock();
             for node in &new.not_connected {
                 if !self.registry.is_connected(node) {
-                    let _ = tx.send(Input::Event(Event::SessionLost { node: node.clone() }));
+                    let _ = tx.send(Input::event(Event::SessionLost { node: node.clone() }));
                 }
             }
         }
@@ -256,7 +263,7 @@ impl Rollouts {
         let handles = self.lock();
         match handles.get(rollout_id) {
             Some(handle) => {
-                let _ = handle.tx.send(Input::Event(event));
+                let _ = handle.tx.send(Input::event(event));
             }
             None => tracing::warn!(rollout_id, ?event, "event for an unknown rollout ignored"),
         }
@@ -271,7 +278,7 @@ impl Rollouts {
             match running.or_else(|| self.revive(&rollout_id, node, &event)) {
                 Some(tx) => {
                     tracing::debug!(node, rollout_id, ?event, "outcome from the node's journal");
-                    let _ = tx.send(Input::Event(event));
+                    let _ = tx.send(Input::event(event));
                 }
                 None => tracing::debug!(
                     node,
@@ -295,7 +302,7 @@ impl Rollouts {
                         node: node.to_string(),
                     }
                 };
-                let _ = handle.tx.send(Input::Event(event));
+                let _ = handle.tx.send(Input::event(event));
             }
         }
     }

@@ -110,7 +110,7 @@ impl Fleet {
         let mut answers = Vec::new();
         for (node, rx) in &mut self.sessions {
             while let Ok(outbound) = rx.try_recv() {
-                let Outbound::Rollout(command) = outbound else {
+                let Outbound::Rollout(command, _) = outbound else {
                     continue;
                 };
                 answers.extend(agent_answer(node, &command));

@@ -303,7 +303,8 @@ fn print_one(r: &RunResult, etcd: Option<&EtcdSize>) {
     }
     eprintln!(
         "  {} agents: connected in {:.2} s, {:.1} KiB/agent, idle CPU {:.2} % (agents {:.1} %), \
-         rollout p50 {:.0} ms, release p99 {:.2} ms (load before: {})",
+         rollout p50 {:.0} ms, release p99 {:.2} ms (coordinator fan-out p99 {:.2} ms, agent \
+         frame -> next step p99 {:.2} ms) (load before: {})",
         r.options.agents,
         r.connect_s,
         r.kib_per_agent,
@@ -311,6 +312,8 @@ fn print_one(r: &RunResult, etcd: Option<&EtcdSize>) {
         r.idle_workers_cpu_percent,
         r.rollout_ms.p50,
         r.release_per_node_ms.p99,
+        r.coordinator_fanout_ms.p99,
+        r.agent_release_to_next_step_ms.p99,
         r.loadavg_before
     );
 }
@@ -369,6 +372,10 @@ fn print_table(measured: &[Measured]) {
     stat("barrier release, per node (ms)", |r| r.release_per_node_ms);
     stat("barrier release, last node (ms)", |r| {
         r.release_last_node_ms
+    });
+    stat("coordinator fan-out (ms)", |r| r.coordinator_fanout_ms);
+    stat("agent: release -> next step (ms)", |r| {
+        r.agent_release_to_next_step_ms
     });
     row("coordinator RSS before agents (MiB)", &|r| {
         format!("{:.1}", r.coordinator_rss_kib_before as f64 / 1024.0)

@@ -9,8 +9,14 @@
 //!
 //! So a sample covers the coordinator's whole part (the last `BarrierArrive` leaving the agent,
 //! the engine's decision, the store's commit, every release being queued, encoded and sent) plus
-//! the receiving agent's session and executor hand-off. The layer only subscribes to those two
-//! call sites of `hotroll_agent::executor`; every other agent event costs nothing.
+//! the receiving agent's session and executor hand-off.
+//!
+//! The agent's own part is split out from two more events: the session's trace-level
+//! `"barrier release received"` (fields `node`, `rollout_id`, `barrier_id`, logged as the frame
+//! is decoded) and the executor's `"step started"` of the step after the barrier (field `node`,
+//! logged once the step is journaled and about to run): per node, their difference is the
+//! agent's time from frame to next step. The layer only subscribes to those call sites; every
+//! other agent event costs nothing.
 //!
 //! If the agent's messages change, the bench finds no samples and says so.
 
@@ -30,6 +36,10 @@ pub const EXECUTOR_TARGET: &str = "hotroll_agent::executor";
 const ARRIVED: &str = "arrived at barrier; waiting for its release";
 const SUCCEEDED: &str = "step succeeded";
 const FAILED: &str = "step failed";
+const STARTED: &str = "step started";
+/// Where the agent's session logs the barrier releases it receives.
+pub const SESSION_TARGET: &str = "hotroll_agent::session";
+const RECEIVED: &str = "barrier release received";
 
 /// Timings of one barrier step of one rollout, in one process.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +50,10 @@ pub struct BarrierMarks {
     pub releases: Vec<u64>,
     /// Agents whose barrier step failed.
     pub failed: usize,
+    /// Per agent: from the release frame decoded to the next step started, ns (none for a
+    /// barrier that is the last step).
+    #[serde(default)]
+    pub agent_ns: Vec<u64>,
 }
 
 impl BarrierMarks {
@@ -47,6 +61,7 @@ impl BarrierMarks {
         self.arrivals.extend(other.arrivals);
         self.releases.extend(other.releases);
         self.failed += other.failed;
+        self.agent_ns.extend(other.agent_ns);
     }
 }
 
@@ -56,7 +71,16 @@ pub type Marks = BTreeMap<String, BTreeMap<u64, BarrierMarks>>;
 /// The tracing layer; [`MarkLayer::marks`] reads what it collected.
 #[derive(Debug, Clone, Default)]
 pub struct MarkLayer {
-    marks: Arc<Mutex<Marks>>,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    marks: Marks,
+    /// (rollout, barrier id) -> its step, learnt from the arrivals.
+    barrier_steps: BTreeMap<(String, String), u64>,
+    /// (rollout, node) -> (barrier step, when its release frame was decoded).
+    received: BTreeMap<(String, String), (u64, u64)>,
 }
 
 impl MarkLayer {
@@ -66,12 +90,17 @@ impl MarkLayer {
 
     /// Everything recorded so far.
     pub fn marks(&self) -> Marks {
-        self.marks.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .marks
+            .clone()
     }
 
     /// Whether the layer wants events of this call site.
     pub fn wants(metadata: &Metadata<'_>) -> bool {
-        metadata.is_event() && metadata.target() == EXECUTOR_TARGET
+        metadata.is_event()
+            && (metadata.target() == EXECUTOR_TARGET || metadata.target() == SESSION_TARGET)
     }
 }
 
@@ -81,6 +110,8 @@ struct Fields {
     rollout_id: String,
     instruction: String,
     list: String,
+    node: String,
+    barrier_id: String,
     step: Option<u64>,
 }
 
@@ -91,6 +122,8 @@ impl Visit for Fields {
             "rollout_id" => self.rollout_id = value.to_string(),
             "instruction" => self.instruction = value.to_string(),
             "list" => self.list = value.to_string(),
+            "node" => self.node = value.to_string(),
+            "barrier_id" => self.barrier_id = value.to_string(),
             _ => {}
         }
     }
@@ -110,7 +143,7 @@ impl Visit for Fields {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         // `%x` fields and the message arrive here, formatted with Display.
         match field.name() {
-            "message" | "rollout_id" | "instruction" | "list" => {
+            "message" | "rollout_id" | "instruction" | "list" | "node" | "barrier_id" => {
                 self.record_str(field, &format!("{value:?}"));
             }
             _ => {}
@@ -126,10 +159,37 @@ impl<S: Subscriber> Layer<S> for MarkLayer {
         }
         let mut fields = Fields::default();
         event.record(&mut fields);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if fields.message == RECEIVED {
+            let key = (fields.rollout_id.clone(), fields.barrier_id);
+            if let Some(step) = state.barrier_steps.get(&key).copied() {
+                state
+                    .received
+                    .insert((fields.rollout_id, fields.node), (step, now));
+            }
+            return;
+        }
         let Some(step) = fields.step else {
             return;
         };
         if fields.list != "up" {
+            return;
+        }
+        if fields.message == STARTED {
+            let key = (fields.rollout_id, fields.node);
+            if let Some((barrier_step, received)) = state.received.get(&key).copied()
+                && barrier_step + 1 == step
+            {
+                state.received.remove(&key);
+                state
+                    .marks
+                    .entry(key.0)
+                    .or_default()
+                    .entry(barrier_step)
+                    .or_default()
+                    .agent_ns
+                    .push(now.saturating_sub(received));
+            }
             return;
         }
         enum Kind {
@@ -143,8 +203,13 @@ impl<S: Subscriber> Layer<S> for MarkLayer {
             FAILED if fields.instruction == "sync_nodes" => Kind::Failed,
             _ => return,
         };
-        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = marks
+        if matches!(kind, Kind::Arrived) && !fields.barrier_id.is_empty() {
+            state
+                .barrier_steps
+                .insert((fields.rollout_id.clone(), fields.barrier_id), step);
+        }
+        let entry = state
+            .marks
             .entry(fields.rollout_id)
             .or_default()
             .entry(step)

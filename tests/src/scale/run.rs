@@ -101,6 +101,12 @@ pub struct RunResult {
     pub release_per_node_ms: Stats,
     /// Per barrier: last release minus last arrival, ms.
     pub release_last_node_ms: Stats,
+    /// The coordinator's part, per barrier: from the last arrival reaching its rollouts to the
+    /// last release handed to a connection (its log's `fanout_us`), ms.
+    pub coordinator_fanout_ms: Stats,
+    /// The agents' part, per node and barrier (not the last step): from the release frame
+    /// decoded to the next step started, ms.
+    pub agent_release_to_next_step_ms: Stats,
     pub rollout_ms: Stats,
     pub worker_errors: Vec<String>,
 }
@@ -499,6 +505,13 @@ pub fn run(hotroll: &Path, dir: &Path, options: RunOptions) -> anyhow::Result<Ru
     let _ = coordinator.terminate(Duration::from_secs(30));
 
     let (per_node, last_node) = barrier_latencies(&rounds, &marks, options.agents)?;
+    let coordinator_fanout_ms = fanouts(&dir.join("coordinator.log"), &rounds)?;
+    let agent_release_to_next_step_ms = Stats::of(
+        marks
+            .values()
+            .flat_map(|m| m.agent_ns.iter().map(|&ns| ns as f64 / 1e6))
+            .collect(),
+    );
     let rollout_ms = Stats::of(rounds.iter().map(|r| r.rollout_ms as f64).collect());
     Ok(RunResult {
         loadavg_before,
@@ -511,10 +524,67 @@ pub fn run(hotroll: &Path, dir: &Path, options: RunOptions) -> anyhow::Result<Ru
         rounds,
         release_per_node_ms: per_node,
         release_last_node_ms: last_node,
+        coordinator_fanout_ms,
+        agent_release_to_next_step_ms,
         rollout_ms,
         worker_errors,
         options,
     })
+}
+
+/// The coordinator's fan-out times of the rounds' barriers, off its log lines
+/// `barrier release handed to every node's connection ... fanout_us=N` (see
+/// `hotroll_rollouts::outbound::FanoutProbe`).
+fn fanouts(log: &Path, rounds: &[RoundResult]) -> anyhow::Result<Stats> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;
+    let ids: std::collections::HashSet<&str> =
+        rounds.iter().map(|r| r.rollout_id.as_str()).collect();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if !line.contains("barrier release handed to every node") {
+            continue;
+        }
+        let line = strip_ansi(line);
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+                .map(|v| v.trim_matches('"').to_string())
+        };
+        let (Some(rollout), Some(us)) = (field("rollout"), field("fanout_us")) else {
+            continue;
+        };
+        if ids.contains(rollout.as_str())
+            && let Ok(us) = us.parse::<u64>()
+        {
+            samples.push(us as f64 / 1e3);
+        }
+    }
+    ensure!(
+        !samples.is_empty() || rounds.is_empty(),
+        "no fan-out lines in {}: did the coordinator's message change (see \
+         hotroll_rollouts::outbound::FanoutProbe)?",
+        log.display()
+    );
+    Ok(Stats::of(samples))
+}
+
+/// `line` without terminal colour escapes (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Per-node and per-barrier release latency over every round's barriers.

@@ -8,7 +8,7 @@ use hotroll_script::{Instruction, Runtime as ScriptRuntime, Script, Step};
 
 use super::{Control, Event, Inbox, Run, StepFailure, StepOutcome, Stop};
 use crate::cancel::{CancelSource, CancelToken};
-use crate::executor::{CANCEL_GRACE, DEFAULT_ROLLBACK, Env};
+use crate::executor::{CANCEL_GRACE, DEFAULT_ROLLBACK, Env, LOG_TARGET};
 use crate::hooks::{self, Invocation};
 use crate::report::{NodeState, Phase, StepList, StepPhase};
 use crate::runtime::{BoxFuture, RolloutContext, RuntimeError, StepContext, StepOutput};
@@ -94,7 +94,7 @@ impl Run {
             }
             JournalFirst::Skip => {}
         }
-        tracing::info!(rollout_id = %self.rollout.rollout_id, list = list.as_str(), step = index, instruction = name, "step started");
+        tracing::info!(target: LOG_TARGET, node = %self.env.config.node, rollout_id = %self.rollout.rollout_id, list = list.as_str(), step = index, instruction = name, "step started");
         self.report_step(
             list,
             index,
