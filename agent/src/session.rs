@@ -9,7 +9,7 @@ use std::time::Duration;
 use hotroll_proto::v1::agent_client::AgentClient;
 use hotroll_proto::v1::agent_message::Msg as Out;
 use hotroll_proto::v1::{self as pb};
-use hotroll_proto::{LEADER_METADATA, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use hotroll_proto::{LEADER_METADATA, MIN_PROTOCOL_VERSION, PACED_HEARTBEATS, PROTOCOL_VERSION};
 use hotroll_tls::error_chain;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -38,6 +38,10 @@ const RECEIVED_TARGET: &str = module_path!();
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 keepalive ping, in heartbeat intervals.
 const KEEPALIVE_INTERVALS: u32 = 4;
+/// The shortest HTTP/2 keepalive interval: longer than an idle session's heartbeat pace
+/// (hyper pings a connection it has read nothing from for the interval, and an idle fleet of
+/// 10,000 pinging every few seconds would cost the coordinator more than its heartbeats).
+const KEEPALIVE_FLOOR: Duration = Duration::from_secs(30);
 /// HTTP/2 keepalive: a dead TCP connection is noticed even when no heartbeat is due.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// On shutdown, how long to wait for the coordinator to close its side after our Goodbye, so
@@ -167,12 +171,11 @@ impl Sessions<'_> {
 
     fn endpoint(&self) -> Result<Endpoint, tonic::transport::Error> {
         let config = &self.env.config;
-        // The session's own heartbeats (both ways, every interval) notice a dead peer; the
-        // HTTP/2 ping only backs them up while no session stream is open (connecting, or
-        // fetching an artifact), so it runs 4x slower: at 10,000 agents every extra frame per
-        // interval is coordinator CPU.
-        let keepalive =
-            (config.heartbeat_interval * KEEPALIVE_INTERVALS).max(Duration::from_secs(1));
+        // The session's heartbeats notice a dead peer; the HTTP/2 ping only backs them up
+        // while no session stream is open (connecting, or fetching an artifact), so it runs
+        // slower than any heartbeat pace: at 10,000 agents every extra frame per interval is
+        // coordinator CPU.
+        let keepalive = (config.heartbeat_interval * KEEPALIVE_INTERVALS).max(KEEPALIVE_FLOOR);
         Ok(Endpoint::from_shared(hotroll_tls::client::channel_uri(
             &self.coordinators.current(),
         ))?
@@ -278,10 +281,12 @@ impl Sessions<'_> {
         );
         node.on_connected();
 
-        let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Protocol 2: the coordinator paces heartbeats and this agent answers each one; the
+        // coordinator is lost after three of its announced intervals of silence. Protocol 1:
+        // both sides beat every interval.
+        let paced = welcome.protocol_version >= PACED_HEARTBEATS;
+        let mut pace = Pace::new(interval, paced);
         let mut last_heard = Instant::now();
-        let mut seq = 0u64;
         let lost = |reason: String| End::Lost {
             reason,
             established: true,
@@ -297,7 +302,14 @@ impl Sessions<'_> {
                     Ok(Some(message)) => {
                         last_heard = Instant::now();
                         match wire::inbound(message) {
-                            Inbound::Heartbeat => {}
+                            Inbound::Heartbeat { seq, next_within_ms } => {
+                                if paced {
+                                    pace.announced(next_within_ms);
+                                    if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(beat(seq)) {
+                                        return lost("the outbound stream closed".into());
+                                    }
+                                }
+                            }
                             Inbound::Command(command) => {
                                 if let CommandKind::BarrierRelease { barrier_id, .. } = &command.kind {
                                     // scale-bench's probe of the agent's side of a release.
@@ -315,23 +327,21 @@ impl Sessions<'_> {
                     Ok(None) => return lost("the coordinator closed the stream".into()),
                     Err(status) => return classify(status, true),
                 },
-                _ = heartbeat.tick() => {
+                () = tokio::time::sleep_until(pace.wake(last_heard)) => {
                     let silent = last_heard.elapsed();
-                    if silent >= interval.saturating_mul(SILENT_INTERVALS) {
+                    let allowed = pace.silence_allowed();
+                    if silent >= allowed {
                         return lost(format!(
                             "nothing heard from the coordinator for {silent:?} ({SILENT_INTERVALS} heartbeat intervals)"
                         ));
                     }
-                    seq += 1;
-                    let beat = wire::message(Out::Heartbeat(pb::Heartbeat {
-                        seq,
-                        sent_unix_ms: crate::report::now_unix_ms(),
-                    }));
-                    match tx.try_send(beat) {
-                        // Full: the stream is backed up, so the coordinator hears from us anyway.
-                        Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            return lost("the outbound stream closed".into());
+                    if let Some(seq) = pace.own_beat() {
+                        match tx.try_send(beat(seq)) {
+                            // Full: the stream is backed up, so the coordinator hears from us anyway.
+                            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                return lost("the outbound stream closed".into());
+                            }
                         }
                     }
                 }
@@ -388,6 +398,70 @@ async fn drain(inbound: &mut tonic::Streaming<pb::CoordinatorMessage>) {
 
 /// The interval Welcome asks for (0 = the config's), kept within sane bounds: it comes off the
 /// wire, and an absurd value must neither spin the loop nor overflow a deadline.
+/// A heartbeat from this agent.
+fn beat(seq: u64) -> pb::AgentMessage {
+    wire::message(Out::Heartbeat(pb::Heartbeat {
+        seq,
+        sent_unix_ms: crate::report::now_unix_ms(),
+        next_within_ms: 0,
+    }))
+}
+
+/// When the session loop wakes for heartbeats, and how much silence it allows.
+#[derive(Debug)]
+struct Pace {
+    interval: Duration,
+    /// Protocol 2: the coordinator's announced pace; this agent only answers.
+    paced: bool,
+    /// The longest the coordinator said its next heartbeat may take.
+    expected: Duration,
+    /// Protocol 1: when this agent's own next heartbeat is due, and its number.
+    next_own: Instant,
+    seq: u64,
+}
+
+impl Pace {
+    fn new(interval: Duration, paced: bool) -> Self {
+        Self {
+            interval,
+            paced,
+            expected: interval,
+            next_own: Instant::now() + interval,
+            seq: 0,
+        }
+    }
+
+    /// The coordinator's heartbeat said when the next one comes (0: the Welcome's interval).
+    fn announced(&mut self, next_within_ms: u64) {
+        self.expected = heartbeat_interval(next_within_ms, self.interval);
+    }
+
+    fn silence_allowed(&self) -> Duration {
+        self.expected.saturating_mul(SILENT_INTERVALS)
+    }
+
+    /// When to look again: the end of the allowed silence (protocol 2), or this agent's own
+    /// next heartbeat (protocol 1), whichever the protocol needs.
+    fn wake(&self, last_heard: Instant) -> Instant {
+        let silence_ends = last_heard + self.silence_allowed();
+        if self.paced {
+            silence_ends
+        } else {
+            self.next_own.min(silence_ends)
+        }
+    }
+
+    /// Protocol 1: the number of this agent's own heartbeat when one is due now.
+    fn own_beat(&mut self) -> Option<u64> {
+        if self.paced || Instant::now() < self.next_own {
+            return None;
+        }
+        self.next_own = Instant::now() + self.interval;
+        self.seq += 1;
+        Some(self.seq)
+    }
+}
+
 fn heartbeat_interval(welcome_ms: u64, configured: Duration) -> Duration {
     let asked = if welcome_ms > 0 {
         Duration::from_millis(welcome_ms)

@@ -16,7 +16,12 @@ use crate::runtime::ArtifactRef;
 #[derive(Debug)]
 pub enum Inbound {
     Welcome(pb::Welcome),
-    Heartbeat,
+    /// `next_within_ms`: the coordinator's next heartbeat comes within it (0: the Welcome's
+    /// interval; protocol 2).
+    Heartbeat {
+        seq: u64,
+        next_within_ms: u64,
+    },
     Goodbye(String),
     Command(Command),
     /// A message with no body (a newer coordinator's message this build does not know).
@@ -36,7 +41,10 @@ pub fn inbound(message: pb::CoordinatorMessage) -> Inbound {
     };
     match msg {
         In::Welcome(w) => Inbound::Welcome(w),
-        In::Heartbeat(_) => Inbound::Heartbeat,
+        In::Heartbeat(h) => Inbound::Heartbeat {
+            seq: h.seq,
+            next_within_ms: h.next_within_ms,
+        },
         In::Goodbye(g) => Inbound::Goodbye(g.reason),
         In::RunScript(r) => command(
             r.rollout_id,

@@ -226,7 +226,8 @@ fn arb_command() -> impl Strategy<Value = CoordMsg> {
         ),
         any::<u64>().prop_map(|seq| CoordMsg::Heartbeat(pb::Heartbeat {
             seq,
-            sent_unix_ms: seq
+            sent_unix_ms: seq,
+            next_within_ms: seq,
         })),
     ]
 }

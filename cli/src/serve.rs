@@ -19,9 +19,15 @@ pub struct ServeArgs {
     /// Directory for the coordinator's store and artifacts.
     #[arg(long, default_value = "./hotroll-data")]
     pub data_dir: PathBuf,
-    /// Heartbeat interval of agent sessions; three silent intervals end a session.
+    /// Heartbeat interval of the sessions of nodes a running rollout targets; a heartbeat
+    /// unanswered for three intervals ends a session.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+    /// Heartbeat interval of idle nodes' sessions (no running rollout targets them): an idle
+    /// fleet costs next to nothing, and a node that dies while idle shows disconnected within
+    /// this plus three heartbeat intervals. Raised to --heartbeat-interval when shorter.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub idle_heartbeat_interval: Duration,
     /// How long a node whose session dropped may take to come back during a rollout.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub session_grace: Duration,
@@ -213,6 +219,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let mut config = ServerConfig::new(args.data_dir.clone());
     config.heartbeat_interval = args.heartbeat_interval;
+    config.idle_heartbeat_interval = args.idle_heartbeat_interval;
     config.session_grace = args.session_grace;
     config.step_slack = args.step_slack;
     config.metrics_listen = args.metrics_listen;

@@ -285,9 +285,14 @@ pub fn live_notice(rollout_id: &str, event: &LiveEvent) -> Option<pb::RolloutEve
 pub fn coordinator_message(outbound: Outbound) -> pb::CoordinatorMessage {
     use pb::coordinator_message::Msg;
     let msg = match outbound {
-        Outbound::Heartbeat { seq, sent_ms } => Msg::Heartbeat(pb::Heartbeat {
+        Outbound::Heartbeat {
+            seq,
+            sent_ms,
+            next_within_ms,
+        } => Msg::Heartbeat(pb::Heartbeat {
             seq,
             sent_unix_ms: sent_ms,
+            next_within_ms,
         }),
         // The probe (if any) drops here: this release is handed to the connection.
         Outbound::Rollout(command, _probe) => node_command(command),

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod control;
 pub mod convert;
 pub mod group;
+pub mod liveness;
 pub mod metrics;
 pub mod releases;
 pub mod replication;

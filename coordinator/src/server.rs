@@ -16,6 +16,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::auth::{Guarded, IdentityService};
 use crate::control::ControlService;
+use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::rollouts::{RolloutTiming, Rollouts};
@@ -38,12 +39,19 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 /// Default of [`ServerConfig::watch_buffer`] (the rollouts' own default).
 pub use crate::rollouts::DEFAULT_WATCH_BUFFER;
 
+/// How often idle sessions are sent a heartbeat unless configured otherwise.
+pub const DEFAULT_IDLE_HEARTBEAT: Duration = Duration::from_secs(15);
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Where artifacts are kept (`<data_dir>/cas`).
     pub data_dir: PathBuf,
-    /// How often each side of a session sends a heartbeat; three silent intervals end it.
+    /// How often a session of a node some running rollout targets is sent a heartbeat; a
+    /// heartbeat unanswered for three intervals ends the session.
     pub heartbeat_interval: Duration,
+    /// How often an idle node's session is sent one (agents of protocol 2; older agents are
+    /// beaten every `heartbeat_interval`). At least `heartbeat_interval`.
+    pub idle_heartbeat_interval: Duration,
     /// How long a node whose session dropped may take to come back during a rollout.
     pub session_grace: Duration,
     /// Time granted over an instruction's own deadline before a silent node counts as failed.
@@ -69,6 +77,7 @@ impl ServerConfig {
         Self {
             data_dir,
             heartbeat_interval: Duration::from_secs(2),
+            idle_heartbeat_interval: DEFAULT_IDLE_HEARTBEAT,
             session_grace: Duration::from_secs(10),
             step_slack: Duration::from_secs(10),
             metrics_listen: None,
@@ -205,6 +214,8 @@ where
     }
     let artifacts = ArtifactStore::new(&config.data_dir)?;
     let (stop_streams, stopping) = Stopping::new();
+    let liveness = Liveness::new(config.heartbeat_interval, config.idle_heartbeat_interval);
+    tokio::spawn(liveness.clone().run(rollouts.clone(), stopping.wait()));
     let agent = AgentService {
         registry: registry.clone(),
         rollouts: rollouts.clone(),
@@ -214,6 +225,7 @@ where
         leader_epoch: config.leader_epoch,
         metrics: metrics.clone(),
         stopping: stopping.clone(),
+        liveness,
     };
     let control = ControlService {
         registry: registry.clone(),
@@ -263,10 +275,14 @@ where
     // Every RPC is authorized (and limited) by its guard, from the table of methods
     // (`auth::METHODS`), before the service sees it.
     let result = tonic::transport::Server::builder()
-        // Agent sessions exchange heartbeats every interval and are ended after three silent
-        // ones; the HTTP/2 ping is the backstop for other connections (CLI, watch streams) and
-        // runs 4x slower, since at 10,000 agents each frame per interval costs CPU.
-        .http2_keepalive_interval(Some(config.heartbeat_interval * 4))
+        // Agent sessions are watched by their heartbeats (`liveness`); the HTTP/2 ping is the
+        // backstop for other connections (CLI, watch streams). hyper pings a connection it has
+        // read nothing from for the interval, so it must be longer than the idle heartbeat
+        // pace, or every idle agent's connection would be pinged in between: at 10,000 agents
+        // each frame per interval costs CPU.
+        .http2_keepalive_interval(Some(
+            (config.heartbeat_interval * 4).max(config.idle_heartbeat_interval * 2),
+        ))
         .http2_keepalive_timeout(Some(config.heartbeat_interval * 3))
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))

@@ -1,7 +1,8 @@
 //! The `Agent` gRPC service: one long-lived session per node, and artifact download.
 //!
-//! A session: Hello → Welcome (or a status that says why not), then heartbeats both ways and
-//! rollout traffic. Three silent heartbeat intervals, a closed stream or a Goodbye end it; the
+//! A session: Hello → Welcome (or a status that says why not), then heartbeats and rollout
+//! traffic. Heartbeats are paced by one sweep over every session (`liveness`): a heartbeat
+//! unanswered for three heartbeat intervals, a closed stream or a Goodbye end a session; the
 //! rollouts that target the node are told, and their engines decide (grace period, failure).
 
 use std::collections::BTreeMap;
@@ -13,7 +14,7 @@ use futures::Stream;
 use hotroll_proto::v1 as pb;
 use hotroll_proto::v1::agent_message::Msg as AgentMsg;
 use hotroll_proto::v1::coordinator_message::Msg as CoordMsg;
-use hotroll_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use hotroll_proto::{MIN_PROTOCOL_VERSION, PACED_HEARTBEATS, PROTOCOL_VERSION};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -23,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::artifacts::{ArtifactStore, parse_digest};
 use crate::auth::{NodeIdentity, check_hello};
 use crate::convert;
-use crate::outbound::Outbound;
+use crate::liveness::{Liveness, SessionWatch};
 use crate::registry::Registry;
 use crate::rollouts::{Rollouts, now_ms};
 use crate::stopping::Stopping;
@@ -44,6 +45,8 @@ pub struct AgentService {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Ends every session when the server stops (see `stopping`).
     pub stopping: Stopping,
+    /// Paces every session's heartbeats and ends the silent ones.
+    pub liveness: Arc<Liveness>,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -158,13 +161,18 @@ impl pb::agent_server::Agent for AgentService {
 
         let registry = self.registry.clone();
         let rollouts = self.rollouts.clone();
-        let interval = self.heartbeat_interval;
+        let watch = self
+            .liveness
+            .watch(&node, tx.clone(), version >= PACED_HEARTBEATS);
+        drop(tx);
         let stopping = self.stopping.wait();
         tokio::spawn(async move {
             let reason = tokio::select! {
-                reason = serve_session(&node, &mut inbound, &tx, &registry, &rollouts, interval) => reason,
+                reason = serve_session(&node, &mut inbound, &watch, &registry, &rollouts) => reason,
+                reason = watch.ended() => reason,
                 () = stopping => "coordinator shutting down",
             };
+            drop(watch);
             tracing::info!(node = %node, reason, "agent session ended");
             if registry.detach(&node, link.id, now_ms()) {
                 rollouts.session_changed(&node, false);
@@ -274,61 +282,44 @@ fn app_versions(apps: &[pb::AppState]) -> BTreeMap<String, AppVersions> {
         .collect()
 }
 
-/// Pump one session until it ends; returns why it ended.
+/// Pump one session until it ends; returns why it ended (the liveness sweep ends silent
+/// sessions on its own).
 async fn serve_session(
     node: &str,
     inbound: &mut Streaming<pb::AgentMessage>,
-    tx: &mpsc::Sender<Outbound>,
+    watch: &SessionWatch,
     registry: &Registry,
     rollouts: &Rollouts,
-    interval: Duration,
 ) -> &'static str {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seq = 0u64;
-    let mut last_heard = tokio::time::Instant::now();
     loop {
-        tokio::select! {
-            message = inbound.next() => {
-                let message = match message {
-                    None => return "stream closed without Goodbye",
-                    Some(Err(status)) => {
-                        tracing::debug!(node, %status, "session stream error");
-                        return "stream error";
-                    }
-                    Some(Ok(pb::AgentMessage { msg: None })) => continue,
-                    Some(Ok(pb::AgentMessage { msg: Some(m) })) => m,
-                };
-                last_heard = tokio::time::Instant::now();
-                registry.touch(node, now_ms());
-                match &message {
-                    AgentMsg::Goodbye(g) => {
-                        tracing::info!(node, reason = %g.reason, "agent said goodbye");
-                        return "goodbye";
-                    }
-                    AgentMsg::Heartbeat(_) => {}
-                    AgentMsg::Hello(_) => tracing::warn!(node, "second Hello on one session ignored"),
-                    AgentMsg::Outcome(outcome) if !outcome.apps.is_empty() => {
-                        registry.update_apps(node, app_versions(&outcome.apps));
-                        if let Some((rollout_id, event)) = convert::agent_event(node, &message) {
-                            rollouts.deliver(&rollout_id, event);
-                        }
-                    }
-                    other => match convert::agent_event(node, other) {
-                        Some((rollout_id, event)) => rollouts.deliver(&rollout_id, event),
-                        None => tracing::debug!(node, ?other, "agent message not about a rollout"),
-                    },
+        let message = match inbound.next().await {
+            None => return "stream closed without Goodbye",
+            Some(Err(status)) => {
+                tracing::debug!(node, %status, "session stream error");
+                return "stream error";
+            }
+            Some(Ok(pb::AgentMessage { msg: None })) => continue,
+            Some(Ok(pb::AgentMessage { msg: Some(m) })) => m,
+        };
+        watch.heard();
+        registry.touch(node, now_ms());
+        match &message {
+            AgentMsg::Goodbye(g) => {
+                tracing::info!(node, reason = %g.reason, "agent said goodbye");
+                return "goodbye";
+            }
+            AgentMsg::Heartbeat(_) => {}
+            AgentMsg::Hello(_) => tracing::warn!(node, "second Hello on one session ignored"),
+            AgentMsg::Outcome(outcome) if !outcome.apps.is_empty() => {
+                registry.update_apps(node, app_versions(&outcome.apps));
+                if let Some((rollout_id, event)) = convert::agent_event(node, &message) {
+                    rollouts.deliver(&rollout_id, event);
                 }
             }
-            _ = ticker.tick() => {
-                if last_heard.elapsed() > interval * 3 {
-                    return "no message for three heartbeat intervals";
-                }
-                seq += 1;
-                if tx.try_send(Outbound::Heartbeat { seq, sent_ms: now_ms() }).is_err() {
-                    return "outbound queue full or closed";
-                }
-            }
+            other => match convert::agent_event(node, other) {
+                Some((rollout_id, event)) => rollouts.deliver(&rollout_id, event),
+                None => tracing::debug!(node, ?other, "agent message not about a rollout"),
+            },
         }
     }
 }

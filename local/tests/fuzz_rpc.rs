@@ -310,7 +310,8 @@ fn arb_agent_message() -> impl Strategy<Value = pb::AgentMessage> {
         )),
         any::<u64>().prop_map(|seq| Msg::Heartbeat(pb::Heartbeat {
             seq,
-            sent_unix_ms: seq
+            sent_unix_ms: seq,
+            next_within_ms: seq,
         })),
         (arb_string(), any::<u64>()).prop_map(|(rollout_id, epoch)| Msg::ScriptAccepted(
             pb::ScriptAccepted { rollout_id, epoch }

@@ -598,7 +598,13 @@ async fn a_hello_out_of_range_or_bounds_is_refused() {
     let server = Server::start(DAY).await;
     let operator = server.token(TokenRole::Operator, DAY, None);
     let cert = server.node_cert("node-1").await;
-    for (min, max) in [(2, 9), (0, 0), (5, 1), (u32::MAX, u32::MAX)] {
+    let newer = hotroll_proto::PROTOCOL_VERSION + 1;
+    for (min, max) in [
+        (newer, newer + 7),
+        (0, 0),
+        (newer + 3, 1),
+        (u32::MAX, u32::MAX),
+    ] {
         let result = session(
             server.channel(Some(cert.clone())).await,
             hello("node-1", min, max),

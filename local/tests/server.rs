@@ -23,11 +23,19 @@ struct TestServer {
 
 impl TestServer {
     async fn start() -> Self {
+        Self::start_with_idle(Duration::from_millis(200)).await
+    }
+
+    /// Heartbeats every 200 ms for rollout targets, every `idle` for idle protocol-2 sessions.
+    async fn start_with_idle(idle: Duration) -> Self {
         let fleet = Fleet::builder()
             .insecure()
             .agents(0)
             .store(Arc::new(MemoryStore::default()))
-            .server_config(|config| config.heartbeat_interval = Duration::from_millis(200))
+            .server_config(move |config| {
+                config.heartbeat_interval = Duration::from_millis(200);
+                config.idle_heartbeat_interval = idle;
+            })
             .build()
             .await
             .unwrap();
@@ -163,6 +171,7 @@ async fn the_first_message_must_be_hello() {
         msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
             seq: 1,
             sent_unix_ms: 0,
+            next_within_ms: 0,
         })),
     };
     let status = match open_session(server.channel().await, beat).await {
@@ -194,6 +203,118 @@ async fn a_silent_agent_is_noticed_within_three_heartbeats() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    server.shutdown().await;
+}
+
+/// Heartbeats received on `stream` for `how_long`, each answered on `tx` when `answer`.
+async fn beats_for(
+    stream: &mut tonic::Streaming<pb::CoordinatorMessage>,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    how_long: Duration,
+    answer: bool,
+) -> Vec<pb::Heartbeat> {
+    let mut beats = Vec::new();
+    let deadline = tokio::time::Instant::now() + how_long;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, stream.next()).await {
+        if let Some(pb::coordinator_message::Msg::Heartbeat(beat)) = message.msg {
+            if answer {
+                let reply = pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
+                        seq: beat.seq,
+                        ..Default::default()
+                    })),
+                };
+                tx.send(reply).await.unwrap();
+            }
+            beats.push(beat);
+        }
+    }
+    beats
+}
+
+const WAIT_SCRIPT: &str = r#"app = "paced"
+from = "1.0.0"
+to = "2.0.0"
+
+[rollout]
+barrier_timeout = "60s"
+
+[script]
+up = [{ sync_nodes = "b" }]
+"#;
+
+/// Protocol 2: an idle session is beaten at the idle pace, announced in each heartbeat; once a
+/// rollout targets the node it is beaten every heartbeat interval, announced too.
+#[tokio::test]
+async fn idle_sessions_are_beaten_slowly_and_a_rollouts_targets_closely() {
+    let server = TestServer::start_with_idle(Duration::from_secs(1)).await;
+    let (tx, mut stream) = open_session(server.channel().await, hello("idle", 1, 2))
+        .await
+        .unwrap();
+    match first_message(&mut stream).await.unwrap() {
+        pb::coordinator_message::Msg::Welcome(w) => assert_eq!(w.protocol_version, 2),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    let idle = beats_for(&mut stream, &tx, Duration::from_millis(2500), true).await;
+    assert!(!idle.is_empty(), "no heartbeat in 2.5 s");
+    assert!(
+        idle.iter().all(|b| b.next_within_ms == 1000),
+        "idle beats announce the idle pace: {idle:?}"
+    );
+    // At the close pace (200 ms) 2.5 s would hold about twelve.
+    assert!(idle.len() <= 4, "{} beats in 2.5 s while idle", idle.len());
+    let mut control = ControlClient::new(server.channel().await);
+    assert_eq!(
+        connected(&mut control, "idle").await,
+        Some(true),
+        "an answering idle session stays"
+    );
+
+    let started = control
+        .start_rollout(pb::StartRolloutRequest {
+            script_name: "paced.toml".into(),
+            script_source: WAIT_SCRIPT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let close = beats_for(&mut stream, &tx, Duration::from_millis(1500), true).await;
+    assert!(
+        close.iter().filter(|b| b.next_within_ms == 200).count() >= 3,
+        "a rollout's target is beaten every 200 ms: {close:?}"
+    );
+    control
+        .abort_rollout(pb::RolloutControlRequest {
+            rollout_id: started.rollout_id,
+            reason: "test over".into(),
+        })
+        .await
+        .unwrap();
+    drop(tx);
+    server.shutdown().await;
+}
+
+/// Protocol 2: a session that stops answering heartbeats is ended, idle or not.
+#[tokio::test]
+async fn an_idle_session_that_does_not_answer_is_ended() {
+    let server = TestServer::start_with_idle(Duration::from_secs(1)).await;
+    let (tx, mut stream) = open_session(server.channel().await, hello("mute", 2, 2))
+        .await
+        .unwrap();
+    first_message(&mut stream).await.unwrap();
+    let mut control = ControlClient::new(server.channel().await);
+    assert_eq!(connected(&mut control, "mute").await, Some(true));
+    // The first beat leaves within 200 ms, the next answer is due 600 ms later.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    while connected(&mut control, "mute").await != Some(false) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a session that answers no heartbeat is still connected after 6 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(tx);
     server.shutdown().await;
 }
 

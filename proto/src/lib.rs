@@ -4,10 +4,14 @@
 //! convert to their own domain types at the edge of their gRPC code.
 
 /// The protocol version this build speaks. Hello carries a range; the coordinator picks the
-/// highest version both sides speak.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// highest version both sides speak. Version 2: the coordinator paces heartbeats and agents
+/// answer them (docs/protocol.md, "Heartbeats").
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// The first protocol version in which the coordinator paces heartbeats (see
+/// [`PROTOCOL_VERSION`]).
+pub const PACED_HEARTBEATS: u32 = 2;
 
 /// Metadata key of a standby coordinator's "not the leader" answer (`UNAVAILABLE`): the
 /// advertised URL of the group's leader, which agents and the CLI then talk to.

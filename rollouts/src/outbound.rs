@@ -15,9 +15,11 @@ use crate::store::ArtifactBinding;
 pub enum Outbound {
     /// A rollout's command; the probe, when there is one, measures the fan-out it is part of.
     Rollout(NodeCommand, Option<FanoutProbe>),
+    /// `next_within_ms`: when the next heartbeat comes at the latest (protocol 2; 0 for 1).
     Heartbeat {
         seq: u64,
         sent_ms: Millis,
+        next_within_ms: u64,
     },
 }
 

@@ -113,6 +113,7 @@ impl Agent for Service {
                 let beat = msg(CoordMsg::Heartbeat(pb::Heartbeat {
                     seq,
                     sent_unix_ms: 0,
+                    next_within_ms: 0,
                 }));
                 if tx.send(Ok(beat)).await.is_err() {
                     return;

@@ -111,7 +111,8 @@ struct Handle {
     tx: mpsc::UnboundedSender<Input>,
     snapshot: watch::Receiver<RolloutSnapshot>,
     events: broadcast::Sender<LiveEvent>,
-    targets: HashSet<String>,
+    /// Shared, so the session liveness sweep can look at it without holding the lock.
+    targets: Arc<HashSet<String>>,
     /// Instruction names of `up`, for status and history.
     instructions: Arc<Vec<String>>,
 }
@@ -249,7 +250,7 @@ impl Rollouts {
                 tx: tx.clone(),
                 snapshot: driver.snapshot.subscribe(),
                 events: driver.events.clone(),
-                targets: driver.record.targets.iter().cloned().collect(),
+                targets: Arc::new(driver.record.targets.iter().cloned().collect()),
                 instructions: driver.instructions.clone(),
             },
         );
@@ -287,6 +288,12 @@ impl Rollouts {
                 ),
             }
         }
+    }
+
+    /// The targets of every rollout running here (one set per rollout): the nodes whose sessions
+    /// are watched closely (see the coordinator's `liveness`).
+    pub fn running_targets(&self) -> Vec<Arc<HashSet<String>>> {
+        self.lock().values().map(|h| h.targets.clone()).collect()
     }
 
     /// A node's session came or went: tell every rollout that targets it.
