@@ -20,6 +20,7 @@
          check_binary/2,
          check_old_code/1,
          run_group/2,
+         install_release/5,
          purge/2,
          stop_child/2,
          start_child/2,
@@ -27,7 +28,7 @@
          status/1]).
 
 %% Bump together with HELPER_VERSION in agent/src/runtime/beam/helper.rs.
--define(VERSION, 2).
+-define(VERSION, 3).
 
 %% Only one group runs at a time on a node: a second caller (an agent that restarted while the
 %% first call still runs, a rollback after a timeout) waits for the first to finish.
@@ -72,7 +73,9 @@ old_code_users(Mod) ->
 %%     {downgrade, Mod, File, OldBin, ExtraText, Change}: back to OldBin unless it already runs
 %%         (code_change down first when Change, then load): the rollback of an upgrade that may
 %%         or may not have happened (an agent that restarted in the middle of one).
-%% Returns {ok, WindowUs, Suspended, Report} | {error, Text, WindowUs, Suspended, Report}.
+%% Returns {ok, WindowUs, Suspended, Report, Warnings} | {error, Text, WindowUs, Suspended, Report}.
+%% Warnings (binaries) name each module whose code_change reached no process although it exports
+%% code_change/3: whatever runs it unseen keeps its old state, so the agent records a warning.
 run_group(Spec, LockTimeoutMs) ->
     with_lock(fun() -> group(Spec) end, LockTimeoutMs).
 
@@ -100,12 +103,98 @@ group({SuspendMods, Ops, SuspendTimeout, ChangeTimeout}) ->
                              end,
                     T1 = erlang:monotonic_time(microsecond),
                     case Result of
-                        {ok, Report} -> {ok, T1 - T0, length(Pids), Report};
+                        {ok, Report} ->
+                            {ok, T1 - T0, length(Pids), Report, unreached(Changed, All)};
                         {error, Why} -> {error, Why, T1 - T0, length(Pids), <<>>}
                     end
             end
     catch
         throw:{hotroll, Why} -> {error, Why, 0, 0, <<>>}
+    end.
+
+%% The warnings of a group: code_change modules that exported code_change/3 and ran in no
+%% process found.
+unreached(Mods, All) ->
+    [fmt("code_change of ~0p reached no process (it exports code_change/3: a process running it "
+         "that neither a supervisor nor proc_lib names would keep its old state)", [M])
+     || M <- lists:usort(Mods), procs_running(M, All) =:= [],
+        erlang:function_exported(M, code_change, 3)].
+
+%% ---------------------------------------------------------------------------------------------
+%% release_handler:install_release/2 and the processes it does not see
+
+%% The release handler finds the processes of a `code_change` through the supervision trees
+%% only. Here the processes running one of the relup's code_change modules that no supervisor
+%% knows (a registered gen_server started by hand, a process under a non-OTP parent) are
+%% suspended before the relup runs, code_changed with the relup's own Extra once it has run
+%% (the old version read before, as release_handler_1 does; `{down, Vsn}` of the loaded code on
+%% a downgrade), and resumed in any case.
+%%   Relup: the relup file release_handler is about to run; Entry: {up, FromVsn} (an UpFrom
+%%   entry of the new release's relup) or {down, ToVsn} (a DownTo entry of the current one's).
+%% Returns {Answer, Changed, Warnings, Failures}: Answer is install_release's own; Changed the
+%% unsupervised processes converted, as text; Warnings as run_group's (supervised processes
+%% count as reached); Failures one text per unsupervised process whose code_change failed.
+install_release(Vsn, Opts, Relup, Entry, Timeout) ->
+    with_lock(fun() -> install(to_list(Vsn), Opts, to_list(Relup), Entry, Timeout) end, Timeout).
+
+install(Vsn, Opts, Relup, Entry, Timeout) ->
+    {Mode, Changes} = relup_changes(Relup, Entry),
+    Mods = lists:usort([M || {M, _} <- Changes]),
+    All = known_procs(Mods),
+    Unsupervised = [{Pid, M} || {none, _Name, Pid, [M]} <- All],
+    OldVsns = [{M, catch current_vsn(M)} || M <- Mods],
+    Pids = lists:usort([P || {P, _} <- Unsupervised]),
+    case suspend_all(Pids, Timeout) of
+        {error, Suspended, Why} ->
+            resume_all(Suspended),
+            {{error, Why}, <<>>, [], []};
+        {ok, Suspended} ->
+            try release_handler:install_release(Vsn, Opts) of
+                {ok, _, _} = Ok ->
+                    Results = convert(Unsupervised, Changes, Mode, OldVsns, Timeout),
+                    Changed = [{Pid, M} || {Pid, M, ok} <- Results],
+                    Failed = [fmt("code_change of ~0p in ~0p (not supervised) failed: ~0p; the "
+                                  "process was stopped rather than left with a state its code "
+                                  "cannot read", [M, Pid, Why])
+                              || {Pid, M, {killed, Why}} <- Results],
+                    {Ok, fmt("~0p", [Changed]), unreached(Mods, All), Failed};
+                Other ->
+                    {Other, <<>>, [], []}
+            after
+                resume_all(Suspended)
+            end
+    end.
+
+%% The code_change instructions of one relup entry: {up | down, [{Mod, Extra}]}.
+relup_changes(Relup, {Dir, Other}) ->
+    Other1 = to_list(Other),
+    case file:consult(Relup) of
+        {ok, [{_Vsn, UpFrom, DownTo}]} ->
+            Entries = case Dir of up -> UpFrom; down -> DownTo end,
+            case [Instrs || {V, _Descr, Instrs} <- Entries, V =:= Other1] of
+                [Instrs | _] ->
+                    {Dir, [{M, X} || {code_change, _, MXs} <- Instrs, {M, X} <- MXs]};
+                [] -> {Dir, []}
+            end;
+        _ -> {Dir, []}
+    end.
+
+convert(Unsupervised, Changes, Mode, OldVsns, Timeout) ->
+    [{Pid, Mod, change_one(Pid, Mod, Extra, Mode, OldVsns, Timeout)}
+     || {Pid, Mod} <- Unsupervised, {M, Extra} <- Changes, M =:= Mod].
+
+change_one(Pid, Mod, Extra, Mode, OldVsns, Timeout) ->
+    Arg = case Mode of
+              up -> proplists:get_value(Mod, OldVsns);
+              down -> {down, catch current_vsn(Mod)}
+          end,
+    case catch sys:change_code(Pid, Mod, Arg, Extra, Timeout) of
+        ok -> ok;
+        Error ->
+            %% Its state no longer matches its code: stopping it is the only honest outcome
+            %% (it is nobody's child, so nothing restarts it with a state it cannot read).
+            exit(Pid, kill),
+            {killed, Error}
     end.
 
 %% Everything that can fail without touching the system: old object code saved for undo, old

@@ -119,6 +119,7 @@ mod tests {
             duration: std::time::Duration::ZERO,
             error: String::new(),
             output: String::new(),
+            warnings: Vec::new(),
             at_unix_ms: 0,
         }));
         outbox.push(prepared(2));

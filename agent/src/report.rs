@@ -78,6 +78,8 @@ pub struct StepReport {
     pub duration: Duration,
     pub error: String,
     pub output: String,
+    /// The step succeeded without doing all it names (see `StepOutput::warnings`).
+    pub warnings: Vec<String>,
     pub at_unix_ms: u64,
 }
 

@@ -122,6 +122,7 @@ pub fn report(report: Report) -> pb::AgentMessage {
             duration_ms: millis(s.duration),
             error: s.error,
             output: s.output,
+            warnings: s.warnings,
             at_unix_ms: s.at_unix_ms,
         }),
         Report::BarrierArrive {

@@ -425,7 +425,7 @@ pub async fn run_events(args: EventsArgs) -> anyhow::Result<u8> {
     let mut finished = false;
     while let Some(msg) = rx.recv().await {
         match msg {
-            FollowMsg::Event(event) => events.push(event),
+            FollowMsg::Event(event) => events.push(*event),
             FollowMsg::Notice(note) => eprintln!("hotroll: {note}"),
             FollowMsg::End(FollowEnd::Final(_)) => {
                 finished = true;
@@ -519,6 +519,8 @@ pub fn events_table(events: &[pb::RolloutEvent]) -> comfy_table::Table {
         };
         let detail = if !e.error.is_empty() {
             e.error.clone()
+        } else if !e.warning.is_empty() {
+            format!("WARNING: {}", e.warning.replace('\n', "; "))
         } else {
             e.message.clone()
         };

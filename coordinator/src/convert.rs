@@ -194,6 +194,7 @@ pub fn rollout_event(
             phase,
             error,
             duration_ms,
+            warning,
         } => {
             out.kind = "step".into();
             out.node = node.clone();
@@ -202,6 +203,7 @@ pub fn rollout_event(
             out.step_phase = step_phase(*phase) as i32;
             out.duration_ms = duration_ms.unwrap_or_default();
             out.error = error.clone().unwrap_or_default();
+            out.warning = warning.clone().unwrap_or_default();
         }
         Record::BarrierArrived {
             node,
@@ -411,6 +413,7 @@ pub fn agent_event(node: &str, message: &pb::agent_message::Msg) -> Option<(Stri
                     epoch: m.epoch,
                     step: m.step,
                     duration_ms: Some(m.duration_ms),
+                    warning: bounded_warnings(&m.warnings),
                 },
                 pb::StepPhase::Failed => Event::StepFailed {
                     node,
@@ -477,4 +480,17 @@ pub fn journal_events(node: &str, journal: &[pb::JournalEntry]) -> Vec<(String, 
             ))
         })
         .collect()
+}
+
+/// An agent's warnings as one history line each, bounded: a node cannot make the history grow
+/// without limit.
+fn bounded_warnings(warnings: &[String]) -> Option<String> {
+    const MAX_WARNINGS: usize = 16;
+    const MAX_CHARS: usize = 1_000;
+    let lines: Vec<String> = warnings
+        .iter()
+        .take(MAX_WARNINGS)
+        .map(|w| w.chars().take(MAX_CHARS).collect())
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("\n"))
 }

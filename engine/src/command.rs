@@ -57,6 +57,10 @@ pub enum Record {
         /// Absent in histories written before it was recorded.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         duration_ms: Option<u64>,
+        /// On `succeeded`: what the step did not reach although it names it (a code_change
+        /// that reached no process). The step still succeeded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        warning: Option<String>,
     },
     BarrierArrived {
         node: String,

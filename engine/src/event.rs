@@ -47,6 +47,9 @@ pub enum Event {
         /// How long the instruction ran, as the agent measured it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         duration_ms: Option<u64>,
+        /// What the step did not reach although it names it; recorded as a warning.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        warning: Option<String>,
     },
     /// An instruction of `up` failed on the node. The node reports its outcome separately.
     StepFailed {

@@ -340,6 +340,8 @@ fn arb_agent_message() -> impl Strategy<Value = pb::AgentMessage> {
                     instruction: "check".into(),
                     phase,
                     duration_ms: 1,
+                    // More warnings than the coordinator keeps: it bounds them.
+                    warnings: vec![error.clone(); 20],
                     error,
                     output: String::new(),
                     at_unix_ms: 0,

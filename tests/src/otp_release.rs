@@ -4,6 +4,11 @@
 //! release`, `relup`, `tar`), and nodes started from a tarball with relx's own `bin/pm daemon`
 //! (long names on 127.0.0.1, `vm.args.src` with `-name ${NODE_NAME}` and `-setcookie ${COOKIE}`,
 //! a private epmd through `ERL_EPMD_PORT`). Every node is killed when its guard drops.
+//!
+//! Beside the supervised miner, the app starts `tally`, a registered gen_server in no
+//! supervision tree (started by hand in `pm_app:start/2`), whose state v2 converts: the release
+//! handler does not see it, hotroll must. `pm_idle` exports `code_change/3` but no process runs
+//! it: its code_change reaches nothing, which the rollout's history must say.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -35,12 +40,48 @@ const VM_ARGS_SRC: &str = "-name ${NODE_NAME}\n-setcookie ${COOKIE}\n-start_epmd
 -kernel inet_dist_use_interface {127,0,0,1}\n";
 
 const APP_SRC: &str = r#"{application, pm, [{description, "prime miner"}, {vsn, "@VSN@"},
-  {registered, [pm, pm_sup]}, {mod, {pm_app, []}},
+  {registered, [pm, pm_sup, tally]}, {mod, {pm_app, []}},
   {applications, [kernel, stdlib, sasl]}, {env, []}]}.
 "#;
 
+// `tally` is started by hand, linked to nothing: no supervisor knows it.
 const PM_APP: &str = "-module(pm_app).\n-behaviour(application).\n-export([start/2, stop/1]).\n\
-start(_, _) -> pm_sup:start_link().\nstop(_) -> ok.\n";
+start(_, _) -> {ok, _} = gen_server:start({local, tally}, tally, [], []), pm_sup:start_link().\n\
+stop(_) -> ok.\n";
+
+/// v1 counts in an integer.
+const TALLY_V1: &str = r#"-module(tally).
+-behaviour(gen_server).
+-export([init/1, handle_call/3, handle_cast/2, code_change/3]).
+init([]) -> {ok, 0}.
+handle_call(bump, _, N) -> {reply, N + 1, N + 1};
+handle_call(count, _, N) -> {reply, N, N};
+handle_call(format, _, N) -> {reply, integer, N}.
+handle_cast(_, S) -> {noreply, S}.
+code_change(_, S, _) -> {ok, S}.
+"#;
+
+/// v2 counts in a map; its code_change converts both ways.
+const TALLY_V2: &str = r#"-module(tally).
+-behaviour(gen_server).
+-export([init/1, handle_call/3, handle_cast/2, code_change/3]).
+init([]) -> {ok, #{count => 0}}.
+handle_call(bump, _, #{count := N} = S) -> {reply, N + 1, S#{count := N + 1}};
+handle_call(count, _, #{count := N} = S) -> {reply, N, S};
+%% Says what the state really is: a process left with v1's integer under this code answers
+%% `integer`.
+handle_call(format, _, S) when is_map(S) -> {reply, map, S};
+handle_call(format, _, S) -> {reply, integer, S}.
+handle_cast(_, S) -> {noreply, S}.
+code_change({down, _}, #{count := N}, _) -> {ok, N};
+code_change(_, N, _) when is_integer(N) -> {ok, #{count => N}}.
+"#;
+
+/// A module with a code_change that no process runs.
+const PM_IDLE_V1: &str = "-module(pm_idle).\n-export([version/0, code_change/3]).\n\
+version() -> 1.\ncode_change(_, S, _) -> {ok, S}.\n";
+const PM_IDLE_V2: &str = "-module(pm_idle).\n-export([version/0, code_change/3]).\n\
+version() -> 2.\ncode_change(_, S, _) -> {ok, S}.\n";
 
 const PM_SUP: &str = "-module(pm_sup).\n-behaviour(supervisor).\n-export([start_link/0, init/1]).\n\
 start_link() -> supervisor:start_link({local, pm_sup}, ?MODULE, []).\n\
@@ -85,8 +126,10 @@ is_prime(N) -> lists:all(fun(D) -> N rem D =/= 0 end, lists:seq(2, trunc(math:sq
 "#;
 
 const APPUP_V2: &str = r#"{"0.2.0",
- [{"0.1.0", [{update, pm, {advanced, []}}]}],
- [{"0.1.0", [{update, pm, {advanced, []}}]}]}.
+ [{"0.1.0", [{update, pm, {advanced, []}}, {update, tally, {advanced, []}},
+             {update, pm_idle, {advanced, []}}]}],
+ [{"0.1.0", [{update, pm, {advanced, []}}, {update, tally, {advanced, []}},
+             {update, pm_idle, {advanced, []}}]}]}.
 "#;
 
 /// v3: v2's code whose code_change crashes, whichever way it is called.
@@ -140,22 +183,25 @@ pub fn build(dir: &Path) -> anyhow::Result<Tarballs> {
     let rel = project.join("_build/prod/rel/pm");
     let home = dir.join("home");
     std::fs::create_dir_all(&home)?;
-    let version = |vsn: &str, code: &str| -> anyhow::Result<()> {
+    let version = |vsn: &str, [pm, tally, idle]: [&str; 3]| -> anyhow::Result<()> {
         std::fs::write(
             project.join("rebar.config"),
             REBAR_CONFIG.replace("@VSN@", vsn),
         )?;
         std::fs::write(app.join("src/pm.app.src"), APP_SRC.replace("@VSN@", vsn))?;
-        std::fs::write(app.join("src/pm.erl"), code)?;
+        std::fs::write(app.join("src/pm.erl"), pm)?;
+        std::fs::write(app.join("src/tally.erl"), tally)?;
+        std::fs::write(app.join("src/pm_idle.erl"), idle)?;
         rebar3(&project, &home, &["as", "prod", "release"])
     };
-    version("0.1.1", PM_V1)?;
+    let v1 = [PM_V1, TALLY_V1, PM_IDLE_V1];
+    version("0.1.1", v1)?;
     rebar3(&project, &home, &["as", "prod", "tar"])?;
-    version("0.1.0", PM_V1)?;
+    version("0.1.0", v1)?;
     rebar3(&project, &home, &["as", "prod", "tar"])?;
     // rebar3 copies an app's ebin/*.appup into the release; relup reads it from there.
     std::fs::write(app.join("ebin/pm.appup"), APPUP_V2)?;
-    version("0.2.0", PM_V2)?;
+    version("0.2.0", [PM_V2, TALLY_V2, PM_IDLE_V2])?;
     rebar3(
         &project,
         &home,
@@ -358,6 +404,34 @@ impl ReleaseNode {
             primes,
         })
     }
+}
+
+impl ReleaseNode {
+    /// The unsupervised `tally` gen_server: its pid, state format and count.
+    pub fn tally(&self) -> anyhow::Result<Tally> {
+        Ok(Tally {
+            pid: self.eval("pid_to_list(whereis(tally)).")?,
+            format: self.eval("gen_server:call(tally, format).")?,
+            count: self.eval("gen_server:call(tally, count).")?.parse()?,
+        })
+    }
+
+    /// Bump `tally` `times` times; its count afterwards.
+    pub fn bump_tally(&self, times: usize) -> anyhow::Result<u64> {
+        let count = self.eval(&format!(
+            "lists:last([gen_server:call(tally, bump) || _ <- lists:seq(1, {times})])."
+        ))?;
+        Ok(count.parse()?)
+    }
+}
+
+/// What a test reads from `tally`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub pid: String,
+    /// `integer` (v1) or `map` (v2).
+    pub format: String,
+    pub count: u64,
 }
 
 impl Drop for ReleaseNode {

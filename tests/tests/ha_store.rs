@@ -197,6 +197,7 @@ fn noisy_event(seq: u64, len: usize) -> StoredEvent {
             phase: StepPhase::Failed,
             error: Some(error),
             duration_ms: Some(seq),
+            warning: None,
         },
     }
 }

@@ -253,6 +253,70 @@ fn upgrades_three_release_nodes_to_v2_keeping_primes_and_pid() -> anyhow::Result
     })
 }
 
+/// Test 6: `tally`, a registered gen_server in no supervision tree (the release handler looks
+/// only at supervisors), with a changed module and a state-converting code_change in the relup:
+/// upgraded with its state and the same pid. `pm_idle`, whose code_change no process runs, is
+/// recorded in the history as a warning, and the rollout still succeeds.
+#[test]
+fn an_unsupervised_gen_server_in_a_release_is_upgraded_with_its_state_and_pid() -> anyhow::Result<()>
+{
+    let fleet = Fleet::start(1, |t, _| t.v1.clone())?;
+    Cluster::start(1, fleet.options())?.run(|cluster| {
+        let node = fleet.node(1);
+        let supervised = node.eval("[P || {_, _, P, _} <- release_handler_1:get_supervised_procs(), P =:= whereis(tally)].")?;
+        ensure!(supervised == "[]", "tally is supervised: {supervised}");
+        let count = node.bump_tally(5)?;
+        let before = node.tally()?;
+        ensure!(
+            before.format == "integer" && before.count == count,
+            "tally on v1: {before:?}"
+        );
+        let script = fleet.root().join("v2.toml");
+        std::fs::write(&script, fleet.script(&fleet.tarballs.v2))?;
+        let run = cluster.run_rollout(&script, &[], ROLLOUT_TIMEOUT)?;
+        ensure!(
+            status::rollout_state(&run.status)? == "succeeded",
+            "rollout: {}",
+            run.status
+        );
+        let after = node.tally()?;
+        ensure!(after.pid == before.pid, "tally is not the same process: {before:?} -> {after:?}");
+        ensure!(
+            after.format == "map" && after.count == before.count,
+            "tally's state was not converted: {before:?} -> {after:?}"
+        );
+        ensure!(node.bump_tally(1)? == before.count + 1, "tally does not count on v2");
+        let history = cluster
+            .hotroll(&["rollout", "events", &run.id, "--output", "json"])?
+            .ok()?;
+        let warnings: Vec<serde_json::Value> = history
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["warning"].is_string())
+            .collect();
+        ensure!(
+            warnings.len() == 1
+                && warnings[0]["instruction"] == "install_release"
+                && warnings[0]["phase"] == "succeeded",
+            "expected one warning on install_release: {warnings:?}\n{}",
+            history.stdout
+        );
+        let text = warnings[0]["warning"].as_str().unwrap_or_default();
+        ensure!(
+            text.contains("pm_idle") && !text.contains("tally") && !text.contains("pm "),
+            "the warning names what no process ran: {text}"
+        );
+        let plain = cluster.hotroll(&["rollout", "events", &run.id])?.ok()?;
+        ensure!(
+            plain.stdout.contains("WARNING: code_change of pm_idle reached no process"),
+            "the table shows the warning: {}",
+            plain.stdout
+        );
+        Ok(())
+    })
+}
+
 /// A node's `(version, status)` releases and its miner's pid.
 type NodeSnapshot = (Vec<(String, String)>, String);
 

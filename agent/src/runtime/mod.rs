@@ -31,6 +31,18 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StepOutput {
     pub output: String,
+    /// The step succeeded but did not do everything it names (a code_change that reached no
+    /// process): recorded in the rollout's history as a warning.
+    pub warnings: Vec<String>,
+}
+
+impl StepOutput {
+    pub fn new(output: impl Into<String>) -> Self {
+        Self {
+            output: output.into(),
+            warnings: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

@@ -96,7 +96,7 @@ pub enum Until {
 /// What the follower reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FollowMsg {
-    Event(pb::RolloutEvent),
+    Event(Box<pb::RolloutEvent>),
     /// Something about the stream an operator may want to know (it broke, we reconnect).
     Notice(String),
     End(FollowEnd),
@@ -182,7 +182,7 @@ pub async fn follow<S: EventSource>(
                             // A live notice outside the history (a hold on the coordinator's
                             // store): shown, but no position in the history.
                             if event.seq == 0 {
-                                if tx.send(FollowMsg::Event(event)).await.is_err() {
+                                if tx.send(FollowMsg::Event(Box::new(event))).await.is_err() {
                                     return;
                                 }
                                 continue;
@@ -201,7 +201,7 @@ pub async fn follow<S: EventSource>(
                             }
                             next_seq = event.seq + 1;
                             let last = final_state(&event);
-                            if tx.send(FollowMsg::Event(event)).await.is_err() {
+                            if tx.send(FollowMsg::Event(Box::new(event))).await.is_err() {
                                 return;
                             }
                             if let Some(state) = last {

@@ -55,6 +55,11 @@ pub fn describe(event: &pb::RolloutEvent) -> String {
     let mut line = format!("{who:<10} {what}");
     if !event.error.is_empty() {
         line.push_str(&format!(" — {}", event.error));
+    } else if !event.warning.is_empty() {
+        line.push_str(&format!(
+            " — WARNING: {}",
+            event.warning.replace('\n', "; ")
+        ));
     } else if !event.message.is_empty() && event.kind == "rollout_state" {
         line.push_str(&format!(" — {}", event.message));
     }
@@ -91,6 +96,7 @@ pub fn event_json(event: &pb::RolloutEvent) -> serde_json::Value {
         "barrier": (!event.barrier_id.is_empty()).then_some(&event.barrier_id),
         "wave": (event.wave > 0).then_some(event.wave),
         "error": (!event.error.is_empty()).then_some(&event.error),
+        "warning": (!event.warning.is_empty()).then_some(&event.warning),
         "message": (!event.message.is_empty()).then_some(&event.message),
     })
 }

@@ -292,12 +292,14 @@ impl Rollout {
                 epoch,
                 step,
                 duration_ms,
+                warning,
             } => {
                 if let Some(i) = self.node_of(&node, epoch) {
                     let report = Reported {
                         phase: StepPhase::Succeeded,
                         error: None,
                         duration_ms,
+                        warning,
                     };
                     self.step(now, i, step, report, &mut out);
                 }
@@ -314,6 +316,7 @@ impl Rollout {
                         phase: StepPhase::Failed,
                         error: Some(error),
                         duration_ms,
+                        warning: None,
                     };
                     self.step(now, i, step, report, &mut out);
                 }

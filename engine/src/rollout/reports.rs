@@ -15,6 +15,8 @@ pub(super) struct Reported {
     pub(super) phase: StepPhase,
     pub(super) error: Option<String>,
     pub(super) duration_ms: Option<u64>,
+    /// A succeeded step that did not reach all it names (a code_change that reached no process).
+    pub(super) warning: Option<String>,
 }
 
 impl Reported {
@@ -23,6 +25,7 @@ impl Reported {
             phase: StepPhase::Started,
             error: None,
             duration_ms: None,
+            warning: None,
         }
     }
 }
@@ -70,6 +73,7 @@ impl Rollout {
             phase,
             error,
             duration_ms,
+            warning,
         } = report;
         if self.state.is_final() || self.track[i].counted {
             return;
@@ -101,6 +105,7 @@ impl Rollout {
                 phase,
                 error: error.clone(),
                 duration_ms,
+                warning,
             },
         );
         match phase {

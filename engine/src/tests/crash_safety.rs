@@ -185,12 +185,14 @@ fn every_event_survives_the_store_round_trip() {
             epoch: EPOCH,
             step: 1,
             duration_ms: Some(3),
+            warning: None,
         },
         Event::StepSucceeded {
             node: node(),
             epoch: EPOCH,
             step: 1,
             duration_ms: None,
+            warning: None,
         },
         Event::StepFailed {
             node: node(),
@@ -248,6 +250,7 @@ fn an_engine_rebuilt_from_its_inputs_continues_where_it_was() {
                 epoch: EPOCH,
                 step: 0,
                 duration_ms: Some(1),
+                warning: None,
             },
         );
     }

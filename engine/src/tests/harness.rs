@@ -155,6 +155,7 @@ impl H {
             epoch: EPOCH,
             step,
             duration_ms: Some(7),
+            warning: None,
         })
     }
 

@@ -58,6 +58,7 @@ fn steps_are_recorded_on_the_node_view() {
             phase: StepPhase::Started,
             error: None,
             duration_ms: None,
+            warning: None,
         }]
     );
     assert_eq!(h.node("a").step, Some(0));

@@ -213,6 +213,7 @@ fn check(spec: RolloutSpec, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         epoch: EPOCH,
                         step,
                         duration_ms: Some(1),
+                        warning: None,
                     },
                     StepPhase::Failed => Event::StepFailed {
                         node,

@@ -27,6 +27,7 @@ fn events_from_another_epoch_or_unknown_nodes_are_ignored() {
                 epoch,
                 step: 0,
                 duration_ms: None,
+                warning: None,
             },
             Event::StepFailed {
                 node: node.clone(),

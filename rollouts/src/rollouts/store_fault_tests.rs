@@ -198,6 +198,7 @@ fn agent_answer(node: &str, command: &NodeCommand) -> Vec<Event> {
                 epoch,
                 step,
                 duration_ms: Some(1),
+                warning: None,
             }
         } else {
             Event::StepStarted {

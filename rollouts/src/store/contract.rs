@@ -90,6 +90,7 @@ pub fn check(store: &dyn Store) -> Result<(), ContractError> {
                 phase: StepPhase::Started,
                 error: None,
                 duration_ms: None,
+                warning: None,
             },
         })
         .collect();

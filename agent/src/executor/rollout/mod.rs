@@ -231,7 +231,7 @@ impl Run {
         phase: StepPhase,
         duration: Duration,
         error: &str,
-        output: &str,
+        output: &StepOutput,
     ) {
         self.push(Report::Step(StepReport {
             rollout_id: self.rollout.rollout_id.clone(),
@@ -242,7 +242,8 @@ impl Run {
             phase,
             duration,
             error: error.to_string(),
-            output: output.to_string(),
+            output: output.output.clone(),
+            warnings: output.warnings.clone(),
             at_unix_ms: now_unix_ms(),
         }));
     }
@@ -259,6 +260,9 @@ impl Run {
         match result {
             Ok(out) => {
                 tracing::info!(target: LOG_TARGET, rollout_id = %self.rollout.rollout_id, list = list.as_str(), step = index, instruction, ?duration, "step succeeded");
+                for warning in &out.warnings {
+                    tracing::warn!(target: LOG_TARGET, rollout_id = %self.rollout.rollout_id, step = index, instruction, %warning, "step succeeded with a warning");
+                }
                 self.report_step(
                     list,
                     index,
@@ -266,7 +270,7 @@ impl Run {
                     StepPhase::Succeeded,
                     duration,
                     "",
-                    &out.output,
+                    out,
                 );
             }
             Err(f) => {
@@ -278,7 +282,7 @@ impl Run {
                     StepPhase::Failed,
                     duration,
                     &f.error,
-                    &f.output,
+                    &StepOutput::new(f.output.clone()),
                 );
             }
         }

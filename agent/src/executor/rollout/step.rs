@@ -102,7 +102,7 @@ impl Run {
             StepPhase::Started,
             Duration::ZERO,
             "",
-            "",
+            &StepOutput::default(),
         );
         let (result, stop) = match work {
             Work::PointOfNoReturn => match self.prepare_and_wait().await {
@@ -332,7 +332,7 @@ async fn run_hook(
         .await
         .map_err(|e| StepFailure::new(e.to_string()))?;
     match run.error() {
-        None => Ok(StepOutput { output: run.output }),
+        None => Ok(StepOutput::new(run.output)),
         Some(error) => Err(StepFailure {
             error,
             output: run.output,

@@ -14,7 +14,7 @@ use super::term::{as_i64, atom, bin};
 
 pub const MODULE: &str = "hotroll_upgrade";
 /// `-define(VERSION, ...)` in the Erlang source.
-pub const HELPER_VERSION: i64 = 2;
+pub const HELPER_VERSION: i64 = 3;
 pub const BEAM: &[u8] = include_bytes!("../../../erlang/hotroll_upgrade.beam");
 /// Path recorded as the module's object file (informational: the code comes from memory).
 const PSEUDO_FILE: &str = "hotroll_upgrade.beam";

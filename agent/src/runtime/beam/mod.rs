@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use self::dist::{DistClient, DistError, NodeAddress};
-use self::term::{as_i64, atom, bin, boolean, int, is_atom, list, tagged, text, tuple};
+use self::term::{as_i64, atom, bin, boolean, int, is_atom, list, tagged, text, texts, tuple};
 use super::{
     AppStatus, ArtifactRef, BoxFuture, RolloutContext, Runtime, RuntimeError, StepContext,
     StepOutput, StepResult,
@@ -161,9 +161,7 @@ fn ms(d: Duration) -> u64 {
 }
 
 fn ok(output: impl Into<String>) -> StepResult {
-    Ok(StepOutput {
-        output: output.into(),
-    })
+    Ok(StepOutput::new(output))
 }
 
 /// Module names from a script, checked to be plain atoms before they go anywhere near the node.
@@ -284,6 +282,8 @@ struct GroupResult {
     message: String,
     window_us: i64,
     suspended: i64,
+    /// Modules whose code_change reached no process although they export code_change/3.
+    warnings: Vec<String>,
 }
 
 impl GroupResult {
@@ -445,6 +445,7 @@ impl App {
                 window_us: number(rest.first()),
                 suspended: number(rest.get(1)),
                 message: rest.get(2).map(text).unwrap_or_default(),
+                warnings: rest.get(3).map(texts).unwrap_or_default(),
             })
         } else if let Some(rest) = tagged(&answer, "error") {
             Ok(GroupResult {
@@ -452,6 +453,7 @@ impl App {
                 message: rest.first().map(text).unwrap_or_default(),
                 window_us: number(rest.get(1)),
                 suspended: number(rest.get(2)),
+                warnings: Vec::new(),
             })
         } else {
             Err(failed(format!(
@@ -510,7 +512,10 @@ impl App {
                 versions.current = state.to.clone();
                 self.set_versions(versions)?;
             }
-            ok(format!("{}; {}", result.describe(), result.message))
+            Ok(StepOutput {
+                output: format!("{}; {}", result.describe(), result.message),
+                warnings: result.warnings,
+            })
         } else {
             // The helper undid the group: the node is as before it.
             state.touched = before;

@@ -60,3 +60,11 @@ pub fn text(term: &Term) -> String {
         other => other.to_string(),
     }
 }
+
+/// A list of binaries (or char lists) as texts; anything else is no texts.
+pub fn texts(term: &Term) -> Vec<String> {
+    match term {
+        Term::List(l) => l.elements.iter().map(text).collect(),
+        _ => Vec::new(),
+    }
+}

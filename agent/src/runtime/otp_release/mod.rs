@@ -9,7 +9,13 @@
 //!   the new release's `vm.args(.src)`, with this node's variables, must boot the same node name
 //!   and cookie.
 //! * `install_release` (after the point of no return): `release_handler:install_release(Vsn,
-//!   [{update_paths, true}])`: the relup runs.
+//!   [{update_paths, true}])`: the relup runs. It is called through the in-node helper
+//!   (`hotroll_upgrade:install_release/5`), which does what the release handler does not: the
+//!   processes running a module the relup code_changes that no supervisor knows (a registered
+//!   gen_server started by hand) are suspended before the relup, converted with its Extra after
+//!   it and resumed; one whose code_change fails is stopped and the step fails (the node is
+//!   rolled back), never left with a state its code cannot read. A code_change that reached no
+//!   process is reported as a warning (the step's `warnings`, the history's `warning`).
 //! * make permanent: `release_handler:make_permanent(Vsn)` and `bin/<rel>-<vsn>` copied over
 //!   `bin/<rel>` (as relx does), so a restart boots the new release.
 //! * abort before the point of no return: `release_handler:remove_release(Vsn)`.
@@ -34,7 +40,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use super::beam::dist::{DistClient, NodeAddress, epmd_port_from_env};
-use super::beam::term::{atom, boolean, list, tagged, text, tuple};
+use super::beam::helper;
+use super::beam::term::{atom, boolean, int, list, tagged, text, texts, tuple};
 use super::{
     AppStatus, BoxFuture, RolloutContext, Runtime, RuntimeError, StepContext, StepOutput,
     StepResult,
@@ -104,9 +111,7 @@ fn failed(message: impl Into<String>) -> RuntimeError {
 }
 
 fn ok(output: impl Into<String>) -> StepResult {
-    Ok(StepOutput {
-        output: output.into(),
-    })
+    Ok(StepOutput::new(output))
 }
 
 fn string(value: &str) -> Term {
@@ -300,20 +305,18 @@ impl OtpReleaseRuntime {
         state.installed = true;
         node.save_run(state)?;
         let started = Instant::now();
-        let answer = node
-            .call(
-                "release_handler",
-                "install_release",
-                vec![
-                    string(&rollout.to),
-                    list(vec![tuple(vec![atom("update_paths"), boolean(true)])]),
-                ],
+        let installed = node
+            .install(
+                &rollout.to,
+                Relup::Up {
+                    from: &rollout.from,
+                },
                 ctx.deadline,
             )
             .await?;
         let took = started.elapsed();
         let releases = node.which_releases(SHORT_CALL.min(ctx.deadline)).await;
-        match tagged(&answer, "ok") {
+        match tagged(&installed.answer, "ok") {
             Some(rest) => {
                 let from = rest.first().map(text).unwrap_or_default();
                 let current = releases.ok().and_then(|r| current_of(&r));
@@ -324,18 +327,59 @@ impl OtpReleaseRuntime {
                         current.as_deref().unwrap_or("(unknown)")
                     )));
                 }
-                ok(format!(
-                    "release {} installed on {} from {from}: the relup ran in {} ms (install_release_ms={})",
-                    rollout.to,
-                    node.config.node,
-                    took.as_millis(),
-                    took.as_millis()
-                ))
+                if !installed.failures.is_empty() {
+                    // The relup ran, but a process it does not see could not take the new
+                    // state: the step fails and the node is rolled back.
+                    return Err(failed(installed.failures.join("; ")));
+                }
+                Ok(StepOutput {
+                    output: format!(
+                        "release {} installed on {} from {from}: the relup ran in {} ms (install_release_ms={}){}",
+                        rollout.to,
+                        node.config.node,
+                        took.as_millis(),
+                        took.as_millis(),
+                        installed.describe_unsupervised()
+                    ),
+                    warnings: installed.warnings,
+                })
             }
             None => Err(failed(format!(
-                "release_handler:install_release(\"{}\") on {} answered {answer}",
-                rollout.to, node.config.node
+                "release_handler:install_release(\"{}\") on {} answered {}",
+                rollout.to, node.config.node, installed.answer
             ))),
+        }
+    }
+}
+
+/// Which entry of which relup `install_release` runs.
+enum Relup<'a> {
+    /// An UpFrom entry of the new release's relup.
+    Up { from: &'a str },
+    /// A DownTo entry of the relup of the release the node runs.
+    Down { current: &'a str, to: &'a str },
+}
+
+/// What `hotroll_upgrade:install_release/5` answered.
+struct Installed {
+    /// `release_handler:install_release/2`'s own answer.
+    answer: Term,
+    /// The unsupervised processes converted, as `[{Pid, Module}]` text.
+    unsupervised: String,
+    warnings: Vec<String>,
+    /// One line per unsupervised process whose code_change failed (it was stopped).
+    failures: Vec<String>,
+}
+
+impl Installed {
+    fn describe_unsupervised(&self) -> String {
+        if self.unsupervised.is_empty() || self.unsupervised == "[]" {
+            String::new()
+        } else {
+            format!(
+                "; processes in no supervision tree converted with the relup's code_change: {}",
+                self.unsupervised
+            )
         }
     }
 }
@@ -478,6 +522,61 @@ impl Node {
         }
     }
 
+    /// `release_handler:install_release(Version)` through the helper, which also converts the
+    /// processes the release handler does not see (running a module the relup code_changes, in
+    /// no supervision tree) with the relup's own Extra, and says which code_change reached no
+    /// process (`hotroll_upgrade:install_release/5`).
+    async fn install(
+        &self,
+        version: &str,
+        relup: Relup<'_>,
+        timeout: Duration,
+    ) -> Result<Installed, RuntimeError> {
+        self.client.set_cookie(self.cookie().await?).await;
+        helper::ensure(&self.client, SHORT_CALL.min(timeout))
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let releases = self.config.root_dir.join("releases");
+        let (relup_path, entry, options) = match relup {
+            Relup::Up { from } => (
+                releases.join(version).join("relup"),
+                tuple(vec![atom("up"), string(from)]),
+                list(vec![tuple(vec![atom("update_paths"), boolean(true)])]),
+            ),
+            Relup::Down { current, to } => (
+                releases.join(current).join("relup"),
+                tuple(vec![atom("down"), string(to)]),
+                list(Vec::new()),
+            ),
+        };
+        let answer = self
+            .call(
+                helper::MODULE,
+                "install_release",
+                vec![
+                    string(version),
+                    options,
+                    string(&relup_path.to_string_lossy()),
+                    entry,
+                    int(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+                ],
+                timeout,
+            )
+            .await?;
+        match &answer {
+            Term::Tuple(t) if t.elements.len() == 4 => Ok(Installed {
+                answer: t.elements[0].clone(),
+                unsupervised: text(&t.elements[1]),
+                warnings: texts(&t.elements[2]),
+                failures: texts(&t.elements[3]),
+            }),
+            other => Err(failed(format!(
+                "hotroll_upgrade:install_release on {} answered {other}",
+                self.config.node
+            ))),
+        }
+    }
+
     /// The UpFrom versions of `releases/<version>/relup`.
     async fn relup_froms(
         &self,
@@ -607,7 +706,8 @@ impl Node {
                 self.config.node
             )
         } else {
-            match self.downgrade(&permanent, left()).await {
+            let current = current.as_deref().unwrap_or(state.to.as_str());
+            match self.downgrade(current, &permanent, left()).await {
                 Ok(()) => format!(
                     "downgraded to the permanent release {permanent} by the relup (install_release): in-memory state kept"
                 ),
@@ -627,19 +727,30 @@ impl Node {
         Ok(format!("{how}; {removed}"))
     }
 
-    async fn downgrade(&self, permanent: &str, timeout: Duration) -> Result<(), RuntimeError> {
-        let answer = self
-            .call(
-                "release_handler",
-                "install_release",
-                vec![string(permanent)],
+    async fn downgrade(
+        &self,
+        current: &str,
+        permanent: &str,
+        timeout: Duration,
+    ) -> Result<(), RuntimeError> {
+        let installed = self
+            .install(
+                permanent,
+                Relup::Down {
+                    current,
+                    to: permanent,
+                },
                 timeout,
             )
             .await?;
-        if tagged(&answer, "ok").is_none() {
+        if tagged(&installed.answer, "ok").is_none() {
             return Err(failed(format!(
-                "install_release(\"{permanent}\") answered {answer}"
+                "install_release(\"{permanent}\") answered {}",
+                installed.answer
             )));
+        }
+        if !installed.failures.is_empty() {
+            return Err(failed(installed.failures.join("; ")));
         }
         let releases = self.which_releases(timeout).await?;
         match current_of(&releases) {

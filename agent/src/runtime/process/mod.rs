@@ -124,9 +124,7 @@ fn failed(message: impl Into<String>) -> RuntimeError {
 }
 
 fn ok(lines: Vec<String>) -> StepResult {
-    Ok(StepOutput {
-        output: lines.join("\n"),
-    })
+    Ok(StepOutput::new(lines.join("\n")))
 }
 
 /// The mode of a materialised artifact: the script's, else 0755 under `bin/` and 0644 elsewhere.
