@@ -6,7 +6,9 @@
 //! that resumes it, so no unverified byte is ever used.
 //!
 //! Downloads go over their own gRPC channel to the coordinator (`Agent.FetchArtifact`, 256 KiB
-//! chunks), opened with the same [`Dialer`] the session uses. A broken stream is resumed at the
+//! chunks), opened with the same [`Dialer`] the session uses and kept for the next download
+//! (the artifacts of one rollout share one connection and one TLS handshake) until it fails,
+//! the coordinator changes or it is [`DOWNLOAD_CHANNEL_REUSE`] old. A broken stream is resumed at the
 //! last offset written; so is a download interrupted by an agent restart, since the `.partial`
 //! file stays (its prefix is re-hashed before the download continues). A digest the store
 //! already has is not fetched at all.
@@ -173,6 +175,17 @@ impl ArtifactStore {
     }
 }
 
+/// How long a download channel is reused: a rollout's downloads share it, and a renewed node
+/// certificate is used by the next rollout's.
+const DOWNLOAD_CHANNEL_REUSE: Duration = Duration::from_secs(60);
+
+/// The download channel kept between downloads.
+struct CachedChannel {
+    coordinator: String,
+    channel: tonic::transport::Channel,
+    opened: std::time::Instant,
+}
+
 /// Downloads artifacts from the coordinator into an [`ArtifactStore`].
 #[derive(Clone)]
 pub struct Fetcher {
@@ -183,6 +196,7 @@ pub struct Fetcher {
     dialer: Dialer,
     /// One download per digest at a time (two artifacts of a script may share bytes).
     locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    channel: Arc<tokio::sync::Mutex<Option<CachedChannel>>>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -214,7 +228,53 @@ impl Fetcher {
             node,
             dialer,
             locks: Arc::default(),
+            channel: Arc::default(),
         }
+    }
+
+    /// The download channel to `coordinator`: the kept one when it is fresh, else a new one.
+    async fn channel(
+        &self,
+        coordinator: &str,
+        digest: &str,
+        offset: u64,
+        size: u64,
+        cancel: &CancelToken,
+    ) -> Result<tonic::transport::Channel, AttemptError> {
+        let mut cached = self.channel.lock().await;
+        if let Some(kept) = cached.as_ref()
+            && kept.coordinator == coordinator
+            && kept.opened.elapsed() < DOWNLOAD_CHANNEL_REUSE
+        {
+            return Ok(kept.channel.clone());
+        }
+        *cached = None;
+        let endpoint = Endpoint::from_shared(hotroll_tls::client::channel_uri(coordinator))
+            .map_err(|e| {
+                AttemptError::Fatal(ArtifactError::Refused {
+                    digest: digest.to_string(),
+                    code: Code::InvalidArgument,
+                    message: format!("invalid coordinator address: {e}"),
+                })
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let channel = tokio::select! {
+            channel = (self.dialer)(endpoint) => channel
+                .map_err(|e| AttemptError::Retry(format!("cannot connect to the coordinator: {e}")))?,
+            () = cancel.cancelled() => return Err(self.cancelled(digest, offset, size)),
+        };
+        *cached = Some(CachedChannel {
+            coordinator: coordinator.to_string(),
+            channel: channel.clone(),
+            opened: std::time::Instant::now(),
+        });
+        Ok(channel)
+    }
+
+    /// A download on the kept channel broke: the next one dials again.
+    async fn forget_channel(&self) {
+        *self.channel.lock().await = None;
     }
 
     pub fn store(&self) -> &ArtifactStore {
@@ -305,6 +365,7 @@ impl Fetcher {
                 Ok(()) => {}
                 Err(AttemptError::Fatal(e)) => return Err(e),
                 Err(AttemptError::Retry(reason)) => {
+                    self.forget_channel().await;
                     if offset > before {
                         failures = 0;
                         delay = FIRST_RETRY_DELAY;
@@ -370,21 +431,9 @@ impl Fetcher {
         cancel: &CancelToken,
     ) -> Result<(), AttemptError> {
         let coordinator = self.coordinators.current();
-        let endpoint = Endpoint::from_shared(hotroll_tls::client::channel_uri(&coordinator))
-            .map_err(|e| {
-                AttemptError::Fatal(ArtifactError::Refused {
-                    digest: digest.to_string(),
-                    code: Code::InvalidArgument,
-                    message: format!("invalid coordinator address: {e}"),
-                })
-            })?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true);
-        let channel = tokio::select! {
-            channel = (self.dialer)(endpoint) => channel
-                .map_err(|e| AttemptError::Retry(format!("cannot connect to the coordinator: {e}")))?,
-            () = cancel.cancelled() => return Err(self.cancelled(digest, *offset, size)),
-        };
+        let channel = self
+            .channel(&coordinator, digest, *offset, size, cancel)
+            .await?;
         let mut client = AgentClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let request = pb::FetchArtifactRequest {
             digest: digest.to_string(),
