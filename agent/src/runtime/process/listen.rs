@@ -7,8 +7,11 @@
 //! is set to the child's own pid without `unsafe`).
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::sync::Arc;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::config::{ListenAddress, ListenSpec};
 
@@ -21,13 +24,37 @@ pub struct HeldSocket {
     pub local: Option<SocketAddr>,
     /// The socket's inode, to find it in `/proc/net/tcp`.
     pub inode: u64,
+    /// A duplicate of `fd` for the readiness probes (see [`accept_queue_empty`]).
+    probe: Option<Arc<OwnedFd>>,
 }
 
 /// What probes need to know about a held socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct HeldInfo {
     pub local: SocketAddr,
     pub inode: u64,
+    probe: Option<Arc<OwnedFd>>,
+}
+
+impl PartialEq for HeldInfo {
+    fn eq(&self, other: &Self) -> bool {
+        self.local == other.local && self.inode == other.inode
+    }
+}
+
+impl Eq for HeldInfo {}
+
+impl HeldInfo {
+    /// Whether the service took every connection off the listen queue: a poll of the held
+    /// socket (readable = a connection waits), one cheap syscall; `/proc/net/tcp` (the whole
+    /// table, read and parsed) only when the socket could not be duplicated. `None` when it
+    /// cannot be told.
+    pub fn accept_queue_empty(&self) -> Option<bool> {
+        match &self.probe {
+            Some(fd) => accept_queue_empty(fd),
+            None => accept_queue(self.inode).map(|n| n == 0),
+        }
+    }
 }
 
 impl HeldSocket {
@@ -35,7 +62,19 @@ impl HeldSocket {
         self.local.map(|local| HeldInfo {
             local,
             inode: self.inode,
+            probe: self.probe.clone(),
         })
+    }
+}
+
+/// Whether the listening socket `fd` has no connection waiting: a listening socket polls
+/// readable exactly when its accept queue holds one.
+pub fn accept_queue_empty(fd: &OwnedFd) -> Option<bool> {
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(0) => Some(true),
+        Ok(_) => Some(!fds[0].revents()?.contains(PollFlags::POLLIN)),
+        Err(_) => None,
     }
 }
 
@@ -76,11 +115,16 @@ pub fn bind(spec: &ListenSpec) -> Result<HeldSocket, String> {
         .and_then(|f| f.metadata())
         .map(|m| m.ino())
         .unwrap_or_default();
+    let probe = local
+        .is_some()
+        .then(|| fd.try_clone().ok().map(Arc::new))
+        .flatten();
     Ok(HeldSocket {
         spec: spec.clone(),
         fd,
         local,
         inode,
+        probe,
     })
 }
 
@@ -144,6 +188,12 @@ mod tests {
         assert_eq!(queued, Some(1));
         let info = held.info().ok_or("no info")?;
         assert!(probes_held(&local, &info));
+        // The poll of the held socket agrees with /proc.
+        assert_eq!(info.accept_queue_empty(), Some(false));
+        let listener = std::net::TcpListener::from(held.fd.try_clone().map_err(|e| e.to_string())?);
+        let _accepted = listener.accept().map_err(|e| e.to_string())?;
+        assert_eq!(info.accept_queue_empty(), Some(true));
+        assert_eq!(accept_queue(held.inode), Some(0));
         Ok(())
     }
 

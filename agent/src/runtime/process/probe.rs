@@ -75,15 +75,14 @@ async fn tcp(address: &str, held: &[HeldInfo], budget: Duration) -> Result<(), S
     let started = tokio::time::Instant::now();
     let wait = ACCEPT_WAIT.min(budget).max(MIN_WAIT);
     loop {
-        match listen::accept_queue(socket.inode) {
-            Some(0) => return Ok(()),
-            None => return Ok(()),
-            Some(_) if started.elapsed() >= wait => {
+        match socket.accept_queue_empty() {
+            Some(true) | None => return Ok(()),
+            Some(false) if started.elapsed() >= wait => {
                 return Err(format!(
                     "{address} is held by the agent but the service does not accept connections"
                 ));
             }
-            Some(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Some(false) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
 }
