@@ -260,18 +260,26 @@ impl ProcessRuntime {
 
         let mut lines = Vec::new();
         let mut files = Vec::new();
+        let mut wanted = Vec::new();
         for name in names {
             let Some(artifact) = rollout.artifacts.iter().find(|a| &a.name == name) else {
                 return Err(failed(format!(
                     "artifact `{name}` has no digest in the rollout (RunScript)"
                 )));
             };
-            let fetched = self
-                .inner
+            wanted.push((name, artifact));
+        }
+        // The downloads run at once (one channel, one stream each): a release of several files
+        // waits for the slowest, not for their sum.
+        let downloads = wanted.iter().map(|(_, artifact)| {
+            self.inner
                 .fetcher
                 .ensure(&artifact.digest, artifact.size, &ctx.cancel)
-                .await
-                .map_err(|e| failed(e.to_string()))?;
+        });
+        let fetched_all = futures::future::try_join_all(downloads)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        for ((name, artifact), fetched) in wanted.into_iter().zip(fetched_all) {
             lines.push(format!("{name}: {}", fetched.describe()));
             let source = fetched.path;
             files.push(release::NewFile {
