@@ -98,6 +98,9 @@ pub struct RolloutRecord {
     /// Nodes that matched the selection but were left out on the operator's word, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left_out: Vec<crate::engine::LeftOut>,
+    /// The targets' labels when it started, which its waves were formed from.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub target_labels: crate::engine::TargetLabels,
 }
 
 /// An artifact name of the script bound to the digest the operator uploaded.

@@ -68,7 +68,7 @@ mod tally;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use hotroll_script::wave_sizes;
+use hotroll_script::{NO_LABELS, WaveTarget, plan_waves};
 
 use crate::Millis;
 use crate::command::{Command, Record, StepPhase};
@@ -151,8 +151,10 @@ pub struct Rollout {
     error: Option<String>,
     track: Vec<Track>,
     index: BTreeMap<String, usize>,
-    /// Node indexes of each wave, in target order.
+    /// Node indexes of each wave, as [`plan_waves`] formed them.
     waves: Vec<Vec<usize>>,
+    /// The first wave is the canary.
+    canary_first: bool,
     /// 1-based wave being committed; 0 before the first `Commit`.
     wave: u32,
     pub(crate) mode: Mode,
@@ -192,12 +194,24 @@ impl Rollout {
                 names.push(target.clone());
             }
         }
-        let mut waves = Vec::new();
-        let mut next = 0;
-        for size in wave_sizes(names.len(), &spec.policy) {
-            waves.push((next..next + size).collect::<Vec<_>>());
-            next += size;
-        }
+        let wave_targets: Vec<WaveTarget<'_>> = names
+            .iter()
+            .map(|name| WaveTarget {
+                name,
+                labels: spec.labels.get(name).unwrap_or(&NO_LABELS),
+            })
+            .collect();
+        let planned = plan_waves(&wave_targets, &spec.policy);
+        let canary_first = planned.first().is_some_and(|w| w.canary);
+        let waves: Vec<Vec<usize>> = planned
+            .iter()
+            .map(|w| {
+                w.nodes
+                    .iter()
+                    .filter_map(|n| index.get(n).copied())
+                    .collect()
+            })
+            .collect();
         let mut wave_of = vec![1u32; names.len()];
         for (w, members) in waves.iter().enumerate() {
             for &i in members {
@@ -230,6 +244,7 @@ impl Rollout {
             error: None,
             index,
             waves,
+            canary_first,
             wave: 0,
             mode: Mode::Normal,
             pause_requested: false,

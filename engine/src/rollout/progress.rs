@@ -89,7 +89,7 @@ impl Rollout {
                     if !self.settled_through(self.wave) {
                         return;
                     }
-                    let canary = self.spec.policy.canary > 0
+                    let canary = self.canary_first
                         && self.spec.policy.pause_after_canary
                         && self.wave == 1
                         && !self.promoted;

@@ -116,6 +116,37 @@ fn canary_then_waves_commit_in_order_and_one_wave_at_a_time() {
 }
 
 #[test]
+fn waves_by_a_label_commit_one_value_at_a_time_in_the_stated_order() {
+    let mut p = policy(OnFailure::RollbackNode, 1, 0, 0);
+    p.waves_by = Some("zone".into());
+    p.order = vec!["b".into(), "a".into()];
+    let mut sp = spec(&["a1", "a2", "b1", "b2"], p, vec![]);
+    for (node, zone) in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b")] {
+        sp.labels
+            .insert(node.into(), [("zone".to_string(), zone.to_string())].into());
+    }
+    let mut h = H::started(sp);
+    assert_eq!(h.r.waves(), 3);
+    assert_eq!(
+        h.r.nodes().iter().map(|n| n.wave).collect::<Vec<_>>(),
+        vec![3, 3, 1, 2],
+        "canary b1, then zone b's rest, then zone a"
+    );
+    for node in ["a1", "a2", "b1"] {
+        h.prepare(node);
+    }
+    let out = h.prepare("b2");
+    assert_eq!(commits(&out), s(&["b1"]));
+    let out = h.commit("b1");
+    assert_eq!(waves_started(&out), vec![(2, s(&["b2"]))]);
+    let out = h.commit("b2");
+    assert_eq!(waves_started(&out), vec![(3, s(&["a1", "a2"]))]);
+    h.commit("a1");
+    let out = h.commit("a2");
+    assert_eq!(permanents(&out), s(&["a1", "a2", "b1", "b2"]));
+}
+
+#[test]
 fn pause_after_canary_waits_for_promote() {
     let mut p = policy(OnFailure::RollbackNode, 1, 0, 0);
     p.pause_after_canary = true;

@@ -130,6 +130,8 @@ pub struct NewRollout {
     /// Targets that are known but not connected now: the rollout waits for them within the
     /// session grace, as for a node whose session dropped.
     pub not_connected: Vec<String>,
+    /// The targets' labels (what `waves_by` groups by); kept with the rollout.
+    pub labels: crate::engine::TargetLabels,
 }
 
 /// Live events a rollout buffers for its watchers before a slow one is told it fell behind.
@@ -193,6 +195,7 @@ impl Rollouts {
             self.timing.session_grace,
             self.timing.step_slack,
             &new.left_out,
+            &new.labels,
         );
         let epoch = 1;
         let engine = Rollout::new(spec, epoch, now);
@@ -209,6 +212,7 @@ impl Rollouts {
             session_grace_ms: Some(duration_ms(self.timing.session_grace)),
             step_slack_ms: Some(duration_ms(self.timing.step_slack)),
             left_out: new.left_out.clone(),
+            target_labels: new.labels.clone(),
         };
         self.store.put_rollout(&record)?;
         self.metrics.rollout_started();

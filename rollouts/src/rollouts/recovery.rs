@@ -85,6 +85,7 @@ impl Rollouts {
             grace,
             slack,
             &record.left_out,
+            &record.target_labels,
         );
         let mut engine = Rollout::new(spec, record.epoch, record.created_ms);
         let inputs = self.store.inputs(&record.id)?;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use hotroll_script::Script;
 
-use crate::engine::{LeftOut, RolloutSpec};
+use crate::engine::{LeftOut, RolloutSpec, TargetLabels};
 use crate::outbound::ScriptToRun;
 use crate::store::RolloutRecord;
 
@@ -21,6 +21,7 @@ pub(super) fn build_spec(
     session_grace: Duration,
     step_slack: Duration,
     left_out: &[LeftOut],
+    labels: &TargetLabels,
 ) -> RolloutSpec {
     RolloutSpec {
         id: id.to_string(),
@@ -36,6 +37,11 @@ pub(super) fn build_spec(
         session_grace,
         step_slack,
         left_out: left_out.to_vec(),
+        labels: labels
+            .iter()
+            .filter(|(name, _)| targets.contains(name))
+            .map(|(name, labels)| (name.clone(), labels.clone()))
+            .collect(),
     }
 }
 

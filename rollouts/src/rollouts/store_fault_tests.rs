@@ -93,6 +93,7 @@ impl Fleet {
                 targets: NODES.iter().map(|n| n.to_string()).collect(),
                 left_out: Vec::new(),
                 not_connected: Vec::new(),
+                labels: Default::default(),
             })
             .unwrap_or_else(|e| panic!("{e}"))
             .id;
@@ -156,6 +157,7 @@ impl Fleet {
             Duration::from_millis(record.session_grace_ms.unwrap_or_default()),
             Duration::from_millis(record.step_slack_ms.unwrap_or_default()),
             &record.left_out,
+            &record.target_labels,
         );
         let mut engine = Rollout::new(spec, record.epoch, record.created_ms);
         let run = Arc::new(script_to_run(&record, &script));

@@ -71,6 +71,7 @@ pub fn record(id: &str) -> RolloutRecord {
         session_grace_ms: Some(10_000),
         step_slack_ms: None,
         left_out: vec![],
+        target_labels: Default::default(),
     }
 }
 
