@@ -331,6 +331,7 @@ impl pb::control_server::Control for ControlService {
                 left_out: left_out.clone(),
                 not_connected: awaited.clone(),
                 labels,
+                dry_run: request.dry_run,
             })
             .map_err(rollout_status_error)?;
         tracing::info!(rollout = %snapshot.id, app = %snapshot.app, from = %snapshot.from, to = %snapshot.to, nodes = targets.len(), awaited = ?awaited, left_out = ?left_out, "rollout started");

@@ -19,6 +19,10 @@ pub struct RolloutSpec {
     /// The targets' labels when the rollout started (what `waves_by` groups by).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: TargetLabels,
+    /// A dry run: the whole prepare phase, then an abort everywhere instead of the first
+    /// commit, and a verdict per node ([`crate::Record::DryRunVerdict`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
     #[serde(skip, default)]
     pub policy: RolloutPolicy,
     #[serde(skip, default)]

@@ -139,6 +139,8 @@ struct Track {
     confirmed: bool,
     make_permanent_sent: bool,
     permanent: bool,
+    /// Reported prepared at some point (a dry run's "would commit").
+    was_prepared: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -425,6 +427,9 @@ impl Rollout {
         out: &mut Vec<Command>,
     ) {
         let awaiting = self.awaiting_permanent(i);
+        if state == NodeState::Prepared {
+            self.track[i].was_prepared = true;
+        }
         let view = &mut self.nodes[i];
         if error.is_some() {
             view.error = error;

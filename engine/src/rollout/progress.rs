@@ -5,14 +5,54 @@ use crate::Millis;
 use crate::command::{Command, Record};
 use crate::state::{NodeState, RolloutState};
 
+/// The reason of a dry run's first record.
+const DRY_RUN_START: &str = "dry run: prepare on every node, then abort; nothing commits";
+/// The reason a dry run ends with when every node prepared.
+const DRY_RUN_PASSED: &str = "dry run: every node would commit";
+
 impl Rollout {
+    /// One verdict per node: it would commit if it prepared and did not fail.
+    fn dry_run_verdicts(&self, ended: Option<&str>, out: &mut Vec<Command>) {
+        for (i, node) in self.nodes.iter().enumerate() {
+            let t = &self.track[i];
+            let would_commit = t.was_prepared && !t.counted;
+            let reason = if would_commit {
+                None
+            } else if t.counted {
+                Some(
+                    node.error
+                        .clone()
+                        .unwrap_or_else(|| "it failed".to_string()),
+                )
+            } else {
+                Some(format!(
+                    "it had not finished preparing when the dry run stopped ({})",
+                    ended.unwrap_or("aborted")
+                ))
+            };
+            record(
+                out,
+                Record::DryRunVerdict {
+                    node: node.name.clone(),
+                    would_commit,
+                    reason,
+                },
+            );
+        }
+    }
+
     pub(super) fn start(&mut self, now: Millis, out: &mut Vec<Command>) {
         if self.state != RolloutState::Pending {
             return;
         }
         // The first record names every node the operator left out, so the history says so.
         let left_out = self.spec.left_out_summary();
-        self.set_rollout_state(RolloutState::Preparing, left_out, out);
+        let reason = match (self.spec.dry_run, left_out) {
+            (false, left_out) => left_out,
+            (true, None) => Some(DRY_RUN_START.to_string()),
+            (true, Some(left_out)) => Some(format!("{DRY_RUN_START}; {left_out}")),
+        };
+        self.set_rollout_state(RolloutState::Preparing, reason, out);
         for i in 0..self.nodes.len() {
             out.push(Command::RunScript {
                 node: self.nodes[i].name.clone(),
@@ -72,6 +112,20 @@ impl Rollout {
             }
             match self.state {
                 RolloutState::Preparing => {
+                    if self.spec.dry_run {
+                        let failed = usize::try_from(self.failures).unwrap_or(usize::MAX);
+                        if self.tally.prepared.saturating_add(failed) >= self.nodes.len() {
+                            let reason = match failed {
+                                0 => DRY_RUN_PASSED.to_string(),
+                                n => format!(
+                                    "dry run: {n} of {} nodes would not commit",
+                                    self.nodes.len()
+                                ),
+                            };
+                            self.abort_prepare(now, None, reason, out);
+                        }
+                        return;
+                    }
                     if self.tally.prepared != self.nodes.len() {
                         return;
                     }
@@ -247,6 +301,9 @@ impl Rollout {
             t.grace = None;
         }
         self.close_barriers(None, out);
+        if self.spec.dry_run {
+            self.dry_run_verdicts(reason.as_deref(), out);
+        }
         // A node that is away when the rollout ends cannot say where it stands: show it failed
         // rather than forever "preparing". It is told again when it returns, and its late
         // outcome (aborted, rolled back) still replaces this.

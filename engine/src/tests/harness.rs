@@ -89,6 +89,7 @@ pub(super) fn spec(
         step_slack: d(SLACK),
         left_out: Vec::new(),
         labels: Default::default(),
+        dry_run: false,
     }
 }
 

@@ -247,3 +247,86 @@ fn a_failure_while_paused_before_wave_one_still_aborts() {
     h.confirm_aborted(&["b"]);
     assert_eq!(h.r.state(), R::Aborted);
 }
+
+// ------------------------------------------------------------------------------------------
+// Dry run.
+
+fn verdicts(cmds: &[Command]) -> Vec<(String, bool, Option<String>)> {
+    records(cmds)
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::DryRunVerdict {
+                node,
+                would_commit,
+                reason,
+            } => Some((node.clone(), *would_commit, reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn dry(nodes: &[&str]) -> RolloutSpec {
+    let mut sp = spec(nodes, policy(OnFailure::RollbackNode, 1, 1, 0), vec![]);
+    sp.dry_run = true;
+    sp
+}
+
+#[test]
+fn a_dry_run_prepares_everywhere_then_aborts_and_every_node_would_commit() {
+    let mut h = H::started(dry(&["a", "b", "c"]));
+    h.prepare("a");
+    h.prepare("b");
+    let out = h.prepare("c");
+    assert!(commits(&h.log).is_empty(), "a dry run never commits");
+    assert_eq!(aborts(&out), s(&["a", "b", "c"]));
+    h.confirm_aborted(&["a", "b", "c"]);
+    assert_eq!(h.r.state(), R::Aborted);
+    assert_eq!(
+        verdicts(&h.log),
+        vec![
+            ("a".into(), true, None),
+            ("b".into(), true, None),
+            ("c".into(), true, None)
+        ]
+    );
+    assert!(
+        rollout_reasons(&h.log)
+            .iter()
+            .any(|r| r.contains("dry run: every node would commit")),
+        "{:?}",
+        rollout_reasons(&h.log)
+    );
+}
+
+#[test]
+fn a_node_failing_a_dry_run_does_not_stop_the_others_preparing() {
+    let mut h = H::started(dry(&["a", "b", "c"]));
+    h.ev(Event::ScriptAccepted {
+        node: "b".into(),
+        epoch: EPOCH,
+    });
+    h.started_step("b", 0);
+    h.step_failed("b", 0);
+    let out = h.ev(Event::Outcome {
+        node: "b".into(),
+        epoch: EPOCH,
+        outcome: Outcome::Aborted,
+        error: Some("check `ready` failed: exit 1".into()),
+    });
+    assert!(aborts(&out).is_empty(), "the others go on: {out:?}");
+    h.prepare("a");
+    let out = h.prepare("c");
+    assert_eq!(aborts(&out), s(&["a", "c"]));
+    h.confirm_aborted(&["a", "c"]);
+    assert_eq!(h.r.state(), R::Aborted);
+    let v = verdicts(&h.log);
+    assert_eq!(v[0], ("a".into(), true, None));
+    assert_eq!(v[2], ("c".into(), true, None));
+    assert_eq!(v[1].0, "b");
+    assert!(!v[1].1);
+    assert!(
+        v[1].2.as_deref().is_some_and(|r| r.contains("failed")),
+        "{v:?}"
+    );
+    assert!(commits(&h.log).is_empty());
+}

@@ -47,7 +47,7 @@ pub use clock::now_ms;
 use driver::Driver;
 pub use snapshot::{InstructionNames, instruction_namer};
 use snapshot::{instruction_names_of, snapshot_of};
-use spec::{build_spec, duration_ms};
+use spec::{StartedWith, build_spec, duration_ms};
 
 /// Timing knobs of the coordinator that the engine needs.
 #[derive(Debug, Clone)]
@@ -132,6 +132,8 @@ pub struct NewRollout {
     pub not_connected: Vec<String>,
     /// The targets' labels (what `waves_by` groups by); kept with the rollout.
     pub labels: crate::engine::TargetLabels,
+    /// Prepare everywhere, then abort: nothing commits.
+    pub dry_run: bool,
 }
 
 /// Live events a rollout buffers for its watchers before a slow one is told it fell behind.
@@ -191,11 +193,14 @@ impl Rollouts {
         let spec = build_spec(
             &id,
             &new.script,
-            &new.targets,
+            &StartedWith {
+                targets: &new.targets,
+                left_out: &new.left_out,
+                labels: &new.labels,
+                dry_run: new.dry_run,
+            },
             self.timing.session_grace,
             self.timing.step_slack,
-            &new.left_out,
-            &new.labels,
         );
         let epoch = 1;
         let engine = Rollout::new(spec, epoch, now);
@@ -213,6 +218,7 @@ impl Rollouts {
             step_slack_ms: Some(duration_ms(self.timing.step_slack)),
             left_out: new.left_out.clone(),
             target_labels: new.labels.clone(),
+            dry_run: new.dry_run,
         };
         self.store.put_rollout(&record)?;
         self.metrics.rollout_started();

@@ -43,6 +43,7 @@ pub(super) fn snapshot_of(
         finished_ms,
         held_on_store: None,
         left_out: spec.left_out.clone(),
+        dry_run: spec.dry_run,
     }
 }
 

@@ -12,17 +12,42 @@ pub(super) fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The engine's spec of a rollout of `script` over `targets`: the same inputs give the same
-/// spec, which is what lets a restarted coordinator rebuild the engine.
+/// What the start of a rollout fixed besides its script: the targets (with their labels),
+/// the nodes left out, whether it is a dry run.
+pub(super) struct StartedWith<'a> {
+    pub targets: &'a [String],
+    pub left_out: &'a [LeftOut],
+    pub labels: &'a TargetLabels,
+    pub dry_run: bool,
+}
+
+impl<'a> StartedWith<'a> {
+    /// As a stored rollout says.
+    pub fn of(record: &'a RolloutRecord) -> Self {
+        Self {
+            targets: &record.targets,
+            left_out: &record.left_out,
+            labels: &record.target_labels,
+            dry_run: record.dry_run,
+        }
+    }
+}
+
+/// The engine's spec of a rollout of `script` as `started` fixed it: the same inputs give the
+/// same spec, which is what lets a restarted coordinator rebuild the engine.
 pub(super) fn build_spec(
     id: &str,
     script: &Script,
-    targets: &[String],
+    started: &StartedWith<'_>,
     session_grace: Duration,
     step_slack: Duration,
-    left_out: &[LeftOut],
-    labels: &TargetLabels,
 ) -> RolloutSpec {
+    let StartedWith {
+        targets,
+        left_out,
+        labels,
+        dry_run,
+    } = *started;
     RolloutSpec {
         id: id.to_string(),
         app: script.app.value.clone(),
@@ -42,6 +67,7 @@ pub(super) fn build_spec(
             .filter(|(name, _)| targets.contains(name))
             .map(|(name, labels)| (name.clone(), labels.clone()))
             .collect(),
+        dry_run,
     }
 }
 

@@ -38,6 +38,7 @@ fn new_rollout() -> NewRollout {
         left_out: Vec::new(),
         not_connected: Vec::new(),
         labels: Default::default(),
+        dry_run: false,
     }
 }
 
