@@ -126,6 +126,9 @@ pub struct StatusJson {
     pub state: &'static str,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// While the next wave waits for a window: when it opens (UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for_window_until: Option<String>,
     pub app: String,
     pub from: String,
     pub to: String,
@@ -183,6 +186,8 @@ pub fn status_json(status: &pb::RolloutStatus) -> StatusJson {
         id: status.id.clone(),
         state: rollout_state_name(status.state),
         dry_run: status.dry_run,
+        waiting_for_window_until: (status.window_opens_unix_ms > 0)
+            .then(|| hotroll_script::format_utc(status.window_opens_unix_ms)),
         app: status.app.clone(),
         from: status.from.clone(),
         to: status.to.clone(),
@@ -230,6 +235,12 @@ pub fn print_status(status: &pb::RolloutStatus, output: Output) -> anyhow::Resul
             );
             if status.dry_run {
                 println!("dry run: prepare everywhere, then abort; nothing commits");
+            }
+            if status.window_opens_unix_ms > 0 {
+                println!(
+                    "waiting for window: the next wave starts at {}",
+                    hotroll_script::format_utc(status.window_opens_unix_ms)
+                );
             }
             if let Some(b) = &status.barrier {
                 println!(

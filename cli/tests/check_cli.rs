@@ -198,6 +198,38 @@ fn a_nodes_file_shows_the_waves_zone_by_zone_with_their_nodes() {
 }
 
 #[test]
+fn windows_show_in_the_plan_and_a_bad_one_is_an_error_at_its_place() {
+    let source = VALID.replace(
+        "[script]",
+        "[rollout]\nwindows = [\"Mon-Fri 02:00-05:00 UTC\"]\nwindow_timeout = \"2h\"\n\n[script]",
+    );
+    let (_dir, script) = script_in_tempdir(&source, &[("build/primes", b"#!/bin/sh\n")]);
+    let output = check(&script, &[]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}{}", stderr(&output));
+    assert!(
+        text.contains(
+            "waves start only inside a window: Mon-Fri 02:00-05:00 UTC (a wave waiting longer than 2h ends the rollout)"
+        ),
+        "{text}"
+    );
+    let bad = VALID.replace(
+        "[script]",
+        "[rollout]\nwindows = [\"Mon-Fri 2am-5am UTC\"]\n\n[script]",
+    );
+    let (_dir, script) = script_in_tempdir(&bad, &[("build/primes", b"#!/bin/sh\n")]);
+    let output = check(&script, &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains(
+            "upgrade.toml:10:12: error: window `Mon-Fri 2am-5am UTC`: `2am` is not a time"
+        ),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn a_bad_nodes_file_exits_2_with_file_line_col() {
     let (dir, script) = script_in_tempdir(VALID, &[("build/primes", b"#!/bin/sh\n")]);
     let nodes = dir.path().join("nodes.toml");

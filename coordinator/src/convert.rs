@@ -149,6 +149,7 @@ pub fn rollout_status(
         held_since_unix_ms: snapshot.held_on_store.as_ref().map_or(0, |h| h.since_ms),
         left_out: snapshot.left_out.iter().map(left_out).collect(),
         dry_run: snapshot.dry_run,
+        window_opens_unix_ms: snapshot.window_opens_ms.unwrap_or(0),
     }
 }
 

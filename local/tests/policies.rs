@@ -194,3 +194,148 @@ async fn waves_by_zone_take_the_canary_then_one_zone_at_a_time() {
     }
     fleet.shutdown().await.unwrap();
 }
+
+/// `daily HH:MM:SS-HH:MM:SS UTC` from `opens_in` to `opens_in + length` after now.
+fn window_from_now(opens_in: Duration, length: Duration) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let clock = |d: Duration| {
+        let s = d.as_secs() % 86_400;
+        format!("{:02}:{:02}:{:02}", s / 3600, s % 3600 / 60, s % 60)
+    };
+    format!(
+        "daily {}-{} UTC",
+        clock(now + opens_in),
+        clock(now + opens_in + length)
+    )
+}
+
+fn windowed_script(window: &str, window_timeout: &str) -> String {
+    format!(
+        r#"
+app = "x"
+from = "1.0.0"
+to = "2.0.0"
+[rollout]
+windows = ["{window}"]
+window_timeout = "{window_timeout}"
+barrier_timeout = "60s"
+step_timeout = "60s"
+[script]
+up = [
+  {{ apply = {{ hook = "mark", args = ["pre"] }} }},
+  "point_of_no_return",
+  {{ apply = {{ hook = "mark", args = ["post"] }} }},
+]
+down = []
+"#
+    )
+}
+
+async fn start(client: &mut OperatorClient, script: &str) -> String {
+    client
+        .start_rollout(pb::StartRolloutRequest {
+            script_name: "windowed.toml".into(),
+            script_source: script.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rollout_id
+}
+
+/// Test 4 of the issue: a window that opens 3 s after the start: the first wave waits and the
+/// status says until when; then it proceeds and the rollout succeeds.
+#[tokio::test]
+async fn the_first_wave_waits_for_a_window_then_proceeds() {
+    let root = tempfile::tempdir().unwrap();
+    let (fleet, mut client) = zoned_fleet(root.path()).await;
+    let script = windowed_script(
+        &window_from_now(Duration::from_secs(3), Duration::from_secs(3600)),
+        "1h",
+    );
+    let id = start(&mut client, &script).await;
+
+    // Every node prepares, and the rollout says it waits for the window, and until when.
+    let mut waiting = None;
+    for _ in 0..400 {
+        let status = client
+            .get_rollout(pb::GetRolloutRequest {
+                rollout_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if status.window_opens_unix_ms > 0 {
+            waiting = Some(status);
+            break;
+        }
+        assert!(!is_final(status.state), "ended without waiting: {status:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let waiting = waiting.unwrap_or_else(|| panic!("the rollout never waited for its window"));
+    assert_eq!(waiting.current_wave, 0, "no wave started: {waiting:?}");
+    let opens = waiting.window_opens_unix_ms;
+
+    let events = history(&mut client, &id).await;
+    let last = events.last().unwrap();
+    assert_eq!(
+        last.rollout_state,
+        pb::RolloutState::Succeeded as i32,
+        "{events:#?}"
+    );
+    let waited = events
+        .iter()
+        .position(|e| {
+            e.message
+                .starts_with("waiting for window: wave 1 starts at")
+        })
+        .unwrap_or_else(|| panic!("no waiting record: {events:#?}"));
+    let first_wave = events
+        .iter()
+        .position(|e| e.kind == "wave_started")
+        .unwrap_or_else(|| panic!("no wave: {events:#?}"));
+    assert!(waited < first_wave, "{events:#?}");
+    assert!(
+        events[first_wave].at_unix_ms >= opens,
+        "wave 1 started at {} before the window opened at {opens}",
+        events[first_wave].at_unix_ms
+    );
+    for i in 0..NODES {
+        let spec = fleet.agent(i).unwrap();
+        assert_eq!(marks(spec.data_dir(), "post"), 1, "{}", spec.name());
+    }
+    fleet.shutdown().await.unwrap();
+}
+
+/// Test 4, second half: a window that does not open within `window_timeout` ends the rollout
+/// before the point of no return, aborted, saying so; nothing ran past it.
+#[tokio::test]
+async fn a_window_that_never_opens_within_its_timeout_aborts_with_a_clear_reason() {
+    let root = tempfile::tempdir().unwrap();
+    let (fleet, mut client) = zoned_fleet(root.path()).await;
+    let script = windowed_script(
+        &window_from_now(Duration::from_secs(2 * 3600), Duration::from_secs(600)),
+        "1m",
+    );
+    let id = start(&mut client, &script).await;
+    let events = history(&mut client, &id).await;
+    let last = events.last().unwrap();
+    assert_eq!(
+        last.rollout_state,
+        pb::RolloutState::Aborted as i32,
+        "{events:#?}"
+    );
+    assert!(
+        last.message
+            .contains("no window opens within window_timeout 1m for wave 1"),
+        "{last:?}"
+    );
+    for i in 0..NODES {
+        let spec = fleet.agent(i).unwrap();
+        assert_eq!(marks(spec.data_dir(), "post"), 0, "{}", spec.name());
+    }
+    fleet.shutdown().await.unwrap();
+}

@@ -144,6 +144,9 @@ pub struct RolloutSnapshot {
     /// A dry run: it never commits.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// While the next wave waits for a window: when it opens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_opens_ms: Option<Millis>,
 }
 
 /// Why and since when a rollout holds on its store (see [`RolloutSnapshot::held_on_store`]).

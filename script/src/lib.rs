@@ -61,6 +61,7 @@ pub mod plan;
 mod suggest;
 mod validate;
 pub mod waves;
+pub mod windows;
 
 pub use count::NodeCount;
 pub use diagnostic::{Diagnostic, Diagnostics, Severity};
@@ -69,6 +70,7 @@ pub use duration::{DurationError, DurationLimit, parse_duration, parse_duration_
 pub use model::*;
 pub use validate::{Declared, validate, validate_against};
 pub use waves::{NO_LABELS, Wave, WaveTarget, plan_waves};
+pub use windows::{Window, format_utc, window_opens_at};
 
 /// A script that parsed and passed validation, with the warnings it produced.
 #[derive(Debug, Clone)]

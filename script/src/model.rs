@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::count::NodeCount;
+use crate::windows::Window;
 
 /// Byte range `[start, end)` in the script source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -125,6 +126,13 @@ pub struct RolloutPolicy {
     /// The order of the `waves_by` values (the others follow, sorted).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub order: Vec<String>,
+    /// When a new wave may start (none = any time); see [`crate::windows`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<Window>,
+    /// How far ahead the next window may open: a wave that would wait longer ends the rollout
+    /// (aborted before the point of no return, halted after it).
+    #[serde(with = "duration_ms")]
+    pub window_timeout: Duration,
     /// Failures tolerated over the whole rollout.
     pub max_failures: u32,
     pub on_failure: OnFailure,
@@ -149,6 +157,8 @@ impl Default for RolloutPolicy {
             max_in_flight: NodeCount::None,
             waves_by: None,
             order: Vec::new(),
+            windows: Vec::new(),
+            window_timeout: Duration::from_secs(24 * 3600),
             max_failures: 0,
             on_failure: OnFailure::RollbackNode,
             barrier_timeout: Duration::from_secs(30),

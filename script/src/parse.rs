@@ -23,6 +23,7 @@ use crate::model::{
 };
 use crate::suggest;
 use crate::validate::{self, Broken, Completeness};
+use crate::windows::Window;
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
@@ -55,6 +56,8 @@ const ROLLOUT_KEYS: &[&str] = &[
     "skip_unreachable",
     "waves_by",
     "order",
+    "windows",
+    "window_timeout",
 ];
 const SCRIPT_KEYS: &[&str] = &["up", "down"];
 const RUNTIMES: &[&str] = &["process", "beam", "otp_release"];
@@ -339,6 +342,25 @@ impl Parser {
                 .with_help(r#"write e.g. 2 or "10%""#),
             )),
         }
+    }
+
+    /// `windows`: each string a window (`Mon-Fri 02:00-05:00 UTC`), errors at its string.
+    fn windows(&mut self, value: &Value<'_>) -> Vec<Window> {
+        let Ok(texts) = self.names(value, "`windows`", "window", false) else {
+            return Vec::new();
+        };
+        let mut windows = Vec::new();
+        for text in texts {
+            match Window::parse(&text.value) {
+                Ok(window) => windows.push(window),
+                Err(why) => {
+                    self.push(Diagnostic::error(text.span, why).with_help(
+                        r#"write e.g. "Mon-Fri 02:00-05:00 UTC" or "daily 22:00-02:00 UTC""#,
+                    ));
+                }
+            }
+        }
+        windows
     }
 
     /// `order`: the `waves_by` values in the order their waves run; each named once.
@@ -696,6 +718,14 @@ impl Parser {
         }
         if let Some(order) = table.get("order") {
             policy.order = self.wave_order(order, policy.waves_by.is_some());
+        }
+        if let Some(windows) = table.get("windows") {
+            policy.windows = self.windows(windows);
+        }
+        if let Ok(Some(d)) = self.optional(table, "window_timeout", |p, v| {
+            p.duration(v, "`window_timeout`")
+        }) {
+            policy.window_timeout = d;
         }
         count(self, "max_failures", &mut policy.max_failures);
         if let Ok(Some(on_failure)) = self.optional(table, "on_failure", Self::on_failure) {

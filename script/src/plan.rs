@@ -91,6 +91,12 @@ pub struct PlannedPolicy {
     pub waves_by: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub order: Vec<String>,
+    /// When a new wave may start (empty = any time).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<String>,
+    /// With windows: how far ahead the next one may open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_timeout_ms: Option<u64>,
     pub max_failures: u32,
     pub on_failure: OnFailure,
     pub barrier_timeout_ms: u64,
@@ -206,6 +212,8 @@ fn compile_waves(script: &Script, targets: &[WaveTarget<'_>], named: bool) -> Pl
             max_in_flight: policy.max_in_flight,
             waves_by: policy.waves_by.clone(),
             order: policy.order.clone(),
+            windows: policy.windows.iter().map(|w| w.text.clone()).collect(),
+            window_timeout_ms: (!policy.windows.is_empty()).then(|| millis(policy.window_timeout)),
             max_failures: policy.max_failures,
             on_failure: policy.on_failure,
             barrier_timeout_ms: millis(policy.barrier_timeout),
@@ -581,6 +589,16 @@ impl fmt::Display for Plan {
                 format!("{}, then the others sorted", policy.order.join(", "))
             };
             writeln!(f, "  waves by {key}: one value at a time ({order})")?;
+        }
+        if !policy.windows.is_empty() {
+            writeln!(
+                f,
+                "  waves start only inside a window: {} (a wave waiting longer than {} ends the rollout)",
+                policy.windows.join("; "),
+                format_duration(Duration::from_millis(
+                    policy.window_timeout_ms.unwrap_or_default()
+                ))
+            )?;
         }
         if policy.pause_after_canary {
             writeln!(f, "  pause after the canary wave until promoted")?;

@@ -661,6 +661,19 @@ fn durations_and_numbers() {
             10,
         ),
         ok(
+            "windows",
+            rollout(
+                "windows = [\"Mon-Fri 02:00-05:00 UTC\", \"daily 22:00-02:00 UTC\"]\nwindow_timeout = \"2h\"",
+            ),
+        ),
+        error(
+            "a bad window",
+            rollout("windows = [\"Mon-Fri 02:00-05:00 UTC\", \"Mon-Fri 02:00-05:00 CET\"]"),
+            "only UTC windows are accepted, found `CET`",
+            18,
+            39,
+        ),
+        ok(
             "waves by a label in an order",
             rollout("waves_by = \"zone\"\norder = [\"a\", \"b\", \"c\"]"),
         ),

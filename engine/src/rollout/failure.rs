@@ -130,7 +130,7 @@ impl Rollout {
     }
 
     /// Let the wave in flight finish, abort the nodes that have not committed, start nothing.
-    fn halt(&mut self, reason: String, out: &mut Vec<Command>) {
+    pub(super) fn halt(&mut self, reason: String, out: &mut Vec<Command>) {
         self.mode = Mode::Halting;
         self.pause_requested = false;
         self.error = Some(reason.clone());

@@ -157,6 +157,8 @@ pub struct Rollout {
     waves: Vec<Vec<usize>>,
     /// The first wave is the canary.
     canary_first: bool,
+    /// The next wave waits for a window that opens at this time.
+    window_opens: Option<Millis>,
     /// 1-based wave being committed; 0 before the first `Commit`.
     wave: u32,
     pub(crate) mode: Mode,
@@ -247,6 +249,7 @@ impl Rollout {
             index,
             waves,
             canary_first,
+            window_opens: None,
             wave: 0,
             mode: Mode::Normal,
             pause_requested: false,
@@ -397,6 +400,11 @@ impl Rollout {
     /// Why the rollout failed, aborted or rolled back, when it did.
     pub fn error(&self) -> Option<&str> {
         self.error.as_deref()
+    }
+
+    /// When the window the next wave waits for opens, while it waits.
+    pub fn waiting_for_window(&self) -> Option<Millis> {
+        self.window_opens
     }
 
     /// The node's index, for an event of this rollout's epoch about one of its targets.

@@ -1,9 +1,20 @@
 //! Progress: start, waves, pauses, make-permanent, final states.
 
-use super::{Guard, Mode, PauseKind, Rollout, record};
+use super::{Guard, Mode, PauseKind, Rollout, ms, record};
 use crate::Millis;
 use crate::command::{Command, Record};
 use crate::state::{NodeState, RolloutState};
+use hotroll_script::duration::format_duration;
+use hotroll_script::{format_utc, window_opens_at};
+
+/// Whether wave N may start now (see [`Rollout::window_for_wave`]).
+enum Window {
+    Open,
+    /// Not yet: a tick at the opening moves on.
+    Wait,
+    /// No window opens within `window_timeout`: the rollout is ending.
+    Ended,
+}
 
 /// The reason of a dry run's first record.
 const DRY_RUN_START: &str = "dry run: prepare on every node, then abort; nothing commits";
@@ -11,6 +22,47 @@ const DRY_RUN_START: &str = "dry run: prepare on every node, then abort; nothing
 const DRY_RUN_PASSED: &str = "dry run: every node would commit";
 
 impl Rollout {
+    /// Wave `wave` starts only inside a window: record once that it waits and until when, or
+    /// end the rollout (aborted before the point of no return, halted after it) when the next
+    /// window opens later than `window_timeout` from now.
+    fn window_for_wave(&mut self, now: Millis, wave: u32, out: &mut Vec<Command>) -> Window {
+        let opens = window_opens_at(&self.spec.policy.windows, now);
+        if opens <= now {
+            self.window_opens = None;
+            return Window::Open;
+        }
+        let limit = ms(self.spec.policy.window_timeout);
+        if opens - now > limit {
+            self.window_opens = None;
+            let reason = format!(
+                "no window opens within window_timeout {} for wave {wave}: the next opens at {}",
+                format_duration(self.spec.policy.window_timeout),
+                format_utc(opens)
+            );
+            if self.past_ponr() {
+                self.halt(reason, out);
+            } else {
+                self.abort_prepare(now, None, reason, out);
+            }
+            return Window::Ended;
+        }
+        if self.window_opens != Some(opens) {
+            self.window_opens = Some(opens);
+            let reason = format!(
+                "waiting for window: wave {wave} starts at {}",
+                format_utc(opens)
+            );
+            record(
+                out,
+                Record::RolloutState {
+                    state: self.state,
+                    reason: Some(reason),
+                },
+            );
+        }
+        Window::Wait
+    }
+
     /// One verdict per node: it would commit if it prepared and did not fail.
     fn dry_run_verdicts(&self, ended: Option<&str>, out: &mut Vec<Command>) {
         for (i, node) in self.nodes.iter().enumerate() {
@@ -137,6 +189,11 @@ impl Rollout {
                         );
                         return;
                     }
+                    match self.window_for_wave(now, 1, out) {
+                        Window::Open => {}
+                        Window::Wait => return,
+                        Window::Ended => continue,
+                    }
                     self.set_rollout_state(RolloutState::Committing, None, out);
                 }
                 RolloutState::Committing => {
@@ -162,7 +219,11 @@ impl Rollout {
                     if self.wave >= self.waves() {
                         self.start_permanent(now, out);
                     } else {
-                        self.start_wave(now, self.wave + 1, out);
+                        match self.window_for_wave(now, self.wave + 1, out) {
+                            Window::Open => self.start_wave(now, self.wave + 1, out),
+                            Window::Wait => return,
+                            Window::Ended => continue,
+                        }
                     }
                 }
                 _ => return,
@@ -296,6 +357,7 @@ impl Rollout {
         self.pause_requested = false;
         self.paused = None;
         self.permanent_deadline = None;
+        self.window_opens = None;
         for t in &mut self.track {
             t.deadline = None;
             t.grace = None;

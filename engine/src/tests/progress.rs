@@ -330,3 +330,88 @@ fn a_node_failing_a_dry_run_does_not_stop_the_others_preparing() {
     );
     assert!(commits(&h.log).is_empty());
 }
+
+// ------------------------------------------------------------------------------------------
+// Windows.
+
+/// 2026-12-07T00:00:00Z, a Monday.
+const MONDAY: Millis = 1_796_601_600_000;
+const HOUR: Millis = 3_600_000;
+
+fn windowed(window: &str, timeout_s: u64) -> RolloutSpec {
+    let mut p = policy(OnFailure::RollbackNode, 1, 0, 0);
+    p.windows = vec![hotroll_script::Window::parse(window).unwrap_or_else(|e| panic!("{e}"))];
+    p.window_timeout = std::time::Duration::from_secs(timeout_s);
+    spec(&["a", "b"], p, vec![])
+}
+
+#[test]
+fn a_wave_waits_for_its_window_and_starts_when_it_opens() {
+    let mut h = H::new(windowed("daily 02:00-05:00 UTC", 24 * 3600));
+    h.at(MONDAY + HOUR).ev(Event::Start);
+    h.prepare("a");
+    let out = h.prepare("b");
+    assert!(commits(&out).is_empty(), "outside the window");
+    assert_eq!(h.r.waiting_for_window(), Some(MONDAY + 2 * HOUR));
+    assert_eq!(h.r.next_deadline(), Some(MONDAY + 2 * HOUR));
+    assert!(
+        rollout_reasons(&out)
+            .iter()
+            .any(|r| r.contains("waiting for window: wave 1 starts at 2026-12-07T02:00:00Z")),
+        "{:?}",
+        rollout_reasons(&out)
+    );
+    let out = h.tick(MONDAY + 2 * HOUR);
+    assert_eq!(commits(&out), s(&["a"]));
+    assert!(
+        rollout_reasons(&out)
+            .iter()
+            .any(|r| r.starts_with("window open"))
+    );
+    assert_eq!(h.r.waiting_for_window(), None);
+    // The wave in progress finishes even after the window closes; the next one waits.
+    let out = h.at(MONDAY + 6 * HOUR).commit("a");
+    assert!(commits(&out).is_empty());
+    assert_eq!(
+        h.r.waiting_for_window(),
+        Some(MONDAY + 26 * HOUR),
+        "{:?} {:?}",
+        h.r.state(),
+        rollout_reasons(&h.log)
+    );
+    let out = h.tick(MONDAY + 26 * HOUR);
+    assert_eq!(commits(&out), s(&["b"]));
+    let out = h.commit("b");
+    assert_eq!(permanents(&out), s(&["a", "b"]));
+}
+
+#[test]
+fn a_window_that_never_opens_within_its_timeout_aborts_before_the_point_of_no_return() {
+    let mut h = H::new(windowed("daily 02:00-05:00 UTC", 60));
+    h.at(MONDAY + HOUR).ev(Event::Start);
+    h.prepare("a");
+    let out = h.prepare("b");
+    assert_eq!(aborts(&out), s(&["a", "b"]));
+    h.confirm_aborted(&["a", "b"]);
+    assert_eq!(h.r.state(), R::Aborted);
+    assert!(
+        h.r.error()
+            .is_some_and(|e| e.contains("no window opens within window_timeout 1m")),
+        "{:?}",
+        h.r.error()
+    );
+    assert!(commits(&h.log).is_empty());
+}
+
+#[test]
+fn a_window_that_never_opens_between_waves_halts_the_rollout() {
+    let mut h = H::new(windowed("daily 02:00-05:00 UTC", 3600));
+    h.at(MONDAY + 2 * HOUR).ev(Event::Start);
+    h.prepare("a");
+    assert_eq!(commits(&h.prepare("b")), s(&["a"]));
+    let out = h.at(MONDAY + 6 * HOUR).commit("a");
+    assert_eq!(aborts(&out), s(&["b"]), "b is told to abort: {out:?}");
+    h.confirm_aborted(&["b"]);
+    assert_eq!(h.r.state(), R::Halted);
+    assert_eq!(h.state_of("a"), N::Committed);
+}

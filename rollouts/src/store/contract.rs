@@ -68,6 +68,7 @@ pub fn record(id: &str) -> RolloutRecord {
             held_on_store: None,
             left_out: vec![],
             dry_run: false,
+            window_opens_ms: None,
         },
         session_grace_ms: Some(10_000),
         step_slack_ms: None,
