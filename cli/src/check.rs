@@ -1,8 +1,13 @@
-//! `hotroll check FILE [--nodes N] [--output text|json]`: parse and validate an upgrade script,
-//! check its artifact files on disk, and print the compiled plan.
+//! `hotroll check FILE [--nodes N | --nodes-file NODES.toml | --live] [--output text|json]`:
+//! parse and validate an upgrade script, check its artifact files on disk, and print the
+//! compiled plan, with the waves as they will form: for N unlabelled nodes, for the nodes of a
+//! nodes file (names with labels, see [`crate::nodes_file`]), or for the fleet the coordinator
+//! knows (`--live`). The script's `select` picks the targets among the listed nodes, as the
+//! coordinator does.
 //!
-//! Exit codes: 0 valid (plan printed), 1 the file cannot be read or the output cannot be
-//! written, 2 the script is invalid (every diagnostic printed).
+//! Exit codes: 0 valid (plan printed), 1 the file cannot be read, the coordinator cannot be
+//! asked or the output cannot be written, 2 the script (or the nodes file) is invalid (every
+//! diagnostic printed).
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Write};
@@ -10,11 +15,12 @@ use std::path::{Path, PathBuf};
 
 use hotroll_script::diagnostic::{DiagnosticRecord, Diagnostics};
 use hotroll_script::plan::{self, Plan};
-use hotroll_script::{Diagnostic, Script, Span};
+use hotroll_script::{Diagnostic, Script, Span, WaveTarget};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::exit;
+use crate::nodes_file::FileNode;
 
 /// How `check` prints its result (the CLI-wide output format).
 pub use super::Output as OutputFormat;
@@ -24,8 +30,16 @@ pub struct CheckArgs {
     /// The upgrade script to check.
     pub file: PathBuf,
     /// Number of target nodes to compute the rollout waves for.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, conflicts_with_all = ["nodes_file", "live"])]
     pub nodes: usize,
+    /// Form the waves for the nodes this file lists (`[[node]]` tables: `name`, `labels`).
+    #[arg(long, value_name = "NODES.toml", conflicts_with = "live")]
+    pub nodes_file: Option<PathBuf>,
+    /// Form the waves for the fleet the coordinator knows (its node list).
+    #[arg(long)]
+    pub live: bool,
+    #[command(flatten)]
+    pub coordinator: crate::client::CoordinatorArgs,
     /// Print the plan (or the diagnostics) as text or as one JSON document on stdout.
     #[arg(long, value_enum, default_value = "text")]
     pub output: OutputFormat,
@@ -52,10 +66,78 @@ struct UnreadableReport {
 
 /// `hotroll check`: exit 0 valid, 2 invalid, 1 unreadable (its own messages; never `Err`).
 pub async fn run(args: CheckArgs) -> anyhow::Result<u8> {
-    Ok(check(&args))
+    let fleet = if let Some(path) = &args.nodes_file {
+        let name = path.display().to_string();
+        let source = match std::fs::read_to_string(path) {
+            Ok(source) => source,
+            Err(error) => return Ok(unreadable(&args, format!("cannot read {name}: {error}"))),
+        };
+        match crate::nodes_file::parse(&name, &source) {
+            Ok(nodes) => Fleet::Nodes(nodes),
+            Err(diagnostics) => return Ok(invalid(&args, &diagnostics)),
+        }
+    } else if args.live {
+        match live_fleet(&args.coordinator).await {
+            Ok(nodes) => Fleet::Nodes(nodes),
+            Err(error) => {
+                return Ok(unreadable(
+                    &args,
+                    format!("cannot list the coordinator's nodes: {error:#}"),
+                ));
+            }
+        }
+    } else {
+        Fleet::Count(args.nodes)
+    };
+    Ok(check(&args, &fleet))
 }
 
-fn check(args: &CheckArgs) -> u8 {
+/// The nodes a plan's waves are formed for.
+enum Fleet {
+    Count(usize),
+    Nodes(Vec<FileNode>),
+}
+
+/// The coordinator's fleet, sorted by name.
+async fn live_fleet(coordinator: &crate::client::CoordinatorArgs) -> anyhow::Result<Vec<FileNode>> {
+    let mut client = crate::client::connect(coordinator).await?;
+    let response = client
+        .list_nodes(hotroll_proto::v1::ListNodesRequest {})
+        .await
+        .map_err(crate::client::status_error)?
+        .into_inner();
+    let mut nodes: Vec<FileNode> = response
+        .nodes
+        .into_iter()
+        .map(|n| FileNode {
+            name: n.name,
+            labels: n.labels.into_iter().collect(),
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(nodes)
+}
+
+/// The plan for `fleet`: the targets are the nodes whose labels match the script's `select`.
+fn compile(script: &Script, fleet: &Fleet) -> Plan {
+    match fleet {
+        Fleet::Count(n) => plan::compile(script, *n),
+        Fleet::Nodes(nodes) => {
+            let select = &script.rollout.select;
+            let targets: Vec<WaveTarget<'_>> = nodes
+                .iter()
+                .filter(|n| select.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
+                .map(|n| WaveTarget {
+                    name: &n.name,
+                    labels: &n.labels,
+                })
+                .collect();
+            plan::compile_for(script, &targets)
+        }
+    }
+}
+
+fn check(args: &CheckArgs, fleet: &Fleet) -> u8 {
     let name = args.file.display().to_string();
     let bytes = match std::fs::read(&args.file) {
         Ok(bytes) => bytes,
@@ -90,7 +172,7 @@ fn check(args: &CheckArgs) -> u8 {
         return invalid(args, &diagnostics);
     }
 
-    let plan = plan::compile(&script, args.nodes);
+    let plan = compile(&script, fleet);
     match args.output {
         OutputFormat::Text => {
             if !diagnostics.items.is_empty() {

@@ -487,6 +487,7 @@ impl Story {
                 select: Default::default(),
                 artifacts,
                 skip_unreachable: false,
+                dry_run: false,
             })
             .await
             .map_err(status_error)?

@@ -6,6 +6,7 @@ pub mod check;
 pub mod client;
 pub mod demo;
 pub mod nodes;
+pub mod nodes_file;
 pub mod otp;
 pub mod plan;
 pub mod plan_node;

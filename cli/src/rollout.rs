@@ -68,6 +68,12 @@ pub struct StartArgs {
     /// Follow the rollout like `hotroll rollout watch` until it ends (exit codes of --wait).
     #[arg(long, conflicts_with = "wait")]
     pub watch: bool,
+    /// Run the whole prepare phase on every target (artifacts fetched and verified, release
+    /// staged, checks, barriers before the point of no return), then abort everywhere: nothing
+    /// a service sees changes. Waits for the end and says per node whether it would have
+    /// committed and why not; exit 0 when every node would have, 3 otherwise.
+    #[arg(long, conflicts_with_all = ["wait", "watch"])]
+    pub dry_run: bool,
     /// With --wait or --watch: give up (exit 1) after this long.
     #[arg(long, default_value = "1h", value_parser = super::serve::parse_duration)]
     pub wait_timeout: Duration,
@@ -118,6 +124,11 @@ fn parse_selector(text: &str) -> Result<HashMap<String, String>, String> {
 pub struct StatusJson {
     pub id: String,
     pub state: &'static str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+    /// While the next wave waits for a window: when it opens (UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for_window_until: Option<String>,
     pub app: String,
     pub from: String,
     pub to: String,
@@ -174,6 +185,9 @@ pub fn status_json(status: &pb::RolloutStatus) -> StatusJson {
     StatusJson {
         id: status.id.clone(),
         state: rollout_state_name(status.state),
+        dry_run: status.dry_run,
+        waiting_for_window_until: (status.window_opens_unix_ms > 0)
+            .then(|| hotroll_script::format_utc(status.window_opens_unix_ms)),
         app: status.app.clone(),
         from: status.from.clone(),
         to: status.to.clone(),
@@ -219,6 +233,15 @@ pub fn print_status(status: &pb::RolloutStatus, output: Output) -> anyhow::Resul
                 json.failures,
                 json.max_failures
             );
+            if status.dry_run {
+                println!("dry run: prepare everywhere, then abort; nothing commits");
+            }
+            if status.window_opens_unix_ms > 0 {
+                println!(
+                    "waiting for window: the next wave starts at {}",
+                    hotroll_script::format_utc(status.window_opens_unix_ms)
+                );
+            }
             if let Some(b) = &status.barrier {
                 println!(
                     "waiting at barrier `{}`: {}/{} arrived",
@@ -445,11 +468,18 @@ async fn start(args: StartArgs) -> anyhow::Result<u8> {
             select: args.select.clone().unwrap_or_default(),
             artifacts,
             skip_unreachable: args.skip_unreachable,
+            dry_run: args.dry_run,
         })
         .await
         .map_err(status_error)
         .context("the coordinator refused the rollout")?
         .into_inner();
+    if args.dry_run {
+        if args.output == Output::Text {
+            eprint!("dry {}", started_text(&started));
+        }
+        return dry_run_answer(&mut client, &args, &started.rollout_id).await;
+    }
     if args.watch {
         if args.output == Output::Text {
             eprint!("{}", started_text(&started));
@@ -501,6 +531,67 @@ async fn start(args: StartArgs) -> anyhow::Result<u8> {
         Output::Json => print_status(&status, Output::Json)?,
     }
     Ok(wait_exit_code(status.state))
+}
+
+/// The end of a dry run: wait for it, then one verdict per node from its history. Exit 0 when
+/// every node would have committed, 3 otherwise.
+async fn dry_run_answer(
+    client: &mut super::client::Client,
+    args: &StartArgs,
+    id: &str,
+) -> anyhow::Result<u8> {
+    let status = wait_final(client, id, args.wait_timeout).await?;
+    let verdicts: Vec<(String, Option<String>)> =
+        super::watch::history(client.clone(), Some(&args.coordinator), id)
+            .await?
+            .into_iter()
+            .filter(|e| e.kind == "dry_run_verdict")
+            .map(|e| {
+                let why = (!e.error.is_empty()).then_some(e.error);
+                (e.node, why)
+            })
+            .collect();
+    if verdicts.len() != status.nodes.len() {
+        anyhow::bail!(
+            "dry run {id} ended {} without a verdict for every node ({} of {})",
+            rollout_state_name(status.state),
+            verdicts.len(),
+            status.nodes.len()
+        );
+    }
+    let all = verdicts.iter().all(|(_, why)| why.is_none());
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "id": id,
+                "dry_run": true,
+                "would_commit": all,
+                "nodes": verdicts
+                    .iter()
+                    .map(|(node, why)| serde_json::json!({
+                        "node": node,
+                        "would_commit": why.is_none(),
+                        "reason": why,
+                    }))
+                    .collect::<Vec<_>>(),
+            })
+        ),
+        Output::Text => {
+            println!("{id}");
+            for (node, why) in &verdicts {
+                match why {
+                    None => println!("{node}: would commit"),
+                    Some(why) => println!("{node}: would not commit: {why}"),
+                }
+            }
+            println!(
+                "dry run {}: nothing was committed",
+                if all { "passed" } else { "failed" }
+            );
+        }
+    }
+    Ok(if all { exit::OK } else { exit::NOT_SUCCEEDED })
 }
 
 /// Wait until the rollout reaches a final state or `timeout` passes (follows its event

@@ -411,6 +411,34 @@ async fn live(
 }
 
 /// `hotroll rollout events ID`: the rollout's history up to now.
+/// The stored history of rollout `id` as far as it goes now.
+pub async fn history(
+    client: crate::client::Client,
+    reconnect: Option<&CoordinatorArgs>,
+    id: &str,
+) -> anyhow::Result<Vec<pb::RolloutEvent>> {
+    let mut rx = spawn_follow(
+        GrpcSource {
+            reconnect: reconnect.cloned(),
+            ..GrpcSource::new(client, id)
+        },
+        0,
+        Until::Now,
+    );
+    let mut events = Vec::new();
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            FollowMsg::Event(event) => events.push(event),
+            FollowMsg::Notice(note) => eprintln!("hotroll: {note}"),
+            FollowMsg::End(FollowEnd::Final(_) | FollowEnd::CaughtUp) => break,
+            FollowMsg::End(FollowEnd::Failed(message)) => {
+                anyhow::bail!("cannot read the history of rollout {id}: {message}")
+            }
+        }
+    }
+    Ok(events)
+}
+
 pub async fn run_events(args: EventsArgs) -> anyhow::Result<u8> {
     let client = connect(&args.coordinator).await?;
     let mut rx = spawn_follow(

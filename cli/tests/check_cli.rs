@@ -144,6 +144,105 @@ fn nodes_flag_changes_the_waves() {
     assert!(text.contains("wave 4: 1 node\n"), "{text}");
 }
 
+const ZONED_NODES: &str = r#"
+[[node]]
+name = "node-1"
+labels = { zone = "a" }
+[[node]]
+name = "node-2"
+labels = { zone = "b" }
+[[node]]
+name = "node-3"
+labels = { zone = "c" }
+[[node]]
+name = "node-4"
+labels = { zone = "a" }
+[[node]]
+name = "node-5"
+labels = { zone = "b" }
+[[node]]
+name = "node-6"
+labels = { zone = "c" }
+[[node]]
+name = "other"
+labels = { zone = "a", role = "spare" }
+"#;
+
+#[test]
+fn a_nodes_file_shows_the_waves_zone_by_zone_with_their_nodes() {
+    let source = VALID.replace(
+        "[script]",
+        "[rollout]\ncanary = 1\nmax_in_flight = \"50%\"\nwaves_by = \"zone\"\norder = [\"b\", \"a\", \"c\"]\n\n[script]",
+    );
+    let (dir, script) = script_in_tempdir(&source, &[("build/primes", b"#!/bin/sh\n")]);
+    let nodes = dir.path().join("nodes.toml");
+    std::fs::write(&nodes, ZONED_NODES).unwrap();
+    let output = check(&script, &["--nodes-file", nodes.to_str().unwrap()]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}{}", stderr(&output));
+    assert!(
+        text.contains("waves by zone: one value at a time (b, a, c"),
+        "{text}"
+    );
+    assert!(text.contains("waves for 7 nodes:"), "{text}");
+    for wave in [
+        "wave 1 (canary): 1 node: node-2\n",
+        "wave 2 (zone=b): 1 node: node-5\n",
+        "wave 3 (zone=a): 2 nodes: node-1, node-4\n",
+        "wave 4 (zone=a): 1 node: other\n",
+        "wave 5 (zone=c): 1 node: node-3\n",
+        "wave 6 (zone=c): 1 node: node-6\n",
+    ] {
+        assert!(text.contains(wave), "{wave:?} in\n{text}");
+    }
+}
+
+#[test]
+fn windows_show_in_the_plan_and_a_bad_one_is_an_error_at_its_place() {
+    let source = VALID.replace(
+        "[script]",
+        "[rollout]\nwindows = [\"Mon-Fri 02:00-05:00 UTC\"]\nwindow_timeout = \"2h\"\n\n[script]",
+    );
+    let (_dir, script) = script_in_tempdir(&source, &[("build/primes", b"#!/bin/sh\n")]);
+    let output = check(&script, &[]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}{}", stderr(&output));
+    assert!(
+        text.contains(
+            "waves start only inside a window: Mon-Fri 02:00-05:00 UTC (a wave waiting longer than 2h ends the rollout)"
+        ),
+        "{text}"
+    );
+    let bad = VALID.replace(
+        "[script]",
+        "[rollout]\nwindows = [\"Mon-Fri 2am-5am UTC\"]\n\n[script]",
+    );
+    let (_dir, script) = script_in_tempdir(&bad, &[("build/primes", b"#!/bin/sh\n")]);
+    let output = check(&script, &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains(
+            "upgrade.toml:10:12: error: window `Mon-Fri 2am-5am UTC`: `2am` is not a time"
+        ),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn a_bad_nodes_file_exits_2_with_file_line_col() {
+    let (dir, script) = script_in_tempdir(VALID, &[("build/primes", b"#!/bin/sh\n")]);
+    let nodes = dir.path().join("nodes.toml");
+    std::fs::write(&nodes, "[[node]]\nname = \"a\"\n[[node]]\nname = \"a\"\n").unwrap();
+    let output = check(&script, &["--nodes-file", nodes.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    assert!(
+        text.contains("nodes.toml:4:8: error: node `a` is listed twice"),
+        "{text}"
+    );
+}
+
 #[test]
 fn an_invalid_script_exits_2_with_file_line_col() {
     let source = VALID.replace(

@@ -198,6 +198,10 @@ impl pb::control_server::Control for ControlService {
             request.select.clone().into_iter().collect()
         };
         let selected = self.registry.select(&select);
+        let labels: crate::engine::TargetLabels = selected
+            .iter()
+            .map(|node| (node.name.clone(), node.labels.clone()))
+            .collect();
         // Who asked to leave unreachable nodes out, for the reason recorded with each.
         let skip_source = if request.skip_unreachable {
             Some("--skip-unreachable")
@@ -326,6 +330,8 @@ impl pb::control_server::Control for ControlService {
                 targets: targets.clone(),
                 left_out: left_out.clone(),
                 not_connected: awaited.clone(),
+                labels,
+                dry_run: request.dry_run,
             })
             .map_err(rollout_status_error)?;
         tracing::info!(rollout = %snapshot.id, app = %snapshot.app, from = %snapshot.from, to = %snapshot.to, nodes = targets.len(), awaited = ?awaited, left_out = ?left_out, "rollout started");

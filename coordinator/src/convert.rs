@@ -148,6 +148,8 @@ pub fn rollout_status(
             .unwrap_or_default(),
         held_since_unix_ms: snapshot.held_on_store.as_ref().map_or(0, |h| h.since_ms),
         left_out: snapshot.left_out.iter().map(left_out).collect(),
+        dry_run: snapshot.dry_run,
+        window_opens_unix_ms: snapshot.window_opens_ms.unwrap_or(0),
     }
 }
 
@@ -235,6 +237,22 @@ pub fn rollout_event(
             out.kind = "wave_started".into();
             out.wave = *wave;
             out.message = nodes.join(",");
+        }
+        Record::DryRunVerdict {
+            node,
+            would_commit,
+            reason,
+        } => {
+            out.kind = "dry_run_verdict".into();
+            out.node = node.clone();
+            match (would_commit, reason) {
+                (true, _) => out.message = "would commit".into(),
+                (false, reason) => {
+                    let why = reason.clone().unwrap_or_else(|| "it failed".into());
+                    out.message = format!("would not commit: {why}");
+                    out.error = why;
+                }
+            }
         }
         Record::Operator { action, reason } => {
             out.kind = "operator".into();

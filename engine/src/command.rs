@@ -81,6 +81,13 @@ pub enum Record {
         wave: u32,
         nodes: Vec<String>,
     },
+    /// How a dry run ended for one node, recorded just before its final state.
+    DryRunVerdict {
+        node: String,
+        would_commit: bool,
+        /// Why not, when it would not.
+        reason: Option<String>,
+    },
     Operator {
         action: String,
         reason: Option<String>,

@@ -26,7 +26,7 @@ mod view;
 pub use command::{Command, Record, StepPhase};
 pub use event::{Event, Outcome};
 pub use rollout::{NotApplicable, Rollout};
-pub use spec::{LeftOut, RolloutSpec};
+pub use spec::{LeftOut, RolloutSpec, TargetLabels};
 pub use state::{NodeState, RolloutState, UnknownState};
 pub use view::{BarrierView, NodeView, NodeViews};
 

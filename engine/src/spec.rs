@@ -1,5 +1,6 @@
 //! What a rollout is, fixed when it is created.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hotroll_script::{BarrierSpec, RolloutPolicy};
@@ -12,8 +13,16 @@ pub struct RolloutSpec {
     pub app: String,
     pub from: String,
     pub to: String,
-    /// Target nodes in wave order: the first `canary` form the canary wave, and so on.
+    /// Target nodes; [`hotroll_script::plan_waves`] forms the waves from them (in this order)
+    /// and their labels.
     pub targets: Vec<String>,
+    /// The targets' labels when the rollout started (what `waves_by` groups by).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: TargetLabels,
+    /// A dry run: the whole prepare phase, then an abort everywhere instead of the first
+    /// commit, and a verdict per node ([`crate::Record::DryRunVerdict`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
     #[serde(skip, default)]
     pub policy: RolloutPolicy,
     #[serde(skip, default)]
@@ -38,6 +47,9 @@ pub struct RolloutSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left_out: Vec<LeftOut>,
 }
+
+/// Each target's labels, by name.
+pub type TargetLabels = BTreeMap<String, BTreeMap<String, String>>;
 
 /// A node a rollout left out on the operator's word.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

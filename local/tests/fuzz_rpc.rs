@@ -248,6 +248,7 @@ fn seeds() -> Vec<Vec<u8>> {
         select: Default::default(),
         artifacts: vec![],
         skip_unreachable: false,
+        dry_run: false,
     };
     let chunk = pb::ArtifactChunk {
         digest: format!("sha256:{}", "a".repeat(64)),

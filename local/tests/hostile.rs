@@ -457,6 +457,7 @@ async fn a_viewer_cannot_start_or_steer_a_rollout() {
                 select: Default::default(),
                 artifacts: vec![],
                 skip_unreachable: false,
+                dry_run: false,
             },
             &viewer,
         ))

@@ -241,6 +241,7 @@ async fn start(client: &mut ControlClient<Channel>, script: &str) -> String {
             select: Default::default(),
             artifacts: vec![],
             skip_unreachable: false,
+            dry_run: false,
         })
         .await
         .unwrap()

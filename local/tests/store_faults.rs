@@ -139,6 +139,7 @@ async fn holds_then_agrees(
             select: Default::default(),
             artifacts: vec![],
             skip_unreachable: false,
+            dry_run: false,
         })
         .await
         .unwrap_or_else(|e| panic!("start: {e}"))

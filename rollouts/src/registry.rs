@@ -333,6 +333,7 @@ impl Registry {
             .map(|n| Selected {
                 name: n.record.name,
                 connected: n.connected,
+                labels: n.record.labels,
             })
             .collect()
     }
@@ -343,4 +344,5 @@ impl Registry {
 pub struct Selected {
     pub name: String,
     pub connected: bool,
+    pub labels: BTreeMap<String, String>,
 }

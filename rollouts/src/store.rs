@@ -98,6 +98,12 @@ pub struct RolloutRecord {
     /// Nodes that matched the selection but were left out on the operator's word, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left_out: Vec<crate::engine::LeftOut>,
+    /// The targets' labels when it started, which its waves were formed from.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub target_labels: crate::engine::TargetLabels,
+    /// A dry run (see [`crate::engine::RolloutSpec::dry_run`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// An artifact name of the script bound to the digest the operator uploaded.
@@ -135,6 +141,12 @@ pub struct RolloutSnapshot {
     /// Nodes the rollout left out (see [`RolloutRecord::left_out`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left_out: Vec<crate::engine::LeftOut>,
+    /// A dry run: it never commits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+    /// While the next wave waits for a window: when it opens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_opens_ms: Option<Millis>,
 }
 
 /// Why and since when a rollout holds on its store (see [`RolloutSnapshot::held_on_store`]).

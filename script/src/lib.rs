@@ -51,6 +51,7 @@
 //! Every rule of docs/design.md §3 is checked by [`parse()`] (see [`validate()`] for the list and the
 //! choices made where the design is silent); [`validate_against`] adds the node's own config.
 
+pub mod count;
 pub mod diagnostic;
 pub mod digest;
 pub mod duration;
@@ -59,12 +60,17 @@ mod parse;
 pub mod plan;
 mod suggest;
 mod validate;
+pub mod waves;
+pub mod windows;
 
+pub use count::NodeCount;
 pub use diagnostic::{Diagnostic, Diagnostics, Severity};
 pub use digest::{DigestError, Sha256Digest};
 pub use duration::{DurationError, DurationLimit, parse_duration, parse_duration_within};
 pub use model::*;
 pub use validate::{Declared, validate, validate_against};
+pub use waves::{NO_LABELS, Wave, WaveTarget, plan_waves};
+pub use windows::{Window, format_utc, window_opens_at};
 
 /// A script that parsed and passed validation, with the warnings it produced.
 #[derive(Debug, Clone)]

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::count::NodeCount;
+use crate::windows::Window;
+
 /// Byte range `[start, end)` in the script source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct Span {
@@ -112,10 +115,24 @@ impl OnFailure {
 pub struct RolloutPolicy {
     /// Node labels that must all match; empty = every node.
     pub select: BTreeMap<String, String>,
-    /// Nodes in the first wave (0 = no canary wave).
-    pub canary: u32,
-    /// Nodes per later wave (0 = all remaining at once).
-    pub max_in_flight: u32,
+    /// Nodes in the first wave (none = no canary wave); a percentage is of every target.
+    pub canary: NodeCount,
+    /// Nodes per later wave (none = all remaining at once); a percentage is of the group
+    /// (`waves_by`) or of every target (see [`crate::waves`]).
+    pub max_in_flight: NodeCount,
+    /// The node label whose values are taken one at a time after the canary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waves_by: Option<String>,
+    /// The order of the `waves_by` values (the others follow, sorted).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub order: Vec<String>,
+    /// When a new wave may start (none = any time); see [`crate::windows`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<Window>,
+    /// How far ahead the next window may open: a wave that would wait longer ends the rollout
+    /// (aborted before the point of no return, halted after it).
+    #[serde(with = "duration_ms")]
+    pub window_timeout: Duration,
     /// Failures tolerated over the whole rollout.
     pub max_failures: u32,
     pub on_failure: OnFailure,
@@ -136,8 +153,12 @@ impl Default for RolloutPolicy {
     fn default() -> Self {
         Self {
             select: BTreeMap::new(),
-            canary: 0,
-            max_in_flight: 0,
+            canary: NodeCount::None,
+            max_in_flight: NodeCount::None,
+            waves_by: None,
+            order: Vec::new(),
+            windows: Vec::new(),
+            window_timeout: Duration::from_secs(24 * 3600),
             max_failures: 0,
             on_failure: OnFailure::RollbackNode,
             barrier_timeout: Duration::from_secs(30),
@@ -417,28 +438,6 @@ pub struct BarrierSpec {
     pub members: Vec<String>,
 }
 
-/// Sizes of the commit waves for `nodes` target nodes under `policy`: the canary wave (if
-/// `canary > 0`), then waves of `max_in_flight` (0 = all the rest at once).
-pub fn wave_sizes(nodes: usize, policy: &RolloutPolicy) -> Vec<usize> {
-    let mut sizes = Vec::new();
-    let mut remaining = nodes;
-    let canary = policy.canary as usize;
-    if canary > 0 && remaining > 0 {
-        let first = canary.min(remaining);
-        sizes.push(first);
-        remaining -= first;
-    }
-    while remaining > 0 {
-        let wave = match policy.max_in_flight as usize {
-            0 => remaining,
-            n => n.min(remaining),
-        };
-        sizes.push(wave);
-        remaining -= wave;
-    }
-    sizes
-}
-
 pub(crate) mod duration_ms {
     use std::time::Duration;
 
@@ -455,28 +454,5 @@ pub(crate) mod opt_duration_ms {
             Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             None => s.serialize_none(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn policy(canary: u32, max_in_flight: u32) -> RolloutPolicy {
-        RolloutPolicy {
-            canary,
-            max_in_flight,
-            ..RolloutPolicy::default()
-        }
-    }
-
-    #[test]
-    fn waves_follow_canary_then_max_in_flight() {
-        assert_eq!(wave_sizes(3, &policy(1, 1)), vec![1, 1, 1]);
-        assert_eq!(wave_sizes(5, &policy(1, 2)), vec![1, 2, 2]);
-        assert_eq!(wave_sizes(5, &policy(0, 0)), vec![5]);
-        assert_eq!(wave_sizes(5, &policy(2, 0)), vec![2, 3]);
-        assert_eq!(wave_sizes(1, &policy(3, 2)), vec![1]);
-        assert_eq!(wave_sizes(0, &policy(1, 1)), Vec::<usize>::new());
     }
 }

@@ -14,6 +14,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::Parsed;
+use crate::count::NodeCount;
 use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::duration::parse_duration;
 use crate::model::{
@@ -22,6 +23,7 @@ use crate::model::{
 };
 use crate::suggest;
 use crate::validate::{self, Broken, Completeness};
+use crate::windows::Window;
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
@@ -52,6 +54,10 @@ const ROLLOUT_KEYS: &[&str] = &[
     "step_timeout",
     "pause_after_canary",
     "skip_unreachable",
+    "waves_by",
+    "order",
+    "windows",
+    "window_timeout",
 ];
 const SCRIPT_KEYS: &[&str] = &["up", "down"];
 const RUNTIMES: &[&str] = &["process", "beam", "otp_release"];
@@ -295,6 +301,89 @@ impl Parser {
             }),
             Err(_) => Err(self.error(span, format!("{what} is out of range"))),
         }
+    }
+
+    /// A number of nodes: a non-negative integer or a percentage string `"1%"`..`"100%"`.
+    fn node_count(&mut self, value: &Value<'_>, what: &str) -> Parse<NodeCount> {
+        let span = span_of(value);
+        let DeValue::String(text) = value.get_ref() else {
+            return match value.get_ref() {
+                DeValue::Integer(_) => self.count(value, what).map(NodeCount::nodes),
+                DeValue::Float(_) => {
+                    Err(self.error(span, format!("{what} must be a whole number")))
+                }
+                other => Err(self.push(
+                    Diagnostic::error(
+                        span,
+                        format!(
+                            "{what} must be a number of nodes or a percentage, found {}",
+                            describe(other)
+                        ),
+                    )
+                    .with_help(r#"write e.g. 2 or "10%""#),
+                )),
+            };
+        };
+        let percent = text
+            .strip_suffix('%')
+            .map(str::trim)
+            .and_then(|digits| digits.parse::<u32>().ok());
+        match percent {
+            Some(p) if (1..=100).contains(&p) => Ok(NodeCount::Percent(p)),
+            Some(p) => Err(self.push(
+                Diagnostic::error(span, format!("{what} {p}% is not between 1% and 100%"))
+                    .with_help("write 0 for none"),
+            )),
+            None => Err(self.push(
+                Diagnostic::error(
+                    span,
+                    format!("{what} `{text}` is neither a number of nodes nor a percentage"),
+                )
+                .with_help(r#"write e.g. 2 or "10%""#),
+            )),
+        }
+    }
+
+    /// `windows`: each string a window (`Mon-Fri 02:00-05:00 UTC`), errors at its string.
+    fn windows(&mut self, value: &Value<'_>) -> Vec<Window> {
+        let Ok(texts) = self.names(value, "`windows`", "window", false) else {
+            return Vec::new();
+        };
+        let mut windows = Vec::new();
+        for text in texts {
+            match Window::parse(&text.value) {
+                Ok(window) => windows.push(window),
+                Err(why) => {
+                    self.push(Diagnostic::error(text.span, why).with_help(
+                        r#"write e.g. "Mon-Fri 02:00-05:00 UTC" or "daily 22:00-02:00 UTC""#,
+                    ));
+                }
+            }
+        }
+        windows
+    }
+
+    /// `order`: the `waves_by` values in the order their waves run; each named once.
+    fn wave_order(&mut self, value: &Value<'_>, has_waves_by: bool) -> Vec<String> {
+        let Ok(values) = self.names(value, "`order`", "label value", false) else {
+            return Vec::new();
+        };
+        if !has_waves_by {
+            self.push(
+                Diagnostic::error(span_of(value), "`order` needs `waves_by`")
+                    .with_help(r#"add waves_by = "zone" (the label whose values `order` lists)"#),
+            );
+            return Vec::new();
+        }
+        let mut order: Vec<String> = Vec::new();
+        for v in values {
+            if order.contains(&v.value) {
+                self.error(v.span, format!("`order` names `{}` twice", v.value));
+            } else {
+                order.push(v.value);
+            }
+        }
+        order
     }
 
     fn duration(&mut self, value: &Value<'_>, what: &str) -> Parse<Duration> {
@@ -615,8 +704,29 @@ impl Parser {
                 *slot = n;
             }
         };
-        count(self, "canary", &mut policy.canary);
-        count(self, "max_in_flight", &mut policy.max_in_flight);
+        let node_count = |parser: &mut Self, key: &str, slot: &mut NodeCount| {
+            if let Ok(Some(n)) =
+                parser.optional(table, key, |p, v| p.node_count(v, &format!("`{key}`")))
+            {
+                *slot = n;
+            }
+        };
+        node_count(self, "canary", &mut policy.canary);
+        node_count(self, "max_in_flight", &mut policy.max_in_flight);
+        if let Ok(Some(label)) = self.optional(table, "waves_by", |p, v| p.name(v, "`waves_by`")) {
+            policy.waves_by = Some(label.value);
+        }
+        if let Some(order) = table.get("order") {
+            policy.order = self.wave_order(order, policy.waves_by.is_some());
+        }
+        if let Some(windows) = table.get("windows") {
+            policy.windows = self.windows(windows);
+        }
+        if let Ok(Some(d)) = self.optional(table, "window_timeout", |p, v| {
+            p.duration(v, "`window_timeout`")
+        }) {
+            policy.window_timeout = d;
+        }
         count(self, "max_failures", &mut policy.max_failures);
         if let Ok(Some(on_failure)) = self.optional(table, "on_failure", Self::on_failure) {
             policy.on_failure = on_failure;
@@ -635,7 +745,7 @@ impl Parser {
             && let Ok(flag) = self.boolean(pause, "`pause_after_canary`")
         {
             policy.pause_after_canary = flag;
-            if flag && policy.canary == 0 {
+            if flag && policy.canary.is_none() {
                 self.diagnostics.push(
                     Diagnostic::warning(
                         span_of(pause),

@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::count::NodeCount;
 use crate::duration::format_duration;
 use crate::model::{
-    ChangeMode, Instruction, Located, OnFailure, PonrPosition, Runtime, Script, Step, wave_sizes,
+    ChangeMode, Instruction, Located, OnFailure, PonrPosition, Runtime, Script, Step,
 };
+use crate::waves::{NO_LABELS, WaveTarget, plan_waves};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Plan {
@@ -83,8 +85,18 @@ pub struct PlannedRollback {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PlannedPolicy {
     pub select: BTreeMap<String, String>,
-    pub canary: u32,
-    pub max_in_flight: u32,
+    pub canary: NodeCount,
+    pub max_in_flight: NodeCount,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waves_by: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub order: Vec<String>,
+    /// When a new wave may start (empty = any time).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<String>,
+    /// With windows: how far ahead the next one may open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_timeout_ms: Option<u64>,
     pub max_failures: u32,
     pub on_failure: OnFailure,
     pub barrier_timeout_ms: u64,
@@ -94,20 +106,45 @@ pub struct PlannedPolicy {
     pub skip_unreachable: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PlannedWave {
     /// 1-based.
     pub wave: usize,
     pub canary: bool,
     pub nodes: usize,
+    /// The `waves_by` group the wave belongs to (`zone=a`, `zone unset`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Its nodes, when the plan was made for named nodes (a nodes file, the live fleet).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
 }
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Compile a (valid) script into the plan for a fleet of `nodes` target nodes.
+/// Compile a (valid) script into the plan for a fleet of `nodes` target nodes, none of them
+/// labelled.
 pub fn compile(script: &Script, nodes: usize) -> Plan {
+    let names: Vec<String> = (1..=nodes).map(|i| format!("node-{i}")).collect();
+    let targets: Vec<WaveTarget<'_>> = names
+        .iter()
+        .map(|name| WaveTarget {
+            name,
+            labels: &NO_LABELS,
+        })
+        .collect();
+    compile_waves(script, &targets, false)
+}
+
+/// Compile a (valid) script into the plan for these target nodes (names and labels, from a
+/// nodes file or the live fleet): the waves name their nodes.
+pub fn compile_for(script: &Script, targets: &[WaveTarget<'_>]) -> Plan {
+    compile_waves(script, targets, true)
+}
+
+fn compile_waves(script: &Script, targets: &[WaveTarget<'_>], named: bool) -> Plan {
     let ponr = script.ponr();
     let first_commit = ponr.first_commit_step();
     let planned = |index: usize, step: &Step, list: List| PlannedStep {
@@ -147,7 +184,7 @@ pub fn compile(script: &Script, nodes: usize) -> Plan {
         },
     };
     let policy = &script.rollout;
-    let canary = policy.canary > 0;
+    let waves = plan_waves(targets, policy);
     Plan {
         app: script.app.value.clone(),
         from: script.from.value.clone(),
@@ -173,6 +210,10 @@ pub fn compile(script: &Script, nodes: usize) -> Plan {
             select: policy.select.clone(),
             canary: policy.canary,
             max_in_flight: policy.max_in_flight,
+            waves_by: policy.waves_by.clone(),
+            order: policy.order.clone(),
+            windows: policy.windows.iter().map(|w| w.text.clone()).collect(),
+            window_timeout_ms: (!policy.windows.is_empty()).then(|| millis(policy.window_timeout)),
             max_failures: policy.max_failures,
             on_failure: policy.on_failure,
             barrier_timeout_ms: millis(policy.barrier_timeout),
@@ -180,14 +221,20 @@ pub fn compile(script: &Script, nodes: usize) -> Plan {
             pause_after_canary: policy.pause_after_canary,
             skip_unreachable: policy.skip_unreachable,
         },
-        nodes,
-        waves: wave_sizes(nodes, policy)
-            .into_iter()
+        nodes: waves.iter().map(|w| w.nodes.len()).sum(),
+        waves: waves
+            .iter()
             .enumerate()
-            .map(|(index, size)| PlannedWave {
+            .map(|(index, wave)| PlannedWave {
                 wave: index + 1,
-                canary: canary && index == 0,
-                nodes: size,
+                canary: wave.canary,
+                nodes: wave.nodes.len(),
+                group: wave.group_label(policy),
+                names: if named {
+                    wave.nodes.clone()
+                } else {
+                    Vec::new()
+                },
             })
             .collect(),
     }
@@ -535,6 +582,24 @@ impl fmt::Display for Plan {
             format_duration(Duration::from_millis(policy.barrier_timeout_ms)),
             format_duration(Duration::from_millis(policy.step_timeout_ms))
         )?;
+        if let Some(key) = &policy.waves_by {
+            let order = if policy.order.is_empty() {
+                "sorted".to_string()
+            } else {
+                format!("{}, then the others sorted", policy.order.join(", "))
+            };
+            writeln!(f, "  waves by {key}: one value at a time ({order})")?;
+        }
+        if !policy.windows.is_empty() {
+            writeln!(
+                f,
+                "  waves start only inside a window: {} (a wave waiting longer than {} ends the rollout)",
+                policy.windows.join("; "),
+                format_duration(Duration::from_millis(
+                    policy.window_timeout_ms.unwrap_or_default()
+                ))
+            )?;
+        }
         if policy.pause_after_canary {
             writeln!(f, "  pause after the canary wave until promoted")?;
         }
@@ -552,9 +617,19 @@ impl fmt::Display for Plan {
         }
         for wave in &self.waves {
             let canary = if wave.canary { " (canary)" } else { "" };
+            let group = wave
+                .group
+                .as_ref()
+                .map(|g| format!(" ({g})"))
+                .unwrap_or_default();
+            let names = if wave.names.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", wave.names.join(", "))
+            };
             writeln!(
                 f,
-                "  wave {}{canary}: {}",
+                "  wave {}{canary}{group}: {}{names}",
                 wave.wave,
                 count(wave.nodes, "node")
             )?;

@@ -1030,3 +1030,141 @@ fn restart_new_emulator_drain_hooks_and_purge() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// Every entry under `dir` (relative path; a symlink's target, a file's size and modification
+/// time), sorted: what a node's app directory holds, to compare before and after.
+fn listing(dir: &Path) -> anyhow::Result<Vec<String>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> anyhow::Result<()> {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
+            let path = entry?.path();
+            let rel = path.strip_prefix(root)?.display().to_string();
+            let meta = std::fs::symlink_metadata(&path)?;
+            if meta.file_type().is_symlink() {
+                out.push(format!("{rel} -> {}", std::fs::read_link(&path)?.display()));
+            } else if meta.is_dir() {
+                out.push(format!("{rel}/"));
+                walk(root, &path, out)?;
+            } else {
+                out.push(format!("{rel} {} bytes {:?}", meta.len(), meta.modified()?));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// Issue 18, test 1: `rollout start --dry-run` over three nodes where node-2's check fails:
+/// exit 3, node-2 named with its reason, the two others "would commit"; every node's
+/// `current`, `permanent`, running service and release directories exactly as before.
+#[test]
+fn a_dry_run_prepares_everywhere_changes_nothing_and_names_the_node_that_would_fail()
+-> anyhow::Result<()> {
+    let (options, ports) = fleet(NODES, no_env)?;
+    let options = options.hook("ready", Hook::ok()).node_hook(
+        2,
+        "ready",
+        Hook::sh("echo 'disk too full for 2.0' >&2; exit 1"),
+    );
+    Cluster::start(NODES, options)?.run(|cluster| {
+        install(cluster, &ports, "1.0")?;
+        let mut before = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let served = wait_serving(*port, "1.0", SERVE_TIMEOUT)?;
+            before.push((listing(&services::app_dir(cluster, i + 1, APP))?, served));
+        }
+        let text = script(
+            "1.0",
+            "2.0",
+            &[Artifact::new("VERSION", &version_file(cluster, "2.0")?, "")],
+            POLICY,
+            &[
+                r#"{ load_object_code = ["VERSION"] }"#,
+                r#"{ check = "ready" }"#,
+                r#"{ sync_nodes = "staged" }"#,
+                r#""point_of_no_return""#,
+                r#"{ load = "version" }"#,
+                r#"{ restart = "version" }"#,
+            ],
+        );
+        let path = cluster.write_script("dry.toml", &text)?;
+        let path = path.display().to_string();
+        let out =
+            cluster.hotroll_timeout(&["rollout", "start", &path, "--dry-run"], ROLLOUT_TIMEOUT)?;
+        ensure!(
+            out.code == Some(3),
+            "exit {:?}, expected 3\nstdout: {}\nstderr: {}",
+            out.code,
+            out.stdout,
+            out.stderr
+        );
+        ensure!(
+            out.stdout.contains("node-1: would commit\n")
+                && out.stdout.contains("node-3: would commit\n"),
+            "{}",
+            out.stdout
+        );
+        let node2 = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("node-2: "))
+            .with_context(|| format!("no verdict for node-2: {}", out.stdout))?;
+        ensure!(
+            node2.contains("would not commit") && node2.contains("ready"),
+            "node-2's verdict does not name its check: {node2}"
+        );
+        let id = out
+            .stdout
+            .lines()
+            .next()
+            .context("no rollout id")?
+            .to_string();
+        let status = cluster.hotroll(&["rollout", "status", &id, "--output", "json"])?;
+        let status = status.json()?;
+        ensure!(
+            status["dry_run"] == true,
+            "not shown as a dry run: {status:#}"
+        );
+        ensure!(status::rollout_state(&status)? == "aborted", "{status:#}");
+        // The history records it as a dry run, with a verdict per node.
+        let events = cluster.hotroll(&["rollout", "events", &id, "--output", "json"])?;
+        ensure!(
+            events.stdout.contains("dry run: prepare on every node")
+                && events.stdout.matches("dry_run_verdict").count() == NODES,
+            "{}",
+            events.stdout
+        );
+        // Nothing a service sees changed, nothing is left staged.
+        for (i, port) in ports.iter().enumerate() {
+            let node = i + 1;
+            // The agent discards its staging as it reports `aborted`; allow its last step.
+            let _ = hotroll_tests::poll(
+                "the app dir to be as before",
+                Duration::from_secs(10),
+                Duration::from_millis(100),
+                || {
+                    let now = listing(&services::app_dir(cluster, node, APP))?;
+                    Ok((now == before[i].0).then_some(()))
+                },
+            );
+            let after = listing(&services::app_dir(cluster, node, APP))?;
+            ensure!(
+                after == before[i].0,
+                "{}: the app dir changed:\nbefore {:#?}\nafter {after:#?}",
+                node_name(node),
+                before[i].0
+            );
+            assert_release(cluster, node, "1.0", "1.0")?;
+            let served = services::read_version(*port)?;
+            ensure!(
+                served == before[i].1,
+                "{}: the service changed: {served:?}, was {:?}",
+                node_name(node),
+                before[i].1
+            );
+        }
+        Ok(())
+    })
+}

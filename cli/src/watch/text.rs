@@ -48,6 +48,8 @@ pub fn describe(event: &pb::RolloutEvent) -> String {
             event.wave, event.message
         ),
         "operator" => format!("operator: {}", event.message),
+        "dry_run_verdict" if event.error.is_empty() => format!("dry run: {}", event.message),
+        "dry_run_verdict" => "dry run: would not commit".to_string(),
         "held_on_store" => format!("HELD: {}", event.message),
         "store_recovered" => format!("resumed: {}", event.message),
         other => other.to_string(),

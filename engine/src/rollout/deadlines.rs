@@ -4,7 +4,7 @@
 use super::failure::How;
 use super::{Guard, Rollout, ms};
 use crate::Millis;
-use crate::command::Command;
+use crate::command::{Command, Record};
 use crate::state::NodeState;
 
 impl Rollout {
@@ -24,7 +24,7 @@ impl Rollout {
             .map(|b| Some(b.deadline));
         nodes
             .chain(barriers)
-            .chain([self.permanent_deadline])
+            .chain([self.permanent_deadline, self.window_opens])
             .flatten()
             .min()
     }
@@ -43,6 +43,13 @@ impl Rollout {
                 Due::Node(i) => self.node_deadline(now, i, out),
                 Due::Grace(i) => self.grace_expired(now, i, out),
                 Due::Barrier(b) => self.barrier_timeout(now, b, out),
+                // The window opened: `advance` starts the wave (or waits for the next one).
+                Due::Window => {
+                    self.window_opens = None;
+                    let reason = Some("window open: the next wave may start".to_string());
+                    let state = self.state;
+                    out.push(Command::Record(Record::RolloutState { state, reason }));
+                }
                 Due::Permanent => {
                     self.permanent_deadline = None;
                     let unconfirmed: Vec<usize> = (0..self.nodes.len())
@@ -73,9 +80,10 @@ impl Rollout {
             .filter(|(_, b)| b.is_open())
             .map(|(b, inst)| Some((inst.deadline, 2, b, Due::Barrier(b))));
         let permanent = self.permanent_deadline.map(|at| (at, 3, 0, Due::Permanent));
+        let window = self.window_opens.map(|at| (at, 4, 0, Due::Window));
         nodes
             .chain(barriers)
-            .chain([permanent])
+            .chain([permanent, window])
             .flatten()
             .filter(|(at, ..)| *at <= now)
             .min_by_key(|(at, class, i, _)| (*at, *class, *i))
@@ -201,4 +209,5 @@ enum Due {
     Grace(usize),
     Barrier(usize),
     Permanent,
+    Window,
 }

@@ -60,6 +60,12 @@ impl Rollout {
         self.track[i].counted = true;
         self.failures += 1;
         if !self.past_ponr() {
+            if self.spec.dry_run && self.mode == Mode::Normal {
+                // A dry run wants every node's verdict: the others go on preparing (the failed
+                // node leaves the barriers), and the abort comes once every node is done.
+                self.leave_barriers(now, i, out);
+                return;
+            }
             if self.mode != Mode::Aborting {
                 self.abort_prepare(now, Some(i), reason, out);
             }
@@ -124,7 +130,7 @@ impl Rollout {
     }
 
     /// Let the wave in flight finish, abort the nodes that have not committed, start nothing.
-    fn halt(&mut self, reason: String, out: &mut Vec<Command>) {
+    pub(super) fn halt(&mut self, reason: String, out: &mut Vec<Command>) {
         self.mode = Mode::Halting;
         self.pause_requested = false;
         self.error = Some(reason.clone());

@@ -68,7 +68,7 @@ mod tally;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use hotroll_script::wave_sizes;
+use hotroll_script::{NO_LABELS, WaveTarget, plan_waves};
 
 use crate::Millis;
 use crate::command::{Command, Record, StepPhase};
@@ -139,6 +139,8 @@ struct Track {
     confirmed: bool,
     make_permanent_sent: bool,
     permanent: bool,
+    /// Reported prepared at some point (a dry run's "would commit").
+    was_prepared: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -151,8 +153,12 @@ pub struct Rollout {
     error: Option<String>,
     track: Vec<Track>,
     index: BTreeMap<String, usize>,
-    /// Node indexes of each wave, in target order.
+    /// Node indexes of each wave, as [`plan_waves`] formed them.
     waves: Vec<Vec<usize>>,
+    /// The first wave is the canary.
+    canary_first: bool,
+    /// The next wave waits for a window that opens at this time.
+    window_opens: Option<Millis>,
     /// 1-based wave being committed; 0 before the first `Commit`.
     wave: u32,
     pub(crate) mode: Mode,
@@ -192,12 +198,24 @@ impl Rollout {
                 names.push(target.clone());
             }
         }
-        let mut waves = Vec::new();
-        let mut next = 0;
-        for size in wave_sizes(names.len(), &spec.policy) {
-            waves.push((next..next + size).collect::<Vec<_>>());
-            next += size;
-        }
+        let wave_targets: Vec<WaveTarget<'_>> = names
+            .iter()
+            .map(|name| WaveTarget {
+                name,
+                labels: spec.labels.get(name).unwrap_or(&NO_LABELS),
+            })
+            .collect();
+        let planned = plan_waves(&wave_targets, &spec.policy);
+        let canary_first = planned.first().is_some_and(|w| w.canary);
+        let waves: Vec<Vec<usize>> = planned
+            .iter()
+            .map(|w| {
+                w.nodes
+                    .iter()
+                    .filter_map(|n| index.get(n).copied())
+                    .collect()
+            })
+            .collect();
         let mut wave_of = vec![1u32; names.len()];
         for (w, members) in waves.iter().enumerate() {
             for &i in members {
@@ -230,6 +248,8 @@ impl Rollout {
             error: None,
             index,
             waves,
+            canary_first,
+            window_opens: None,
             wave: 0,
             mode: Mode::Normal,
             pause_requested: false,
@@ -385,6 +405,11 @@ impl Rollout {
         self.error.as_deref()
     }
 
+    /// When the window the next wave waits for opens, while it waits.
+    pub fn waiting_for_window(&self) -> Option<Millis> {
+        self.window_opens
+    }
+
     /// The node's index, for an event of this rollout's epoch about one of its targets.
     fn node_of(&self, node: &str, epoch: u64) -> Option<usize> {
         // Nothing was sent before Start, so no node can report on this rollout yet.
@@ -413,6 +438,9 @@ impl Rollout {
         out: &mut Vec<Command>,
     ) {
         let awaiting = self.awaiting_permanent(i);
+        if state == NodeState::Prepared {
+            self.track[i].was_prepared = true;
+        }
         let view = &mut self.nodes[i];
         if error.is_some() {
             view.error = error;

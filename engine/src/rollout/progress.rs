@@ -1,18 +1,110 @@
 //! Progress: start, waves, pauses, make-permanent, final states.
 
-use super::{Guard, Mode, PauseKind, Rollout, record};
+use super::{Guard, Mode, PauseKind, Rollout, ms, record};
 use crate::Millis;
 use crate::command::{Command, Record};
 use crate::state::{NodeState, RolloutState};
+use hotroll_script::duration::format_duration;
+use hotroll_script::{format_utc, window_opens_at};
+
+/// Whether wave N may start now (see [`Rollout::window_for_wave`]).
+enum Window {
+    Open,
+    /// Not yet: a tick at the opening moves on.
+    Wait,
+    /// No window opens within `window_timeout`: the rollout is ending.
+    Ended,
+}
+
+/// The reason of a dry run's first record.
+const DRY_RUN_START: &str = "dry run: prepare on every node, then abort; nothing commits";
+/// The reason a dry run ends with when every node prepared.
+const DRY_RUN_PASSED: &str = "dry run: every node would commit";
 
 impl Rollout {
+    /// Wave `wave` starts only inside a window: record once that it waits and until when, or
+    /// end the rollout (aborted before the point of no return, halted after it) when the next
+    /// window opens later than `window_timeout` from now.
+    fn window_for_wave(&mut self, now: Millis, wave: u32, out: &mut Vec<Command>) -> Window {
+        let opens = window_opens_at(&self.spec.policy.windows, now);
+        if opens <= now {
+            self.window_opens = None;
+            return Window::Open;
+        }
+        let limit = ms(self.spec.policy.window_timeout);
+        if opens - now > limit {
+            self.window_opens = None;
+            let reason = format!(
+                "no window opens within window_timeout {} for wave {wave}: the next opens at {}",
+                format_duration(self.spec.policy.window_timeout),
+                format_utc(opens)
+            );
+            if self.past_ponr() {
+                self.halt(reason, out);
+            } else {
+                self.abort_prepare(now, None, reason, out);
+            }
+            return Window::Ended;
+        }
+        if self.window_opens != Some(opens) {
+            self.window_opens = Some(opens);
+            let reason = format!(
+                "waiting for window: wave {wave} starts at {}",
+                format_utc(opens)
+            );
+            record(
+                out,
+                Record::RolloutState {
+                    state: self.state,
+                    reason: Some(reason),
+                },
+            );
+        }
+        Window::Wait
+    }
+
+    /// One verdict per node: it would commit if it prepared and did not fail.
+    fn dry_run_verdicts(&self, ended: Option<&str>, out: &mut Vec<Command>) {
+        for (i, node) in self.nodes.iter().enumerate() {
+            let t = &self.track[i];
+            let would_commit = t.was_prepared && !t.counted;
+            let reason = if would_commit {
+                None
+            } else if t.counted {
+                Some(
+                    node.error
+                        .clone()
+                        .unwrap_or_else(|| "it failed".to_string()),
+                )
+            } else {
+                Some(format!(
+                    "it had not finished preparing when the dry run stopped ({})",
+                    ended.unwrap_or("aborted")
+                ))
+            };
+            record(
+                out,
+                Record::DryRunVerdict {
+                    node: node.name.clone(),
+                    would_commit,
+                    reason,
+                },
+            );
+        }
+    }
+
     pub(super) fn start(&mut self, now: Millis, out: &mut Vec<Command>) {
         if self.state != RolloutState::Pending {
             return;
         }
         // The first record names every node the operator left out, so the history says so.
         let left_out = self.spec.left_out_summary();
-        self.set_rollout_state(RolloutState::Preparing, left_out, out);
+        let reason = match (self.spec.dry_run, left_out) {
+            (false, left_out) => left_out,
+            (true, None) => Some(DRY_RUN_START.to_string()),
+            (true, Some(left_out)) => Some(format!("{DRY_RUN_START}; {left_out}")),
+        };
+        self.set_rollout_state(RolloutState::Preparing, reason, out);
         for i in 0..self.nodes.len() {
             out.push(Command::RunScript {
                 node: self.nodes[i].name.clone(),
@@ -72,6 +164,20 @@ impl Rollout {
             }
             match self.state {
                 RolloutState::Preparing => {
+                    if self.spec.dry_run {
+                        let failed = usize::try_from(self.failures).unwrap_or(usize::MAX);
+                        if self.tally.prepared.saturating_add(failed) >= self.nodes.len() {
+                            let reason = match failed {
+                                0 => DRY_RUN_PASSED.to_string(),
+                                n => format!(
+                                    "dry run: {n} of {} nodes would not commit",
+                                    self.nodes.len()
+                                ),
+                            };
+                            self.abort_prepare(now, None, reason, out);
+                        }
+                        return;
+                    }
                     if self.tally.prepared != self.nodes.len() {
                         return;
                     }
@@ -83,13 +189,18 @@ impl Rollout {
                         );
                         return;
                     }
+                    match self.window_for_wave(now, 1, out) {
+                        Window::Open => {}
+                        Window::Wait => return,
+                        Window::Ended => continue,
+                    }
                     self.set_rollout_state(RolloutState::Committing, None, out);
                 }
                 RolloutState::Committing => {
                     if !self.settled_through(self.wave) {
                         return;
                     }
-                    let canary = self.spec.policy.canary > 0
+                    let canary = self.canary_first
                         && self.spec.policy.pause_after_canary
                         && self.wave == 1
                         && !self.promoted;
@@ -108,7 +219,11 @@ impl Rollout {
                     if self.wave >= self.waves() {
                         self.start_permanent(now, out);
                     } else {
-                        self.start_wave(now, self.wave + 1, out);
+                        match self.window_for_wave(now, self.wave + 1, out) {
+                            Window::Open => self.start_wave(now, self.wave + 1, out),
+                            Window::Wait => return,
+                            Window::Ended => continue,
+                        }
                     }
                 }
                 _ => return,
@@ -242,11 +357,15 @@ impl Rollout {
         self.pause_requested = false;
         self.paused = None;
         self.permanent_deadline = None;
+        self.window_opens = None;
         for t in &mut self.track {
             t.deadline = None;
             t.grace = None;
         }
         self.close_barriers(None, out);
+        if self.spec.dry_run {
+            self.dry_run_verdicts(reason.as_deref(), out);
+        }
         // A node that is away when the rollout ends cannot say where it stands: show it failed
         // rather than forever "preparing". It is told again when it returns, and its late
         // outcome (aborted, rolled back) still replaces this.

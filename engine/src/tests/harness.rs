@@ -4,7 +4,7 @@
 // The test files import everything they need from here.
 pub(super) use std::time::Duration;
 
-pub(super) use hotroll_script::{BarrierSpec, OnFailure, RolloutPolicy};
+pub(super) use hotroll_script::{BarrierSpec, NodeCount, OnFailure, RolloutPolicy};
 
 pub(super) use crate::rollout::Mode;
 pub(super) use crate::{
@@ -53,8 +53,8 @@ pub(super) fn policy(
     max_failures: u32,
 ) -> RolloutPolicy {
     RolloutPolicy {
-        canary,
-        max_in_flight,
+        canary: NodeCount::nodes(canary),
+        max_in_flight: NodeCount::nodes(max_in_flight),
         max_failures,
         on_failure,
         barrier_timeout: Duration::from_millis(BARRIER),
@@ -88,6 +88,8 @@ pub(super) fn spec(
         session_grace: d(GRACE),
         step_slack: d(SLACK),
         left_out: Vec::new(),
+        labels: Default::default(),
+        dry_run: false,
     }
 }
 

@@ -47,7 +47,7 @@ pub use clock::now_ms;
 use driver::Driver;
 pub use snapshot::{InstructionNames, instruction_namer};
 use snapshot::{instruction_names_of, snapshot_of};
-use spec::{build_spec, duration_ms};
+use spec::{StartedWith, build_spec, duration_ms};
 
 /// Timing knobs of the coordinator that the engine needs.
 #[derive(Debug, Clone)]
@@ -130,6 +130,10 @@ pub struct NewRollout {
     /// Targets that are known but not connected now: the rollout waits for them within the
     /// session grace, as for a node whose session dropped.
     pub not_connected: Vec<String>,
+    /// The targets' labels (what `waves_by` groups by); kept with the rollout.
+    pub labels: crate::engine::TargetLabels,
+    /// Prepare everywhere, then abort: nothing commits.
+    pub dry_run: bool,
 }
 
 /// Live events a rollout buffers for its watchers before a slow one is told it fell behind.
@@ -189,10 +193,14 @@ impl Rollouts {
         let spec = build_spec(
             &id,
             &new.script,
-            &new.targets,
+            &StartedWith {
+                targets: &new.targets,
+                left_out: &new.left_out,
+                labels: &new.labels,
+                dry_run: new.dry_run,
+            },
             self.timing.session_grace,
             self.timing.step_slack,
-            &new.left_out,
         );
         let epoch = 1;
         let engine = Rollout::new(spec, epoch, now);
@@ -209,6 +217,8 @@ impl Rollouts {
             session_grace_ms: Some(duration_ms(self.timing.session_grace)),
             step_slack_ms: Some(duration_ms(self.timing.step_slack)),
             left_out: new.left_out.clone(),
+            target_labels: new.labels.clone(),
+            dry_run: new.dry_run,
         };
         self.store.put_rollout(&record)?;
         self.metrics.rollout_started();

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 
 use super::driver::Driver;
 use super::snapshot::snapshot_of;
-use super::spec::build_spec;
+use super::spec::{StartedWith, build_spec};
 use super::{Input, Rollouts};
 use crate::engine::{Event, NodeState, Outcome, Rollout, RolloutState};
 use crate::store::{RolloutRecord, StoreError};
@@ -78,14 +78,7 @@ impl Rollouts {
         let slack = record
             .step_slack_ms
             .map_or(self.timing.step_slack, Duration::from_millis);
-        let spec = build_spec(
-            &record.id,
-            &script,
-            &record.targets,
-            grace,
-            slack,
-            &record.left_out,
-        );
+        let spec = build_spec(&record.id, &script, &StartedWith::of(&record), grace, slack);
         let mut engine = Rollout::new(spec, record.epoch, record.created_ms);
         let inputs = self.store.inputs(&record.id)?;
         if inputs.is_empty() && record.status.state != RolloutState::Pending {

@@ -43,6 +43,8 @@ pub(super) fn snapshot_of(
         finished_ms,
         held_on_store: None,
         left_out: spec.left_out.clone(),
+        dry_run: spec.dry_run,
+        window_opens_ms: engine.waiting_for_window(),
     }
 }
 
@@ -78,5 +80,6 @@ pub(super) fn summary_differs(a: &RolloutSnapshot, b: &RolloutSnapshot) -> bool 
         || a.waves != b.waves
         || a.error != b.error
         || a.finished_ms != b.finished_ms
+        || a.window_opens_ms != b.window_opens_ms
         || barrier(a) != barrier(b)
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use hotroll_script::Script;
 
-use crate::engine::{LeftOut, RolloutSpec};
+use crate::engine::{LeftOut, RolloutSpec, TargetLabels};
 use crate::outbound::ScriptToRun;
 use crate::store::RolloutRecord;
 
@@ -12,16 +12,42 @@ pub(super) fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The engine's spec of a rollout of `script` over `targets`: the same inputs give the same
-/// spec, which is what lets a restarted coordinator rebuild the engine.
+/// What the start of a rollout fixed besides its script: the targets (with their labels),
+/// the nodes left out, whether it is a dry run.
+pub(super) struct StartedWith<'a> {
+    pub targets: &'a [String],
+    pub left_out: &'a [LeftOut],
+    pub labels: &'a TargetLabels,
+    pub dry_run: bool,
+}
+
+impl<'a> StartedWith<'a> {
+    /// As a stored rollout says.
+    pub fn of(record: &'a RolloutRecord) -> Self {
+        Self {
+            targets: &record.targets,
+            left_out: &record.left_out,
+            labels: &record.target_labels,
+            dry_run: record.dry_run,
+        }
+    }
+}
+
+/// The engine's spec of a rollout of `script` as `started` fixed it: the same inputs give the
+/// same spec, which is what lets a restarted coordinator rebuild the engine.
 pub(super) fn build_spec(
     id: &str,
     script: &Script,
-    targets: &[String],
+    started: &StartedWith<'_>,
     session_grace: Duration,
     step_slack: Duration,
-    left_out: &[LeftOut],
 ) -> RolloutSpec {
+    let StartedWith {
+        targets,
+        left_out,
+        labels,
+        dry_run,
+    } = *started;
     RolloutSpec {
         id: id.to_string(),
         app: script.app.value.clone(),
@@ -36,6 +62,12 @@ pub(super) fn build_spec(
         session_grace,
         step_slack,
         left_out: left_out.to_vec(),
+        labels: labels
+            .iter()
+            .filter(|(name, _)| targets.contains(name))
+            .map(|(name, labels)| (name.clone(), labels.clone()))
+            .collect(),
+        dry_run,
     }
 }
 

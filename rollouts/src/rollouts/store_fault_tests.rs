@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::spec::{build_spec, script_to_run};
+use super::spec::{StartedWith, build_spec, script_to_run};
 use super::{RolloutError, RolloutTiming, Rollouts};
 use crate::engine::{Event, Outcome, Record, Rollout, RolloutState};
 use crate::outbound::{NodeCommand, Order, Outbound};
@@ -93,6 +93,8 @@ impl Fleet {
                 targets: NODES.iter().map(|n| n.to_string()).collect(),
                 left_out: Vec::new(),
                 not_connected: Vec::new(),
+                labels: Default::default(),
+                dry_run: false,
             })
             .unwrap_or_else(|e| panic!("{e}"))
             .id;
@@ -152,10 +154,9 @@ impl Fleet {
         let spec = build_spec(
             &record.id,
             &script,
-            &record.targets,
+            &StartedWith::of(&record),
             Duration::from_millis(record.session_grace_ms.unwrap_or_default()),
             Duration::from_millis(record.step_slack_ms.unwrap_or_default()),
-            &record.left_out,
         );
         let mut engine = Rollout::new(spec, record.epoch, record.created_ms);
         let run = Arc::new(script_to_run(&record, &script));

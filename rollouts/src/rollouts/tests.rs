@@ -37,6 +37,8 @@ fn new_rollout() -> NewRollout {
         targets: vec!["a".into(), "b".into()],
         left_out: Vec::new(),
         not_connected: Vec::new(),
+        labels: Default::default(),
+        dry_run: false,
     }
 }
 

@@ -67,10 +67,14 @@ pub fn record(id: &str) -> RolloutRecord {
             finished_ms: None,
             held_on_store: None,
             left_out: vec![],
+            dry_run: false,
+            window_opens_ms: None,
         },
         session_grace_ms: Some(10_000),
         step_slack_ms: None,
         left_out: vec![],
+        target_labels: Default::default(),
+        dry_run: false,
     }
 }
 

@@ -412,6 +412,7 @@ pub fn run(hotroll: &Path, dir: &Path, options: RunOptions) -> anyhow::Result<Ru
                 select: Default::default(),
                 artifacts: Vec::new(),
                 skip_unreachable: false,
+                dry_run: false,
             }))
             .context("StartRollout")?
             .into_inner();
