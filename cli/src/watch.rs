@@ -428,7 +428,7 @@ pub async fn history(
     let mut events = Vec::new();
     while let Some(msg) = rx.recv().await {
         match msg {
-            FollowMsg::Event(event) => events.push(event),
+            FollowMsg::Event(event) => events.push(*event),
             FollowMsg::Notice(note) => eprintln!("hotroll: {note}"),
             FollowMsg::End(FollowEnd::Final(_) | FollowEnd::CaughtUp) => break,
             FollowMsg::End(FollowEnd::Failed(message)) => {

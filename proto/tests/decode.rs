@@ -121,6 +121,7 @@ fn seeds() -> Vec<Vec<u8>> {
         select: [("zone".to_string(), "a".to_string())].into(),
         artifacts: vec![],
         skip_unreachable: false,
+        dry_run: false,
     };
     let join = pb::JoinRequest {
         token: "hr1.x.y".into(),
