@@ -39,6 +39,12 @@ pub struct ServeArgs {
     /// artifact bytes sent. Not served unless given.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the web console on this address: the fleet, the rollouts and each rollout live, for
+    /// viewer and operator tokens (a login exchanges one for a session cookie). HTTPS with the
+    /// coordinator's certificate; plain HTTP under --insecure (tokens still required). Not served
+    /// unless given.
+    #[arg(long, value_name = "ADDR")]
+    pub ui_listen: Option<SocketAddr>,
     /// Events buffered per rollout for live watchers; a watcher that falls further behind is
     /// told to reconnect from its last event (the CLI does so on its own). The rollout never
     /// waits for a watcher.
@@ -223,6 +229,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.session_grace = args.session_grace;
     config.step_slack = args.step_slack;
     config.metrics_listen = args.metrics_listen;
+    config.ui_listen = args.ui_listen;
     config.watch_buffer = args.watch_buffer;
     config.tls = args.tls()?;
     if config.tls.is_none() {

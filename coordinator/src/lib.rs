@@ -14,6 +14,7 @@
 
 pub mod artifacts;
 pub mod auth;
+pub mod console;
 pub mod control;
 pub mod convert;
 pub mod group;

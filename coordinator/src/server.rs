@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub step_slack: Duration,
     /// Where to serve Prometheus metrics on `/metrics` (HTTP); `None`: not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve the web console (HTTP, or HTTPS when `tls` is set); `None`: not served.
+    pub ui_listen: Option<SocketAddr>,
     /// Events buffered per rollout for live watchers. A watcher that falls further behind is
     /// told so (`DATA_LOSS`) and reconnects from its last event; the rollout never waits for it.
     pub watch_buffer: usize,
@@ -81,6 +83,7 @@ impl ServerConfig {
             session_grace: Duration::from_secs(10),
             step_slack: Duration::from_secs(10),
             metrics_listen: None,
+            ui_listen: None,
             watch_buffer: DEFAULT_WATCH_BUFFER,
             tls: None,
             leader_epoch: 0,
@@ -102,6 +105,13 @@ pub enum ServerError {
     Group(String),
     #[error("TLS needs a TCP listener: use `run`, or no TLS with `serve`")]
     TlsNeedsTcp,
+    #[error("cannot serve the web console on {addr}: {source}")]
+    Console {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("web console TLS: {0}")]
+    ConsoleTls(#[from] crate::tls::TlsSetupError),
     #[error("cannot serve metrics on {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -229,7 +239,7 @@ where
     };
     let control = ControlService {
         registry: registry.clone(),
-        rollouts,
+        rollouts: rollouts.clone(),
         artifacts,
         metrics: metrics.clone(),
         stopping,
@@ -260,6 +270,38 @@ where
                 registry.clone(),
                 stop,
             )))
+        }
+        None => None,
+    };
+
+    // The web console stops with the gRPC server too.
+    let console_server = match config.ui_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Console { addr, source })?;
+            let tls = match &config.tls {
+                Some(tls) => Some(tls.https_config()?),
+                None => None,
+            };
+            let tokens = auth
+                .tokens()
+                .cloned()
+                .unwrap_or_else(|| crate::auth::TokenStore::new(&config.data_dir));
+            let console = hotroll_console::Console {
+                rollouts: rollouts.clone(),
+                registry: registry.clone(),
+                tokens: Arc::new(crate::console::ConsoleLogin {
+                    tokens,
+                    throttle: auth.throttle.clone(),
+                }),
+                tls,
+            };
+            let mut stopped = stop_metrics.subscribe();
+            let stop = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            Some(tokio::spawn(console.serve(listener, stop)))
         }
         None => None,
     };
@@ -313,6 +355,13 @@ where
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "metrics server failed"),
             Err(e) => tracing::warn!(error = %e, "metrics server task failed"),
+        }
+    }
+    if let Some(task) = console_server {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "web console failed"),
+            Err(e) => tracing::warn!(error = %e, "web console task failed"),
         }
     }
     // Node records are written behind (see `registry`): have them in the store before a

@@ -406,6 +406,17 @@ impl ServerTls {
         })
     }
 
+    /// A rustls config for the web console (`--ui-listen`): the same live server certificate
+    /// (renewed with the gRPC listener's), no client certificate asked, HTTP/1.1.
+    pub fn https_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
+        let mut config = rustls::ServerConfig::builder_with_provider(hotroll_tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(self.current.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     pub fn pki(&self) -> &Arc<Pki> {
         &self.pki
     }

@@ -258,3 +258,33 @@ fn the_driver_and_the_store_see_no_wire_types() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The web console reads the same domain sources as Control (`hotroll-rollouts`) and sees no
+/// wire type; the coordinator serves it, so it must not depend on the coordinator either.
+#[test]
+fn the_console_sees_no_wire_types() -> anyhow::Result<()> {
+    let packages = packages()?;
+    let console = packages
+        .get("hotroll-console")
+        .context("no hotroll-console crate")?;
+    let wrong: Vec<&String> = console
+        .dependencies
+        .iter()
+        .filter(|(dep, kinds)| {
+            ["hotroll-proto", "prost", "tonic", "hotroll-coordinator"].contains(&dep.as_str())
+                && kinds.iter().any(|k| k != "dev")
+        })
+        .map(|(dep, _)| dep)
+        .collect();
+    anyhow::ensure!(
+        wrong.is_empty(),
+        "hotroll-console must not depend on {wrong:?}"
+    );
+    anyhow::ensure!(
+        packages
+            .get("hotroll-coordinator")
+            .is_some_and(|c| c.dependencies.contains_key("hotroll-console")),
+        "the coordinator should serve the console (hotroll-console)"
+    );
+    Ok(())
+}

@@ -108,6 +108,11 @@ impl Auth {
         self.tls.is_some()
     }
 
+    /// The tokens callers authenticate with (`None` without TLS).
+    pub fn tokens(&self) -> Option<&TokenStore> {
+        self.tokens.as_ref()
+    }
+
     /// Authenticate a token the caller presents: the throttle first, then the token.
     #[allow(clippy::result_large_err)]
     pub(super) fn token_from(
