@@ -21,7 +21,7 @@ enum Command {
     /// perform a real rollout on it, streaming its events.
     Demo(demo::DemoArgs),
     /// Run the coordinator.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Validate an upgrade script and print its plan (exit 0 valid, 2 invalid, 1 unreadable).
     Check(check::CheckArgs),
     /// List the nodes the coordinator knows, connected or not.
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Check(args) => check::run(args).await,
             Command::Nodes(args) => nodes::run(args).await,
             Command::Rollout(command) => rollout::run(command).await,
