@@ -193,6 +193,8 @@ change_one(Pid, Mod, Extra, Mode, OldVsns, Timeout) ->
         Error ->
             %% Its state no longer matches its code: stopping it is the only honest outcome
             %% (it is nobody's child, so nothing restarts it with a state it cannot read).
+            %% The same holds on the way down: a rollback whose code_change fails stops the
+            %% process too and reports it as killed; the rollback cannot bring it back.
             exit(Pid, kill),
             {killed, Error}
     end.

@@ -162,6 +162,9 @@ fn fleet_with(
         .enable_tokio_io();
     tweak(&mut builder);
     let mut sim = builder.build();
+    // The engine reads the simulation's logical time: a bounced coordinator gets a new tokio
+    // runtime whose paused clock starts at the real instant, which drifts from simulated time.
+    hotroll_coordinator::rollouts::use_simulated_clock(turmoil::since_epoch);
     // A MemoryStore shared across restarts stands for the coordinator's disk.
     let plan = Fleet::builder()
         .insecure()

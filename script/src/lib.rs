@@ -59,6 +59,7 @@ pub mod model;
 mod parse;
 pub mod plan;
 mod suggest;
+pub mod utc;
 mod validate;
 pub mod waves;
 pub mod windows;
@@ -68,9 +69,10 @@ pub use diagnostic::{Diagnostic, Diagnostics, Severity};
 pub use digest::{DigestError, Sha256Digest};
 pub use duration::{DurationError, DurationLimit, parse_duration, parse_duration_within};
 pub use model::*;
+pub use utc::{format_utc, format_utc_millis};
 pub use validate::{Declared, validate, validate_against};
 pub use waves::{NO_LABELS, Wave, WaveTarget, plan_waves};
-pub use windows::{Window, format_utc, window_opens_at};
+pub use windows::{Window, window_opens_at};
 
 /// A script that parsed and passed validation, with the warnings it produced.
 #[derive(Debug, Clone)]

@@ -43,7 +43,7 @@ use crate::store::{
     ArtifactBinding, RolloutRecord, RolloutSnapshot, Store, StoreError, StoreHold, StoredEvent,
 };
 
-pub use clock::now_ms;
+pub use clock::{now_ms, use_simulated_clock};
 use driver::Driver;
 pub use snapshot::{InstructionNames, instruction_namer};
 use snapshot::{instruction_names_of, snapshot_of};

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
-use hotroll_tests::scale::procfs;
+use hotroll_tests::scale::{Stats, procfs};
 use hotroll_tests::{Cluster, ClusterOptions, free_port, status};
 use serde_json::{Value, json};
 
@@ -345,13 +345,9 @@ fn cpu_of(pids: &[u32]) -> f64 {
         .sum()
 }
 
-fn percentile(mut values: Vec<u64>, p: f64) -> u64 {
-    if values.is_empty() {
-        return 0;
-    }
-    values.sort_unstable();
-    let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
-    values[rank.clamp(1, values.len()) - 1]
+/// The median of a step's per-node durations, in whole milliseconds.
+fn median_ms(durations_ms: &[u64]) -> u64 {
+    Stats::of(durations_ms.iter().map(|&d| d as f64).collect()).p50 as u64
 }
 
 struct Round {
@@ -465,7 +461,7 @@ fn report(args: &Args, rounds: &[Round]) {
                         "step": name,
                         "first_start_ms": s.first_start_ms,
                         "last_end_ms": s.last_end_ms,
-                        "p50_ms": percentile(s.durations_ms.clone(), 50.0),
+                        "p50_ms": median_ms(&s.durations_ms),
                         "max_ms": s.durations_ms.iter().max(),
                     })).collect::<Vec<_>>(),
                 })
@@ -508,7 +504,7 @@ fn report(args: &Args, rounds: &[Round]) {
                 "  {name:<26} {:>8} ms {:>8} ms {:>8} ms {:>8} ms",
                 s.first_start_ms.map_or("-".into(), |v| v.to_string()),
                 s.last_end_ms.map_or("-".into(), |v| v.to_string()),
-                percentile(s.durations_ms.clone(), 50.0),
+                median_ms(&s.durations_ms),
                 s.durations_ms.iter().max().copied().unwrap_or(0)
             );
         }
