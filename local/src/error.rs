@@ -45,4 +45,8 @@ pub enum FleetError {
     AgentRunning(String),
     #[error("the token is not valid in a request header")]
     TokenHeader,
+    #[error("the coordinator refused a request: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("{0}")]
+    Timeout(String),
 }

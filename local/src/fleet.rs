@@ -13,6 +13,7 @@ use hotroll_coordinator::auth::TokenRole;
 use hotroll_coordinator::server::{ServerConfig, ServerError};
 use hotroll_coordinator::store::{RedbStore, Store};
 use hotroll_coordinator::tls::TlsOptions;
+use hotroll_proto::v1 as pb;
 use hotroll_proto::v1::control_client::ControlClient;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
@@ -428,6 +429,29 @@ impl Fleet {
             self.channel().await?,
             bearer,
         ))
+    }
+
+    /// Wait until exactly `count` agents are connected, as the coordinator lists them.
+    pub async fn wait_connected(&self, count: usize, within: Duration) -> Result<(), FleetError> {
+        let mut control = self.control().await?;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let nodes = control
+                .list_nodes(pb::ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes;
+            let connected = nodes.iter().filter(|n| n.connected).count();
+            if connected == count {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(FleetError::Timeout(format!(
+                    "{connected} agents connected after {within:?}, expected {count}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stop agent `index` (its services stop with it) and wait for it.

@@ -35,27 +35,12 @@ async fn zoned_fleet(root: &std::path::Path) -> (Fleet, OperatorClient) {
         .build()
         .await
         .unwrap();
-    let mut client = fleet.control().await.unwrap();
-    wait_connected(&mut client, NODES).await;
+    fleet
+        .wait_connected(NODES, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let client = fleet.control().await.unwrap();
     (fleet, client)
-}
-
-async fn wait_connected(client: &mut OperatorClient, count: usize) {
-    let mut connected = 0;
-    for _ in 0..400 {
-        let nodes = client
-            .list_nodes(pb::ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
-        connected = nodes.iter().filter(|n| n.connected).count();
-        if connected == count {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{connected} agents connected, expected {count}");
 }
 
 fn is_final(state: i32) -> bool {

@@ -4,7 +4,7 @@
 //! fails the rollout holds and no node runs what an unstored step decided; once it heals the
 //! rollout succeeds, and what the coordinator recorded agrees with every node's journal.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use hotroll_agent::HooksOnlyRuntime;
@@ -17,26 +17,11 @@ use hotroll_local::Fleet;
 use hotroll_proto::v1 as pb;
 
 mod support;
-use support::{marking_agent_toml, marks};
+use support::{mark_around_the_point_of_no_return, marking_agent_toml, marks};
 
 const NODES: usize = 3;
 
-const SCRIPT: &str = r#"
-app = "x"
-from = "1.0.0"
-to = "2.0.0"
-[rollout]
-barrier_timeout = "120s"
-step_timeout = "60s"
-[script]
-up = [
-  { apply = { hook = "mark", args = ["pre"] } },
-  { sync_nodes = "b" },
-  "point_of_no_return",
-  { apply = { hook = "mark", args = ["post"] } },
-]
-down = []
-"#;
+static SCRIPT: LazyLock<String> = LazyLock::new(|| mark_around_the_point_of_no_return("120s"));
 
 /// Index of the instruction after the point of no return in [`SCRIPT`].
 const POST_STEP: u32 = 3;
@@ -135,7 +120,7 @@ async fn holds_then_agrees(
     let id = client
         .start_rollout(pb::StartRolloutRequest {
             script_name: "s.toml".into(),
-            script_source: SCRIPT.into(),
+            script_source: SCRIPT.clone(),
             select: Default::default(),
             artifacts: vec![],
             skip_unreachable: false,

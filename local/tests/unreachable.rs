@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)] // Tests unwrap: a panic is the failure report.
 
 use std::path::Path;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use hotroll_agent::HooksOnlyRuntime;
@@ -14,28 +15,15 @@ use hotroll_proto::v1 as pb;
 use tokio_stream::StreamExt;
 
 mod support;
-use support::{marking_agent_toml, marks};
+use support::{mark_around_the_point_of_no_return, marking_agent_toml, marks};
 
 const NODES: usize = 3;
 const AWAY: usize = 2;
 const AWAY_NAME: &str = "node-3";
+/// How long agents get to (dis)connect.
+const CONNECT: Duration = Duration::from_secs(20);
 
-const SCRIPT: &str = r#"
-app = "x"
-from = "1.0.0"
-to = "2.0.0"
-[rollout]
-barrier_timeout = "60s"
-step_timeout = "60s"
-[script]
-up = [
-  { apply = { hook = "mark", args = ["pre"] } },
-  { sync_nodes = "b" },
-  "point_of_no_return",
-  { apply = { hook = "mark", args = ["post"] } },
-]
-down = []
-"#;
+static SCRIPT: LazyLock<String> = LazyLock::new(|| mark_around_the_point_of_no_return("60s"));
 
 /// A fleet of [`NODES`] agents, all connected, then the one at [`AWAY`] stopped (known, not
 /// connected) with the given session grace.
@@ -53,29 +41,11 @@ async fn fleet_with_one_away(root: &Path, grace: Duration) -> (Fleet, OperatorCl
         .build()
         .await
         .unwrap();
-    let mut client = fleet.control().await.unwrap();
-    wait_connected(&mut client, NODES).await;
+    let client = fleet.control().await.unwrap();
+    fleet.wait_connected(NODES, CONNECT).await.unwrap();
     fleet.stop_agent(AWAY).await.unwrap();
-    wait_connected(&mut client, NODES - 1).await;
+    fleet.wait_connected(NODES - 1, CONNECT).await.unwrap();
     (fleet, client)
-}
-
-async fn wait_connected(client: &mut OperatorClient, count: usize) {
-    let mut connected = 0;
-    for _ in 0..400 {
-        let nodes = client
-            .list_nodes(pb::ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
-        connected = nodes.iter().filter(|n| n.connected).count();
-        if connected == count {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{connected} agents connected, expected {count}");
 }
 
 async fn start(
@@ -149,7 +119,7 @@ async fn a_known_node_that_is_reconnecting_is_a_target_and_is_waited_for() {
     let root = tempfile::tempdir().unwrap();
     let (mut fleet, mut client) = fleet_with_one_away(root.path(), Duration::from_secs(30)).await;
 
-    let started = start(&mut client, SCRIPT, false).await;
+    let started = start(&mut client, &SCRIPT, false).await;
     assert_eq!(started.nodes, ["node-1", "node-2", "node-3"], "{started:?}");
     assert_eq!(started.awaited, [AWAY_NAME], "{started:?}");
     assert!(started.left_out.is_empty(), "{started:?}");
@@ -183,7 +153,7 @@ async fn skip_unreachable_leaves_the_node_out_and_names_it() {
     let root = tempfile::tempdir().unwrap();
     let (fleet, mut client) = fleet_with_one_away(root.path(), Duration::from_secs(30)).await;
 
-    let started = start(&mut client, SCRIPT, true).await;
+    let started = start(&mut client, &SCRIPT, true).await;
     assert_eq!(started.nodes, ["node-1", "node-2"], "{started:?}");
     assert!(started.awaited.is_empty(), "{started:?}");
     assert_eq!(started.left_out.len(), 1, "{started:?}");
@@ -224,7 +194,7 @@ async fn a_node_that_never_comes_back_aborts_the_rollout_before_the_point_of_no_
     let root = tempfile::tempdir().unwrap();
     let (fleet, mut client) = fleet_with_one_away(root.path(), Duration::from_secs(2)).await;
 
-    let started = start(&mut client, SCRIPT, false).await;
+    let started = start(&mut client, &SCRIPT, false).await;
     assert_eq!(started.awaited, [AWAY_NAME], "{started:?}");
 
     let status = final_status(&mut client, &started.rollout_id).await;

@@ -3,7 +3,7 @@
 //! heartbeats ([`Outbound`]); the session turns each into a wire message
 //! (`convert::coordinator_message`) only as it writes its stream.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::engine::{Command, Millis};
@@ -33,6 +33,13 @@ pub struct FanoutProbe(Arc<FanoutTimer>);
 
 struct FanoutTimer {
     started: Instant,
+    /// From `started` to the probe's creation: the driver's queue, the engine and the commit
+    /// that made the release durable.
+    durable_after: Duration,
+    /// The store commit's own share of `durable_after`.
+    commit: Duration,
+    /// From `started` to the last release queued to its session (set once, after the loop).
+    queued_after: OnceLock<Duration>,
     rollout: String,
     barrier: String,
     nodes: usize,
@@ -40,8 +47,11 @@ struct FanoutTimer {
 }
 
 impl FanoutProbe {
+    /// `started`: when the last arrival reached the rollouts; `commit`: how long the commit
+    /// that made the release durable took (the probe is made right after it).
     pub fn start(
         started: Instant,
+        commit: Duration,
         rollout: &str,
         barrier: &str,
         nodes: usize,
@@ -49,6 +59,9 @@ impl FanoutProbe {
     ) -> Self {
         Self(Arc::new(FanoutTimer {
             started,
+            durable_after: started.elapsed(),
+            commit,
+            queued_after: OnceLock::new(),
             rollout: rollout.to_string(),
             barrier: barrier.to_string(),
             nodes,
@@ -57,16 +70,28 @@ impl FanoutProbe {
     }
 }
 
+impl FanoutProbe {
+    /// Every release of the fan-out is on its session's queue.
+    pub fn queued(&self) {
+        let _ = self.0.queued_after.set(self.0.started.elapsed());
+    }
+}
+
 impl Drop for FanoutTimer {
     fn drop(&mut self) {
         let took: Duration = self.started.elapsed();
         self.metrics.observe_barrier_fanout(took);
-        // One line per barrier instance (not per node): scale-bench reads `fanout_us` off it.
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        // One line per barrier instance (not per node): scale-bench reads the `*_us` fields off
+        // it (durable, then queued to every session, then the last one taken for the wire).
         tracing::info!(
             rollout = %self.rollout,
             barrier = %self.barrier,
             nodes = self.nodes,
-            fanout_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            commit_us = us(self.commit),
+            durable_us = us(self.durable_after),
+            queued_us = self.queued_after.get().copied().map_or(0, us),
+            fanout_us = us(took),
             "barrier release handed to every node's connection"
         );
     }

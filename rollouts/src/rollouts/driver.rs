@@ -57,6 +57,8 @@ pub(super) struct Driver {
     handles: Arc<Mutex<HashMap<String, Handle>>>,
     /// When the status snapshot was last rebuilt, and whether the engine changed since.
     snapshot_at: tokio::time::Instant,
+    /// How long the last store commit took (a fan-out probe reports it).
+    last_commit: std::time::Duration,
     snapshot_stale: bool,
     /// The rollout's record has a status the store did not take (a failed flush): the next
     /// commit rewrites it.
@@ -112,6 +114,7 @@ impl Driver {
             last_state: engine.state(),
             handles: rollouts.handles.clone(),
             snapshot_at: tokio::time::Instant::now(),
+            last_commit: std::time::Duration::ZERO,
             snapshot_stale: false,
             record_unsaved: false,
             held: None,
@@ -311,6 +314,7 @@ impl Driver {
         };
         let started = std::time::Instant::now();
         let result = self.store.commit(commit);
+        self.last_commit = started.elapsed();
         tracing::trace!(
             rollout = %self.record.id,
             inputs = batch.inputs.len(),
@@ -357,6 +361,9 @@ impl Driver {
                 _ => None,
             };
             self.send(command, probe);
+        }
+        for probe in probes.values() {
+            probe.queued();
         }
         drop(probes);
         // A node whose session came back hears the last command it was sent (it may have been
@@ -597,6 +604,7 @@ impl Driver {
                     .count();
                 let probe = FanoutProbe::start(
                     *started,
+                    self.last_commit,
                     &self.record.id,
                     barrier,
                     nodes,

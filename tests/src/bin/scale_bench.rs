@@ -374,6 +374,11 @@ fn print_table(measured: &[Measured]) {
         r.release_last_node_ms
     });
     stat("coordinator fan-out (ms)", |r| r.coordinator_fanout_ms);
+    stat("  of which: arrival -> durable (ms)", |r| {
+        r.fanout_durable_ms
+    });
+    stat("    of which: store commit (ms)", |r| r.fanout_commit_ms);
+    stat("  arrival -> all queued (ms)", |r| r.fanout_queued_ms);
     stat("agent: release -> next step (ms)", |r| {
         r.agent_release_to_next_step_ms
     });

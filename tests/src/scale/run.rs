@@ -104,6 +104,13 @@ pub struct RunResult {
     /// The coordinator's part, per barrier: from the last arrival reaching its rollouts to the
     /// last release handed to a connection (its log's `fanout_us`), ms.
     pub coordinator_fanout_ms: Stats,
+    /// The fan-out's first part: from the last arrival to its release durable (the driver's
+    /// queue, the engine, the commit), ms.
+    pub fanout_durable_ms: Stats,
+    /// The store commit's own time within `fanout_durable_ms`, ms.
+    pub fanout_commit_ms: Stats,
+    /// From the last arrival to every release queued to its session, ms.
+    pub fanout_queued_ms: Stats,
     /// The agents' part, per node and barrier (not the last step): from the release frame
     /// decoded to the next step started, ms.
     pub agent_release_to_next_step_ms: Stats,
@@ -506,7 +513,11 @@ pub fn run(hotroll: &Path, dir: &Path, options: RunOptions) -> anyhow::Result<Ru
     let _ = coordinator.terminate(Duration::from_secs(30));
 
     let (per_node, last_node) = barrier_latencies(&rounds, &marks, options.agents)?;
-    let coordinator_fanout_ms = fanouts(&dir.join("coordinator.log"), &rounds)?;
+    let log = dir.join("coordinator.log");
+    let coordinator_fanout_ms = fanouts(&log, &rounds, "fanout_us")?;
+    let fanout_durable_ms = fanouts(&log, &rounds, "durable_us")?;
+    let fanout_commit_ms = fanouts(&log, &rounds, "commit_us")?;
+    let fanout_queued_ms = fanouts(&log, &rounds, "queued_us")?;
     let agent_release_to_next_step_ms = Stats::of(
         marks
             .values()
@@ -526,6 +537,9 @@ pub fn run(hotroll: &Path, dir: &Path, options: RunOptions) -> anyhow::Result<Ru
         release_per_node_ms: per_node,
         release_last_node_ms: last_node,
         coordinator_fanout_ms,
+        fanout_durable_ms,
+        fanout_commit_ms,
+        fanout_queued_ms,
         agent_release_to_next_step_ms,
         rollout_ms,
         worker_errors,
@@ -533,10 +547,10 @@ pub fn run(hotroll: &Path, dir: &Path, options: RunOptions) -> anyhow::Result<Ru
     })
 }
 
-/// The coordinator's fan-out times of the rounds' barriers, off its log lines
-/// `barrier release handed to every node's connection ... fanout_us=N` (see
+/// One of the coordinator's fan-out times (`field`, in µs) of the rounds' barriers, off its log
+/// lines `barrier release handed to every node's connection ... fanout_us=N` (see
 /// `hotroll_rollouts::outbound::FanoutProbe`).
-fn fanouts(log: &Path, rounds: &[RoundResult]) -> anyhow::Result<Stats> {
+fn fanouts(log: &Path, rounds: &[RoundResult], field_name: &str) -> anyhow::Result<Stats> {
     let text =
         std::fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;
     let ids: std::collections::HashSet<&str> =
@@ -552,7 +566,7 @@ fn fanouts(log: &Path, rounds: &[RoundResult]) -> anyhow::Result<Stats> {
                 .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
                 .map(|v| v.trim_matches('"').to_string())
         };
-        let (Some(rollout), Some(us)) = (field("rollout"), field("fanout_us")) else {
+        let (Some(rollout), Some(us)) = (field("rollout"), field(field_name)) else {
             continue;
         };
         if ids.contains(rollout.as_str())
