@@ -59,6 +59,7 @@
 mod barriers;
 mod deadlines;
 mod failure;
+mod gates;
 mod operator;
 mod progress;
 mod reports;
@@ -159,6 +160,12 @@ pub struct Rollout {
     canary_first: bool,
     /// The next wave waits for a window that opens at this time.
     window_opens: Option<Millis>,
+    /// The fleet gate running, if one is.
+    gate: Option<gates::GateRun>,
+    /// Every wave up to this one passed (or failed) its fleet gates.
+    gated_through: u32,
+    /// Index of the next fleet gate of the wave being gated.
+    next_gate: usize,
     /// 1-based wave being committed; 0 before the first `Commit`.
     wave: u32,
     pub(crate) mode: Mode,
@@ -250,6 +257,9 @@ impl Rollout {
             waves,
             canary_first,
             window_opens: None,
+            gate: None,
+            gated_through: 0,
+            next_gate: 0,
             wave: 0,
             mode: Mode::Normal,
             pause_requested: false,
@@ -278,6 +288,13 @@ impl Rollout {
             Event::OperatorPromote => self.operator_promote(&mut out)?,
             Event::Start => self.start(now, &mut out),
             Event::Tick => self.tick(now, &mut out),
+            Event::GateResult {
+                wave,
+                gate,
+                passed,
+                value,
+                reason,
+            } => self.gate_result(now, wave, gate, passed, value, reason, &mut out),
             Event::SessionLost { node } => {
                 if let Some(i) = self.index.get(&node).copied() {
                     self.session_lost(now, i);
