@@ -30,20 +30,34 @@ impl Prometheus {
     /// Start Prometheus scraping `targets` (`host:port`, path `/metrics`, job `svc`) every
     /// second, and wait until it is ready (`/-/ready`).
     pub fn start(targets: &[String]) -> anyhow::Result<Self> {
+        let unlabelled: Vec<(String, Option<String>)> =
+            targets.iter().map(|t| (t.clone(), None)).collect();
+        Self::start_labelled(&unlabelled)
+    }
+
+    /// Like [`Prometheus::start`], each target with its `node` label when given (what a node
+    /// gate's `$node` selects).
+    pub fn start_labelled(targets: &[(String, Option<String>)]) -> anyhow::Result<Self> {
         tools::require(&["prometheus"], "prometheus")?;
         let dir = tempfile::Builder::new()
             .prefix("hotroll-prometheus-")
             .tempdir()
             .context("cannot create a temp dir")?;
-        let listed = targets
+        let static_configs: String = targets
             .iter()
-            .map(|t| format!("\"{t}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
+            .map(|(target, node)| match node {
+                Some(node) => {
+                    format!(
+                        "      - targets: [\"{target}\"]\n        labels: {{ node: \"{node}\" }}\n"
+                    )
+                }
+                None => format!("      - targets: [\"{target}\"]\n"),
+            })
+            .collect();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
              scrape_configs:\n  - job_name: svc\n    scrape_interval: 1s\n    scrape_timeout: 900ms\n    \
-             static_configs:\n      - targets: [{listed}]\n"
+             static_configs:\n{static_configs}"
         );
         let config_path = dir.path().join("prometheus.yml");
         std::fs::write(&config_path, config).context("cannot write prometheus.yml")?;

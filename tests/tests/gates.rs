@@ -229,3 +229,90 @@ fn a_stopped_prometheus_fails_the_gate_with_connection_refused() -> anyhow::Resu
         Ok(())
     })
 }
+
+/// A node gate (`{ gate = {…} }` in `up`, run by each agent against the Prometheus its own
+/// config declares, `$node` its name): node-1's errors stay low and it commits; node-2's new
+/// release raises its own error rate, its gate fails and it rolls back; node-3 declares no
+/// `[prometheus]`, so its gate step fails saying so. The budget tolerates both failures.
+#[test]
+fn node_gates_query_the_agents_own_prometheus_for_their_own_node() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let counters =
+        [1, 2, 3].map(|i| ErrorCounter::start(dir.path().join(format!("node-{i}-errors-climb"))));
+    let [one, two, three] = counters;
+    let (one, two, three) = (one?, two?, three?);
+    let prometheus = Prometheus::start_labelled(&[
+        (one.target(), Some("node-1".to_string())),
+        (two.target(), Some("node-2".to_string())),
+        (three.target(), Some("node-3".to_string())),
+    ])?;
+    let per_node = "rate(errors_total{node=\"node-2\"}[5s])";
+    prometheus.wait_for_data(per_node, Duration::from_secs(20))?;
+    let declares = format!("[prometheus]\nurl = \"{}\"\n", prometheus.url());
+    let options = ClusterOptions::default()
+        .hook("ok", Hook::ok())
+        .hook("release", Hook::ok())
+        .node_hook(
+            2,
+            "release",
+            Hook::sh(&format!("touch '{}'", two.flag().display())),
+        )
+        .node_agent_toml_extra(1, &declares)
+        .node_agent_toml_extra(2, &declares);
+    Cluster::start(3, options)?.run(|cluster| {
+        let text = r#"app = "demo"
+from = "1.0.0"
+to = "2.0.0"
+
+[rollout]
+on_failure = "rollback_node"
+max_failures = 2
+step_timeout = "10s"
+
+[script]
+up = [
+  { check = "ok" },
+  "point_of_no_return",
+  { apply = "release" },
+  { gate = { query = "rate(errors_total{node=\"$node\"}[5s])", pass_if = "< 0.5", hold = "3s", interval = "1s", timeout = "20s" } },
+]
+down = [
+  { apply = "ok" },
+]
+"#;
+        let path = cluster.write_script("node-gate.toml", text)?;
+        let run = cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?;
+        ensure_rollout(&run, "partially_rolled_back")?;
+        let states: Vec<(&str, String)> = ["node-1", "node-2", "node-3"]
+            .into_iter()
+            .map(|n| Ok((n, status::node_state(&run.status, n)?.to_string())))
+            .collect::<anyhow::Result<_>>()?;
+        ensure!(
+            states
+                == [
+                    ("node-1", "committed".to_string()),
+                    ("node-2", "rolled_back".to_string()),
+                    ("node-3", "rolled_back".to_string()),
+                ],
+            "{states:?}: {:#}",
+            run.status
+        );
+        let error = |node: &str| -> anyhow::Result<String> {
+            Ok(status::node_error(&run.status, node)?
+                .unwrap_or_default()
+                .to_string())
+        };
+        let two_error = error("node-2")?;
+        ensure!(
+            two_error.contains("gate failed: `rate(errors_total{node=\"node-2\"}[5s])` =")
+                && two_error.contains("not < 0.5"),
+            "node-2's gate names its own series and the value: {two_error}"
+        );
+        let three_error = error("node-3")?;
+        ensure!(
+            three_error.contains("this agent's config has no [prometheus] url"),
+            "node-3 says why it cannot gate: {three_error}"
+        );
+        Ok(())
+    })
+}
