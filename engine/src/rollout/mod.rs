@@ -2,7 +2,8 @@
 //! bookkeeping and the dispatch of events. The transitions are split by concern: `operator`
 //! (abort, pause, resume, promote), `reports` (what nodes report), `sessions` (lost and back),
 //! `barriers`, `deadlines` (ticks, silent nodes, grace, confirmations), `failure` (the failure
-//! policy), `progress` (waves, make-permanent, final states) and `tally` (counts and summaries).
+//! policy), `progress` (waves, make-permanent, final states), `gates` (fleet gates after each
+//! wave) and `tally` (counts and summaries).
 //!
 //! Every input is an [`Event`] with the caller's `now`; the output is the commands to send and
 //! the records to append. Nothing here reads a clock or does I/O, and iteration is always in
