@@ -1,14 +1,13 @@
 //! Metric gates: a PromQL query, the condition its value must meet, how long it must hold, how
 //! often it is sampled and when the gate gives up. Fleet gates (`[[rollout.gates]]`) run on the
 //! coordinator after each wave; the `gate` instruction runs on a node (`$node` in its query is
-//! the node's name). This module only describes them; `hotroll-gate` evaluates them.
+//! the node's name). This module holds the condition and the defaults; the gates themselves are
+//! [`crate::model::GateSpec`] and [`crate::model::FleetGate`]; `hotroll-gate` evaluates them.
 
 use std::fmt;
 use std::time::Duration;
 
 use serde::Serialize;
-
-use crate::model::{Located, Span};
 
 /// How a sampled value is compared with the threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -89,54 +88,6 @@ impl fmt::Display for Comparison {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.operator.as_str(), self.threshold)
     }
-}
-
-/// What a gate checks, wherever it runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct GateSpec {
-    /// PromQL; a node gate's `$node` is replaced by the node's name before it is sent.
-    pub query: Located<String>,
-    pub pass_if: Comparison,
-    /// How long the condition must hold, sample after sample, for the gate to pass (0 = one
-    /// good sample).
-    #[serde(with = "crate::model::duration_ms")]
-    pub hold: Duration,
-    /// Time between samples.
-    #[serde(with = "crate::model::duration_ms")]
-    pub interval: Duration,
-    /// The gate fails when it has not passed by then.
-    #[serde(with = "crate::model::duration_ms")]
-    pub timeout: Duration,
-}
-
-impl GateSpec {
-    /// `QUERY < 0.5 for 3s (every 1s, within 30s)`, how the plan and messages show a gate.
-    pub fn describe(&self) -> String {
-        use crate::duration::format_duration;
-        format!(
-            "`{}` {} for {} (every {}, within {})",
-            self.query.value,
-            self.pass_if,
-            format_duration(self.hold),
-            format_duration(self.interval),
-            format_duration(self.timeout)
-        )
-    }
-
-    /// The query with `$node` replaced by `node` (what a node gate sends).
-    pub fn query_for_node(&self, node: &str) -> String {
-        self.query.value.replace("$node", node)
-    }
-}
-
-/// A fleet gate of `[[rollout.gates]]`: run by the coordinator after each wave committed,
-/// before the next wave starts (and before the last wave is made permanent).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FleetGate {
-    pub name: Located<String>,
-    #[serde(flatten)]
-    pub gate: GateSpec,
-    pub span: Span,
 }
 
 /// Defaults of a gate's keys when the script leaves them out.

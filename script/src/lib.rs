@@ -69,7 +69,7 @@ pub use count::NodeCount;
 pub use diagnostic::{Diagnostic, Diagnostics, Severity};
 pub use digest::{DigestError, Sha256Digest};
 pub use duration::{DurationError, DurationLimit, parse_duration, parse_duration_within};
-pub use gates::{Comparison, FleetGate, GateSpec, Operator};
+pub use gates::{Comparison, Operator};
 pub use model::*;
 pub use utc::{format_utc, format_utc_millis};
 pub use validate::{Declared, validate, validate_against};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::count::NodeCount;
-use crate::gates::{FleetGate, GateSpec};
+use crate::gates::Comparison;
 use crate::windows::Window;
 
 /// Byte range `[start, end)` in the script source.
@@ -436,6 +436,54 @@ impl Script {
         };
         own.unwrap_or(self.rollout.step_timeout)
     }
+}
+
+/// What a gate checks, wherever it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GateSpec {
+    /// PromQL; a node gate's `$node` is replaced by the node's name before it is sent.
+    pub query: Located<String>,
+    pub pass_if: Comparison,
+    /// How long the condition must hold, sample after sample, for the gate to pass (0 = one
+    /// good sample).
+    #[serde(with = "duration_ms")]
+    pub hold: Duration,
+    /// Time between samples.
+    #[serde(with = "duration_ms")]
+    pub interval: Duration,
+    /// The gate fails when it has not passed by then.
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+}
+
+impl GateSpec {
+    /// `QUERY < 0.5 for 3s (every 1s, within 30s)`, how the plan and messages show a gate.
+    pub fn describe(&self) -> String {
+        use crate::duration::format_duration;
+        format!(
+            "`{}` {} for {} (every {}, within {})",
+            self.query.value,
+            self.pass_if,
+            format_duration(self.hold),
+            format_duration(self.interval),
+            format_duration(self.timeout)
+        )
+    }
+
+    /// The query with `$node` replaced by `node` (what a node gate sends).
+    pub fn query_for_node(&self, node: &str) -> String {
+        self.query.value.replace("$node", node)
+    }
+}
+
+/// A fleet gate of `[[rollout.gates]]`: run by the coordinator after each wave committed,
+/// before the next wave starts (and before the last wave is made permanent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FleetGate {
+    pub name: Located<String>,
+    #[serde(flatten)]
+    pub gate: GateSpec,
+    pub span: Span,
 }
 
 /// A `sync_nodes` barrier as the coordinator needs to know it.

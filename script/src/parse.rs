@@ -17,10 +17,10 @@ use crate::Parsed;
 use crate::count::NodeCount;
 use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::duration::parse_duration;
-use crate::gates::{Comparison, DEFAULT_GATE_INTERVAL, DEFAULT_GATE_TIMEOUT, FleetGate, GateSpec};
+use crate::gates::{Comparison, DEFAULT_GATE_INTERVAL, DEFAULT_GATE_TIMEOUT};
 use crate::model::{
-    Artifact, ChangeMode, Instruction, Located, OnFailure, RolloutPolicy, Runtime, Script, Span,
-    Step,
+    Artifact, ChangeMode, FleetGate, GateSpec, Instruction, Located, OnFailure, RolloutPolicy,
+    Runtime, Script, Span, Step,
 };
 use crate::suggest;
 use crate::validate::{self, Broken, Completeness};
