@@ -129,6 +129,9 @@ pub struct StatusJson {
     /// While the next wave waits for a window: when it opens (UTC).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_for_window_until: Option<String>,
+    /// While a fleet gate runs after a wave: its name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate_holding: Option<String>,
     pub app: String,
     pub from: String,
     pub to: String,
@@ -188,6 +191,7 @@ pub fn status_json(status: &pb::RolloutStatus) -> StatusJson {
         dry_run: status.dry_run,
         waiting_for_window_until: (status.window_opens_unix_ms > 0)
             .then(|| hotroll_script::format_utc(status.window_opens_unix_ms)),
+        gate_holding: (!status.gate_holding.is_empty()).then(|| status.gate_holding.clone()),
         app: status.app.clone(),
         from: status.from.clone(),
         to: status.to.clone(),
@@ -240,6 +244,12 @@ pub fn print_status(status: &pb::RolloutStatus, output: Output) -> anyhow::Resul
                 println!(
                     "waiting for window: the next wave starts at {}",
                     hotroll_script::format_utc(status.window_opens_unix_ms)
+                );
+            }
+            if !status.gate_holding.is_empty() {
+                println!(
+                    "gate {} holding: wave {} waits for its metric gate",
+                    status.gate_holding, status.current_wave
                 );
             }
             if let Some(b) = &status.barrier {

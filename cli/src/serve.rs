@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// unless given.
     #[arg(long, value_name = "ADDR")]
     pub ui_listen: Option<SocketAddr>,
+    /// The Prometheus that fleet gates ([[rollout.gates]]) query, e.g. http://127.0.0.1:9090
+    /// (HTTP API, instant queries). Without it a rollout whose script has gates does not start.
+    #[arg(long, value_name = "URL")]
+    pub prometheus: Option<String>,
     /// Events buffered per rollout for live watchers; a watcher that falls further behind is
     /// told to reconnect from its last event (the CLI does so on its own). The rollout never
     /// waits for a watcher.
@@ -230,6 +234,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.step_slack = args.step_slack;
     config.metrics_listen = args.metrics_listen;
     config.ui_listen = args.ui_listen;
+    config.prometheus = args
+        .prometheus
+        .as_deref()
+        .map(hotroll_coordinator::gate::Prometheus::new)
+        .transpose()
+        .context("--prometheus")?;
     config.watch_buffer = args.watch_buffer;
     config.tls = args.tls()?;
     if config.tls.is_none() {

@@ -543,6 +543,15 @@ pub fn events_table(events: &[pb::RolloutEvent]) -> comfy_table::Table {
                 String::new(),
             ),
             "operator" => ("operator".to_string(), String::new(), String::new()),
+            "gate" => (
+                format!("gate {} (wave {})", e.gate_name, e.wave),
+                if e.gate_value.is_empty() {
+                    e.gate_phase.clone()
+                } else {
+                    format!("{} (value {})", e.gate_phase, e.gate_value)
+                },
+                String::new(),
+            ),
             other => (other.to_string(), String::new(), String::new()),
         };
         let detail = if !e.error.is_empty() {

@@ -430,3 +430,35 @@ fn a_script_that_is_not_utf8_is_invalid_not_unreadable() {
         "{text}"
     );
 }
+
+#[test]
+fn gates_show_in_the_plan_text_and_json_and_a_bad_one_is_an_error_at_its_place() {
+    let gates = "[rollout]\n\n[[rollout.gates]]\nname = \"errors\"\nquery = \"rate(errors_total[1m])\"\npass_if = \"< 0.5\"\nhold = \"30s\"\n\n[script]";
+    let source = VALID.replace("[script]", gates);
+    let (_dir, script) = script_in_tempdir(&source, &[("build/primes", b"#!/bin/sh\n")]);
+    let output = check(&script, &[]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}{}", stderr(&output));
+    assert!(
+        text.contains(
+            "after each wave, gate `errors`: `rate(errors_total[1m])` < 0.5 for 30s (every 5s, within 5m); a failed gate rolls the wave back"
+        ),
+        "{text}"
+    );
+    let output = check(&script, &["--output", "json"]);
+    let report = json(&output);
+    let gate = &report["plan"]["policy"]["gates"][0];
+    assert_eq!(gate["name"], "errors", "{report:#}");
+    assert_eq!(gate["pass_if"], "< 0.5");
+    assert_eq!(gate["hold_ms"], 30_000);
+
+    let bad = VALID.replace("[script]", &gates.replace("< 0.5", "below 0.5"));
+    let (_dir, script) = script_in_tempdir(&bad, &[("build/primes", b"#!/bin/sh\n")]);
+    let output = check(&script, &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("error: `pass_if` of a gate: `below 0.5` is not a comparison"),
+        "{}",
+        stderr(&output)
+    );
+}

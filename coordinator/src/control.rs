@@ -59,7 +59,9 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 fn rollout_status_error(e: RolloutError) -> Status {
     match e {
         RolloutError::NotFound(_) => Status::not_found(e.to_string()),
-        RolloutError::NotApplicable(_) => Status::failed_precondition(e.to_string()),
+        RolloutError::NotApplicable(_) | RolloutError::NoPrometheus { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
         RolloutError::Store(_) => Status::internal(e.to_string()),
         RolloutError::Stopped | RolloutError::Held(_) | RolloutError::HeldQueued(_) => {
             Status::unavailable(e.to_string())

@@ -4,7 +4,8 @@
 use hotroll_proto::v1 as pb;
 
 use crate::engine::{
-    BarrierView, Event, LeftOut, NodeState, NodeView, Outcome, Record, RolloutState, StepPhase,
+    BarrierView, Event, GatePhase, LeftOut, NodeState, NodeView, Outcome, Record, RolloutState,
+    StepPhase,
 };
 use crate::outbound::{NodeCommand, Order, Outbound, ScriptToRun};
 use crate::rollouts::LiveEvent;
@@ -150,6 +151,7 @@ pub fn rollout_status(
         left_out: snapshot.left_out.iter().map(left_out).collect(),
         dry_run: snapshot.dry_run,
         window_opens_unix_ms: snapshot.window_opens_ms.unwrap_or(0),
+        gate_holding: snapshot.gate_holding.clone().unwrap_or_default(),
     }
 }
 
@@ -252,6 +254,23 @@ pub fn rollout_event(
                     out.message = format!("would not commit: {why}");
                     out.error = why;
                 }
+            }
+        }
+        Record::Gate {
+            wave,
+            name,
+            phase,
+            value,
+            reason,
+        } => {
+            out.kind = "gate".into();
+            out.wave = *wave;
+            out.gate_name = name.clone();
+            out.gate_phase = phase.as_str().into();
+            out.gate_value = value.clone().unwrap_or_default();
+            out.message = reason.clone().unwrap_or_default();
+            if *phase == GatePhase::Failed {
+                out.error = out.message.clone();
             }
         }
         Record::Operator { action, reason } => {

@@ -34,5 +34,7 @@ pub use server::{ServerConfig, run, serve};
 /// The rollout state machine lives in its own crate (so it cannot do I/O or see wire types);
 /// re-exported so `crate::engine::..` paths stay as they were.
 pub use hotroll_engine as engine;
+/// Metric gates (`hotroll-gate`): [`gate::Prometheus`] is what `ServerConfig::prometheus` takes.
+pub use hotroll_gate as gate;
 // The domain side lives in its own crate (no wire types there); the same paths as before.
 pub use hotroll_rollouts::{outbound, registry, rollouts, store};

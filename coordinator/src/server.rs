@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub leader_epoch: u64,
     /// In a group: where a rollout's artifacts are copied before it starts (`group`).
     pub replication: Option<crate::replication::Replication>,
+    /// The Prometheus fleet gates query (`hotroll serve --prometheus URL`); `None`: a rollout
+    /// whose script has `[[rollout.gates]]` does not start.
+    pub prometheus: Option<hotroll_gate::Prometheus>,
 }
 
 impl ServerConfig {
@@ -88,6 +91,7 @@ impl ServerConfig {
             tls: None,
             leader_epoch: 0,
             replication: None,
+            prometheus: None,
         }
     }
 }
@@ -205,18 +209,20 @@ where
     for rollout in store.list_rollouts()? {
         metrics.rollout_state_changed(None, rollout.status.state);
     }
-    let rollouts = Arc::new(
-        Rollouts::new(
-            store.clone(),
-            registry.clone(),
-            RolloutTiming {
-                session_grace: config.session_grace,
-                step_slack: config.step_slack,
-            },
-        )
-        .with_metrics(metrics.clone())
-        .with_watch_buffer(config.watch_buffer),
-    );
+    let mut rollouts = Rollouts::new(
+        store.clone(),
+        registry.clone(),
+        RolloutTiming {
+            session_grace: config.session_grace,
+            step_slack: config.step_slack,
+        },
+    )
+    .with_metrics(metrics.clone())
+    .with_watch_buffer(config.watch_buffer);
+    if let Some(prometheus) = &config.prometheus {
+        rollouts = rollouts.with_prometheus(prometheus.clone());
+    }
+    let rollouts = Arc::new(rollouts);
     // Rollouts in flight when the coordinator last stopped continue as their nodes reconnect.
     let recovered = rollouts.recover()?;
     if !recovered.is_empty() {

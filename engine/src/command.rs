@@ -31,6 +31,13 @@ pub enum Command {
     MakePermanent {
         node: String,
     },
+    /// Run fleet gate `gate` (its index in `[[rollout.gates]]`, named `name`) now that wave
+    /// `wave` committed; the caller answers with [`crate::Event::GateResult`].
+    RunGate {
+        wave: u32,
+        gate: u32,
+        name: String,
+    },
     /// Append to the rollout's history (what `watch` and `events` show).
     Record(Record),
 }
@@ -92,6 +99,35 @@ pub enum Record {
         action: String,
         reason: Option<String>,
     },
+    /// A fleet gate after wave `wave`: started (reason = what it checks), passed or failed
+    /// (value = the last value seen, reason = why).
+    Gate {
+        wave: u32,
+        name: String,
+        phase: GatePhase,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        value: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GatePhase {
+    Started,
+    Passed,
+    Failed,
+}
+
+impl GatePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GatePhase::Started => "started",
+            GatePhase::Passed => "passed",
+            GatePhase::Failed => "failed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -83,6 +83,16 @@ pub enum Event {
     SessionRestored {
         node: String,
     },
+    /// How fleet gate `gate` after wave `wave` ended (the caller ran it for
+    /// [`crate::Command::RunGate`]); `value` is the last value seen, as text.
+    GateResult {
+        wave: u32,
+        gate: u32,
+        passed: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        value: Option<String>,
+        reason: String,
+    },
     /// Time passed: check deadlines.
     Tick,
     OperatorAbort {

@@ -23,7 +23,7 @@ mod state;
 mod tests;
 mod view;
 
-pub use command::{Command, Record, StepPhase};
+pub use command::{Command, GatePhase, Record, StepPhase};
 pub use event::{Event, Outcome};
 pub use rollout::{NotApplicable, Rollout};
 pub use spec::{LeftOut, RolloutSpec, TargetLabels};

@@ -30,6 +30,8 @@ pub enum FleetError {
         node: String,
         source: Box<hotroll_agent::AgentError>,
     },
+    #[error("the coordinator's Prometheus: {0}")]
+    Prometheus(#[from] hotroll_coordinator::gate::UrlError),
     #[error("the coordinator: {0}")]
     Server(#[from] hotroll_coordinator::server::ServerError),
     #[error("{what} panicked or was cancelled: {source}")]

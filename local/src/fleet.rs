@@ -59,6 +59,7 @@ pub struct FleetBuilder {
     agent_config: Vec<AgentAdjust>,
     labels: BTreeMap<String, String>,
     runtime: Option<RuntimeFactory>,
+    prometheus: Option<String>,
 }
 
 impl std::fmt::Debug for FleetBuilder {
@@ -85,6 +86,7 @@ impl Default for FleetBuilder {
             agent_config: Vec::new(),
             labels: BTreeMap::new(),
             runtime: None,
+            prometheus: None,
         }
     }
 }
@@ -122,6 +124,12 @@ impl FleetBuilder {
         adjust: impl FnOnce(&mut ServerConfig) + Send + 'static,
     ) -> Self {
         self.server.push(Box::new(adjust));
+        self
+    }
+
+    /// The Prometheus the coordinator's fleet gates query (`hotroll serve --prometheus URL`).
+    pub fn prometheus(mut self, url: impl Into<String>) -> Self {
+        self.prometheus = Some(url.into());
         self
     }
 
@@ -181,7 +189,14 @@ impl FleetBuilder {
     /// The whole set-up with nothing started: the files and credentials, the coordinator and
     /// the agents as specs, the agents told to reach the coordinator at `url`. What
     /// [`FleetBuilder::build`] starts; a network simulation runs the specs on its own hosts.
-    pub fn plan(self, url: &str) -> Result<FleetPlan, FleetError> {
+    pub fn plan(mut self, url: &str) -> Result<FleetPlan, FleetError> {
+        if let Some(prometheus) = self.prometheus.take() {
+            let prometheus = hotroll_coordinator::gate::Prometheus::new(&prometheus)?;
+            self.server.insert(
+                0,
+                Box::new(move |config: &mut ServerConfig| config.prometheus = Some(prometheus)),
+            );
+        }
         let root = match &self.root {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|source| FleetError::Io {

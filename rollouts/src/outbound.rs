@@ -160,7 +160,8 @@ impl NodeCommand {
         command: &Command,
     ) -> Option<(String, Self)> {
         let (node, order) = match command {
-            Command::Record(_) => return None,
+            // Records are history; a gate runs on the coordinator.
+            Command::Record(_) | Command::RunGate { .. } => return None,
             Command::RunScript { node } => (node, Order::RunScript(script.clone())),
             Command::ReleaseBarrier {
                 node,

@@ -147,6 +147,9 @@ pub struct RolloutSnapshot {
     /// While the next wave waits for a window: when it opens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_opens_ms: Option<Millis>,
+    /// While a fleet gate runs after a wave: its name (`gate NAME holding`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_holding: Option<String>,
 }
 
 /// Why and since when a rollout holds on its store (see [`RolloutSnapshot::held_on_store`]).

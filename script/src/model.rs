@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::count::NodeCount;
+use crate::gates::Comparison;
 use crate::windows::Window;
 
 /// Byte range `[start, end)` in the script source.
@@ -133,6 +134,9 @@ pub struct RolloutPolicy {
     /// (aborted before the point of no return, halted after it).
     #[serde(with = "duration_ms")]
     pub window_timeout: Duration,
+    /// Fleet gates (`[[rollout.gates]]`), run in order by the coordinator after each wave.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gates: Vec<FleetGate>,
     /// Failures tolerated over the whole rollout.
     pub max_failures: u32,
     pub on_failure: OnFailure,
@@ -159,6 +163,7 @@ impl Default for RolloutPolicy {
             order: Vec::new(),
             windows: Vec::new(),
             window_timeout: Duration::from_secs(24 * 3600),
+            gates: Vec::new(),
             max_failures: 0,
             on_failure: OnFailure::RollbackNode,
             barrier_timeout: Duration::from_secs(30),
@@ -268,6 +273,11 @@ pub enum Instruction {
         #[serde(with = "opt_duration_ms")]
         timeout: Option<Duration>,
     },
+    /// A metric gate run by the node's agent against the Prometheus its config declares
+    /// (`$node` in the query is the node's name); the step fails when the gate does.
+    Gate {
+        gate: GateSpec,
+    },
 }
 
 impl Instruction {
@@ -291,11 +301,12 @@ impl Instruction {
             Instruction::RestartNewEmulator => "restart_new_emulator",
             Instruction::UnpackRelease { .. } => "unpack_release",
             Instruction::InstallRelease { .. } => "install_release",
+            Instruction::Gate { .. } => "gate",
         }
     }
 
     /// Every instruction name the language knows.
-    pub const NAMES: [&'static str; 17] = [
+    pub const NAMES: [&'static str; 18] = [
         "load_object_code",
         "check",
         "sync_nodes",
@@ -313,6 +324,7 @@ impl Instruction {
         "restart_new_emulator",
         "unpack_release",
         "install_release",
+        "gate",
     ];
 
     /// May only appear before the point of no return (it must not change the running system).
@@ -418,10 +430,60 @@ impl Script {
             | Instruction::Health { timeout, .. }
             | Instruction::UnpackRelease { timeout, .. }
             | Instruction::InstallRelease { timeout } => *timeout,
+            // The gate's own timeout, plus one interval for the sample in flight.
+            Instruction::Gate { gate } => Some(gate.timeout.saturating_add(gate.interval)),
             _ => None,
         };
         own.unwrap_or(self.rollout.step_timeout)
     }
+}
+
+/// What a gate checks, wherever it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GateSpec {
+    /// PromQL; a node gate's `$node` is replaced by the node's name before it is sent.
+    pub query: Located<String>,
+    pub pass_if: Comparison,
+    /// How long the condition must hold, sample after sample, for the gate to pass (0 = one
+    /// good sample).
+    #[serde(with = "duration_ms")]
+    pub hold: Duration,
+    /// Time between samples.
+    #[serde(with = "duration_ms")]
+    pub interval: Duration,
+    /// The gate fails when it has not passed by then.
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+}
+
+impl GateSpec {
+    /// `QUERY < 0.5 for 3s (every 1s, within 30s)`, how the plan and messages show a gate.
+    pub fn describe(&self) -> String {
+        use crate::duration::format_duration;
+        format!(
+            "`{}` {} for {} (every {}, within {})",
+            self.query.value,
+            self.pass_if,
+            format_duration(self.hold),
+            format_duration(self.interval),
+            format_duration(self.timeout)
+        )
+    }
+
+    /// The query with `$node` replaced by `node` (what a node gate sends).
+    pub fn query_for_node(&self, node: &str) -> String {
+        self.query.value.replace("$node", node)
+    }
+}
+
+/// A fleet gate of `[[rollout.gates]]`: run by the coordinator after each wave committed,
+/// before the next wave starts (and before the last wave is made permanent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FleetGate {
+    pub name: Located<String>,
+    #[serde(flatten)]
+    pub gate: GateSpec,
+    pub span: Span,
 }
 
 /// A `sync_nodes` barrier as the coordinator needs to know it.

@@ -17,9 +17,10 @@ use crate::Parsed;
 use crate::count::NodeCount;
 use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::duration::parse_duration;
+use crate::gates::{Comparison, DEFAULT_GATE_INTERVAL, DEFAULT_GATE_TIMEOUT};
 use crate::model::{
-    Artifact, ChangeMode, Instruction, Located, OnFailure, RolloutPolicy, Runtime, Script, Span,
-    Step,
+    Artifact, ChangeMode, FleetGate, GateSpec, Instruction, Located, OnFailure, RolloutPolicy,
+    Runtime, Script, Span, Step,
 };
 use crate::suggest;
 use crate::validate::{self, Broken, Completeness};
@@ -58,7 +59,10 @@ const ROLLOUT_KEYS: &[&str] = &[
     "order",
     "windows",
     "window_timeout",
+    "gates",
 ];
+const FLEET_GATE_KEYS: &[&str] = &["name", "query", "pass_if", "hold", "interval", "timeout"];
+const GATE_KEYS: &[&str] = &["query", "pass_if", "hold", "interval", "timeout"];
 const SCRIPT_KEYS: &[&str] = &["up", "down"];
 const RUNTIMES: &[&str] = &["process", "beam", "otp_release"];
 const ON_FAILURE: &[&str] = &["rollback_node", "rollback_all", "halt"];
@@ -141,6 +145,7 @@ fn option_keys(instruction: &str, runtime: Runtime) -> &'static [&'static str] {
         ("resume", Process) | ("stop", _) | ("start", _) | ("restart", _) => &["services"],
         ("apply", Beam) => &["mfa", "args", "timeout"],
         ("health", _) => &["service", "timeout"],
+        ("gate", _) => GATE_KEYS,
         ("purge", Process) => &["releases"],
         ("purge", Beam) => &["modules", "brutal"],
         _ => &[],
@@ -162,6 +167,9 @@ fn example(instruction: &str, runtime: Runtime) -> &'static str {
         ("apply", Process | Runtime::OtpRelease) => r#"{ apply = "<hook>" }"#,
         ("apply", Beam) => r#"{ apply = { mfa = "<module>:<function>/<arity>", args = [..] } }"#,
         ("health", _) => r#"{ health = "<service>" }"#,
+        ("gate", _) => {
+            r#"{ gate = { query = "rate(errors_total{node=\"$node\"}[1m])", pass_if = "< 0.5", hold = "30s" } }"#
+        }
         ("unpack_release", _) => r#"{ unpack_release = "<rel>-<vsn>.tar.gz" }"#,
         ("install_release", _) => {
             r#""install_release" or { install_release = { timeout = "1m" } }"#
@@ -722,6 +730,9 @@ impl Parser {
         if let Some(windows) = table.get("windows") {
             policy.windows = self.windows(windows);
         }
+        if let Some(gates) = table.get("gates") {
+            policy.gates = self.fleet_gates(gates);
+        }
         if let Ok(Some(d)) = self.optional(table, "window_timeout", |p, v| {
             p.duration(v, "`window_timeout`")
         }) {
@@ -761,6 +772,121 @@ impl Parser {
             policy.skip_unreachable = flag;
         }
         policy
+    }
+
+    /// `[[rollout.gates]]`: each a named fleet gate; names unique.
+    fn fleet_gates(&mut self, value: &Value<'_>) -> Vec<FleetGate> {
+        let DeValue::Array(items) = value.get_ref() else {
+            self.push(
+                Diagnostic::error(
+                    span_of(value),
+                    format!(
+                        "`gates` must be an array of tables ([[rollout.gates]]), found {}",
+                        describe(value.get_ref())
+                    ),
+                )
+                .with_help("write [[rollout.gates]] with name, query and pass_if"),
+            );
+            return Vec::new();
+        };
+        let mut gates: Vec<FleetGate> = Vec::new();
+        for item in items.iter() {
+            let span = span_of(item);
+            let DeValue::Table(table) = item.get_ref() else {
+                self.error(
+                    span,
+                    format!("a gate must be a table, found {}", describe(item.get_ref())),
+                );
+                continue;
+            };
+            self.unknown_keys(table, FLEET_GATE_KEYS, "in [[rollout.gates]]", &|_| None);
+            let name = self
+                .required(table, "name", span, "in [[rollout.gates]]")
+                .and_then(|v| self.name(v, "`name` of a gate"));
+            let gate = self.gate_spec(table, span, "in [[rollout.gates]]", "a gate");
+            let (Ok(name), Ok(gate)) = (name, gate) else {
+                continue;
+            };
+            if gates.iter().any(|g| g.name.value == name.value) {
+                self.error(
+                    name.span,
+                    format!("gate `{}` is named twice in [[rollout.gates]]", name.value),
+                );
+                continue;
+            }
+            gates.push(FleetGate { name, gate, span });
+        }
+        gates
+    }
+
+    /// The keys every gate has: `query`, `pass_if`, `hold`, `interval`, `timeout`.
+    fn gate_spec(
+        &mut self,
+        table: &DeTable<'_>,
+        at: Span,
+        place: &str,
+        what: &str,
+    ) -> Parse<GateSpec> {
+        let query = self
+            .required(table, "query", at, place)
+            .and_then(|v| self.name(v, &format!("`query` of {what}")));
+        let pass_if = self
+            .required(table, "pass_if", at, place)
+            .and_then(|v| self.string(v, &format!("`pass_if` of {what}")))
+            .and_then(|text| {
+                Comparison::parse(&text.value).map_err(|why| {
+                    self.push(
+                        Diagnostic::error(text.span, format!("`pass_if` of {what}: {why}"))
+                            .with_help(r#"write e.g. "< 0.5", "<= 10" or ">= 99.9""#),
+                    )
+                })
+            });
+        let duration = |parser: &mut Self, key: &str| {
+            parser.optional(table, key, |p, v| {
+                p.duration(v, &format!("`{key}` of {what}"))
+                    .map(|d| (d, span_of(v)))
+            })
+        };
+        let hold = duration(self, "hold");
+        let interval = duration(self, "interval");
+        let timeout = duration(self, "timeout");
+        let (query, pass_if, hold, interval, timeout) =
+            (query?, pass_if?, hold?, interval?, timeout?);
+        let timeout = timeout.map_or(DEFAULT_GATE_TIMEOUT, |(d, _)| d);
+        if let Some((hold, span)) = hold
+            && hold > timeout
+        {
+            return Err(self.push(
+                Diagnostic::error(
+                    span,
+                    format!(
+                        "`hold` of {what} ({}) is longer than its `timeout` ({}): it could never pass",
+                        crate::duration::format_duration(hold),
+                        crate::duration::format_duration(timeout)
+                    ),
+                )
+                .with_help("make `timeout` longer than `hold`"),
+            ));
+        }
+        if let Some((interval, span)) = interval
+            && interval > timeout
+        {
+            return Err(self.push(Diagnostic::error(
+                span,
+                format!(
+                    "`interval` of {what} ({}) is longer than its `timeout` ({})",
+                    crate::duration::format_duration(interval),
+                    crate::duration::format_duration(timeout)
+                ),
+            )));
+        }
+        Ok(GateSpec {
+            query,
+            pass_if,
+            hold: hold.map_or(Duration::ZERO, |(d, _)| d),
+            interval: interval.map_or(DEFAULT_GATE_INTERVAL.min(timeout), |(d, _)| d),
+            timeout,
+        })
     }
 
     fn select(&mut self, value: &Value<'_>) -> BTreeMap<String, String> {
@@ -1291,6 +1417,14 @@ impl Parser {
                 })
             }
             "purge" => self.purge(argument),
+            "gate" => {
+                let DeValue::Table(table) = argument.get_ref() else {
+                    return Err(self.wrong_form(name, argument, "a table"));
+                };
+                self.options(name, table);
+                let gate = self.gate_spec(table, span_of(argument), "for `gate`", "`gate`")?;
+                Ok(Instruction::Gate { gate })
+            }
             "unpack_release" => {
                 let (artifact, table) = self.single(name, argument, "artifact", "artifact name");
                 let timeout = self.timeout(name, table);

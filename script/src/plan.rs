@@ -97,6 +97,9 @@ pub struct PlannedPolicy {
     /// With windows: how far ahead the next one may open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window_timeout_ms: Option<u64>,
+    /// Fleet gates run by the coordinator after each wave, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gates: Vec<PlannedGate>,
     pub max_failures: u32,
     pub on_failure: OnFailure,
     pub barrier_timeout_ms: u64,
@@ -104,6 +107,17 @@ pub struct PlannedPolicy {
     pub pause_after_canary: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skip_unreachable: bool,
+}
+
+/// A fleet gate as the plan shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedGate {
+    pub name: String,
+    pub query: String,
+    pub pass_if: String,
+    pub hold_ms: u64,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -214,6 +228,18 @@ fn compile_waves(script: &Script, targets: &[WaveTarget<'_>], named: bool) -> Pl
             order: policy.order.clone(),
             windows: policy.windows.iter().map(|w| w.text.clone()).collect(),
             window_timeout_ms: (!policy.windows.is_empty()).then(|| millis(policy.window_timeout)),
+            gates: policy
+                .gates
+                .iter()
+                .map(|g| PlannedGate {
+                    name: g.name.value.clone(),
+                    query: g.gate.query.value.clone(),
+                    pass_if: g.gate.pass_if.to_string(),
+                    hold_ms: millis(g.gate.hold),
+                    interval_ms: millis(g.gate.interval),
+                    timeout_ms: millis(g.gate.timeout),
+                })
+                .collect(),
             max_failures: policy.max_failures,
             on_failure: policy.on_failure,
             barrier_timeout_ms: millis(policy.barrier_timeout),
@@ -455,6 +481,10 @@ fn describe(script: &Script, step: &Step, list: List, before_ponr: bool) -> Stri
         Instruction::InstallRelease { .. } => {
             format!("release_handler:install_release {to}: the relup runs")
         }
+        Instruction::Gate { gate } => format!(
+            "metric gate on the node's Prometheus ($node = the node): {}",
+            gate.describe()
+        ),
         Instruction::RestartNewEmulator if beam => format!("restart the node on release {to}"),
         Instruction::RestartNewEmulator => {
             format!("restart every service of {app} on release {to}")
@@ -598,6 +628,18 @@ impl fmt::Display for Plan {
                 format_duration(Duration::from_millis(
                     policy.window_timeout_ms.unwrap_or_default()
                 ))
+            )?;
+        }
+        for gate in &policy.gates {
+            writeln!(
+                f,
+                "  after each wave, gate `{}`: `{}` {} for {} (every {}, within {}); a failed gate rolls the wave back",
+                gate.name,
+                gate.query,
+                gate.pass_if,
+                format_duration(Duration::from_millis(gate.hold_ms)),
+                format_duration(Duration::from_millis(gate.interval_ms)),
+                format_duration(Duration::from_millis(gate.timeout_ms))
             )?;
         }
         if policy.pause_after_canary {

@@ -98,3 +98,44 @@ down = [
 "#;
     golden("implicit-ponr-explicit-down", source, 8);
 }
+
+/// Fleet gates after each wave and a node gate in `up`.
+#[test]
+fn metric_gates() {
+    let source = r#"
+app = "web"
+from = "3.1.0"
+to = "3.2.0"
+
+[[artifacts]]
+name = "bin/web"
+source = "build/web"
+
+[rollout]
+canary = 1
+max_in_flight = 2
+
+[[rollout.gates]]
+name = "error-rate"
+query = "sum(rate(errors_total[1m]))"
+pass_if = "< 0.5"
+hold = "30s"
+interval = "5s"
+timeout = "5m"
+
+[[rollout.gates]]
+name = "latency"
+query = "histogram_quantile(0.99, rate(latency_seconds_bucket[1m]))"
+pass_if = "<= 0.25"
+
+[script]
+up = [
+  { load_object_code = "bin/web" },
+  "point_of_no_return",
+  { restart = "web" },
+  { health = "web" },
+  { gate = { query = "rate(errors_total{node=\"$node\"}[1m])", pass_if = "< 0.1", hold = "10s", interval = "1s", timeout = "1m" } },
+]
+"#;
+    golden("metric-gates", source, 5);
+}

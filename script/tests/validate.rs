@@ -334,6 +334,43 @@ fn toml_and_document_shape() {
 #[test]
 fn instruction_shapes() {
     run(vec![
+        ok(
+            "a node gate",
+            process(&with(
+                hot_upgrade(),
+                7,
+                r#"  { gate = { query = "rate(errors_total{node=\"$node\"}[1m])", pass_if = "< 1", hold = "3s", interval = "1s", timeout = "30s" } },"#,
+            )),
+        ),
+        error(
+            "a node gate with a bad pass_if",
+            process(&with(
+                hot_upgrade(),
+                7,
+                r#"  { gate = { query = "up", pass_if = "less than 1" } },"#,
+            )),
+            "`pass_if` of `gate`: `less than 1` is not a comparison",
+            13,
+            38,
+        ),
+        error(
+            "a node gate without a query",
+            process(&with(
+                hot_upgrade(),
+                7,
+                r#"  { gate = { pass_if = "< 1" } },"#,
+            )),
+            "missing required key `query` for `gate`",
+            13,
+            12,
+        ),
+        error(
+            "a node gate as a string",
+            process(&with(hot_upgrade(), 7, r#"  { gate = "up" },"#)),
+            "`gate` takes a table, found a string",
+            13,
+            12,
+        ),
         error(
             "unknown instruction",
             process(&with(hot_upgrade(), 1, r#"  { sync_node = "x" },"#)),
@@ -672,6 +709,62 @@ fn durations_and_numbers() {
             "only UTC windows are accepted, found `CET`",
             18,
             39,
+        ),
+        ok(
+            "fleet gates",
+            rollout(
+                "[[rollout.gates]]\nname = \"errors\"\nquery = \"rate(errors_total[1m])\"\npass_if = \"< 0.5\"\nhold = \"30s\"\ninterval = \"5s\"\ntimeout = \"5m\"",
+            ),
+        ),
+        error(
+            "a gate with a bad pass_if",
+            rollout("[[rollout.gates]]\nname = \"errors\"\nquery = \"up\"\npass_if = \"== 1\""),
+            "`pass_if` of a gate: `== 1` is not a comparison",
+            21,
+            11,
+        ),
+        error(
+            "a gate holding longer than its timeout",
+            rollout(
+                "[[rollout.gates]]\nname = \"errors\"\nquery = \"up\"\npass_if = \"> 0\"\nhold = \"10m\"\ntimeout = \"1m\"",
+            ),
+            "`hold` of a gate (10m) is longer than its `timeout` (1m): it could never pass",
+            22,
+            8,
+        ),
+        error(
+            "a gate with a bad duration",
+            rollout(
+                "[[rollout.gates]]\nname = \"errors\"\nquery = \"up\"\npass_if = \"> 0\"\ninterval = \"0s\"",
+            ),
+            "invalid duration for `interval` of a gate",
+            22,
+            12,
+        ),
+        error(
+            "a gate with an empty query",
+            rollout("[[rollout.gates]]\nname = \"errors\"\nquery = \"\"\npass_if = \"> 0\""),
+            "`query` of a gate cannot be empty",
+            20,
+            9,
+        ),
+        error(
+            "two gates of one name",
+            rollout(
+                "[[rollout.gates]]\nname = \"g\"\nquery = \"up\"\npass_if = \"> 0\"\n[[rollout.gates]]\nname = \"g\"\nquery = \"up\"\npass_if = \"> 0\"",
+            ),
+            "gate `g` is named twice",
+            23,
+            8,
+        ),
+        error(
+            "an unknown gate key",
+            rollout(
+                "[[rollout.gates]]\nname = \"g\"\nquery = \"up\"\npass_if = \"> 0\"\nholds = \"1s\"",
+            ),
+            "unknown key `holds` in [[rollout.gates]]",
+            22,
+            1,
         ),
         ok(
             "waves by a label in an order",

@@ -70,6 +70,7 @@ pub mod poll;
 pub mod ports;
 pub mod primes;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod scale;
 pub mod scripts;

@@ -100,6 +100,9 @@ pub struct Config {
     pub reconnect_max_backoff: Duration,
     /// Releases per app that make-permanent keeps (current and permanent always stay).
     pub keep_releases: usize,
+    /// `[prometheus] url`: the only Prometheus the `gate` instruction may query (a script
+    /// cannot name another); `None`: a `gate` step fails.
+    pub prometheus: Option<hotroll_gate::Prometheus>,
 }
 
 /// A command the agent may run for `apply`/`check`; script args are appended to `command`.
@@ -133,6 +136,7 @@ impl Config {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             reconnect_max_backoff: DEFAULT_RECONNECT_MAX_BACKOFF,
             keep_releases: DEFAULT_KEEP_RELEASES,
+            prometheus: None,
         }
     }
 
@@ -289,6 +293,15 @@ impl Config {
             Some(d) => Ok(d.into_inner().0),
             None => Ok(default),
         };
+        let prometheus = match raw.prometheus {
+            Some(section) => {
+                let url = section.into_inner().url;
+                let prometheus = hotroll_gate::Prometheus::new(url.get_ref())
+                    .map_err(|e| at(Some(url.span()), format!("[prometheus] `url`: {e}")))?;
+                Some(prometheus)
+            }
+            None => None,
+        };
         let heartbeat_interval = positive(
             raw.heartbeat_interval,
             "heartbeat_interval",
@@ -316,6 +329,7 @@ impl Config {
             heartbeat_interval,
             reconnect_max_backoff,
             keep_releases,
+            prometheus,
         })
     }
 
@@ -469,6 +483,14 @@ struct RawConfig {
     beam: Vec<Spanned<RawBeam>>,
     #[serde(default)]
     release: Vec<Spanned<RawRelease>>,
+    prometheus: Option<Spanned<RawPrometheus>>,
+}
+
+/// `[prometheus]`: where this node's `gate` instructions send their queries.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrometheus {
+    url: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -618,6 +640,30 @@ command = "bin/primes"
         assert_eq!(config.services.len(), 1);
         assert_eq!(config.services[0].command, ["bin/primes"]);
         assert_eq!(config.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+        Ok(())
+    }
+
+    #[test]
+    fn the_prometheus_of_gates_is_declared_and_checked() -> Result<(), ConfigError> {
+        let config = parse("[prometheus]\nurl = \"http://127.0.0.1:9090\"\n")?;
+        assert_eq!(
+            config.prometheus.as_ref().map(|p| p.url()),
+            Some("http://127.0.0.1:9090")
+        );
+        assert!(parse("")?.prometheus.is_none());
+        let err = parse("[prometheus]\nurl = \"https://prom:9090\"\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.starts_with("/etc/hotroll/agent.toml:2:7: ") && err.contains("only http://"),
+            "{err}"
+        );
+        let err = parse("[prometheus]\nurl = \"http://p:1\"\nquery = \"up\"\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("query"), "{err}");
         Ok(())
     }
 

@@ -47,7 +47,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const CONTROL_QUEUE: usize = 64;
 
 /// Instructions the executor runs itself, whatever the runtime.
-pub const EXECUTOR_INSTRUCTIONS: [&str; 4] = ["sync_nodes", "point_of_no_return", "check", "apply"];
+pub const EXECUTOR_INSTRUCTIONS: [&str; 5] =
+    ["sync_nodes", "point_of_no_return", "check", "apply", "gate"];
 
 /// The step name used in reports for the default rollback (a script without `down`).
 pub const DEFAULT_ROLLBACK: &str = "default_rollback";

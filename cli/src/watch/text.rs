@@ -48,6 +48,7 @@ pub fn describe(event: &pb::RolloutEvent) -> String {
             event.wave, event.message
         ),
         "operator" => format!("operator: {}", event.message),
+        "gate" => gate_line(event),
         "dry_run_verdict" if event.error.is_empty() => format!("dry run: {}", event.message),
         "dry_run_verdict" => "dry run: would not commit".to_string(),
         "held_on_store" => format!("HELD: {}", event.message),
@@ -64,6 +65,25 @@ pub fn describe(event: &pb::RolloutEvent) -> String {
         ));
     } else if !event.message.is_empty() && event.kind == "rollout_state" {
         line.push_str(&format!(" — {}", event.message));
+    }
+    line
+}
+
+/// `gate errors after wave 1 passed (value 0.1): …`, what a fleet gate did.
+fn gate_line(event: &pb::RolloutEvent) -> String {
+    let phase = match event.gate_phase.as_str() {
+        "failed" => "FAILED",
+        other => other,
+    };
+    let mut line = format!(
+        "gate `{}` after wave {} {phase}",
+        event.gate_name, event.wave
+    );
+    if !event.gate_value.is_empty() {
+        line.push_str(&format!(" (value {})", event.gate_value));
+    }
+    if event.error.is_empty() && !event.message.is_empty() {
+        line.push_str(&format!(": {}", event.message));
     }
     line
 }
@@ -100,6 +120,9 @@ pub fn event_json(event: &pb::RolloutEvent) -> serde_json::Value {
         "error": (!event.error.is_empty()).then_some(&event.error),
         "warning": (!event.warning.is_empty()).then_some(&event.warning),
         "message": (!event.message.is_empty()).then_some(&event.message),
+        "gate": (!event.gate_name.is_empty()).then_some(&event.gate_name),
+        "gate_phase": (!event.gate_phase.is_empty()).then_some(&event.gate_phase),
+        "gate_value": (!event.gate_value.is_empty()).then_some(&event.gate_value),
     })
 }
 

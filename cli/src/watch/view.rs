@@ -275,6 +275,26 @@ impl View {
             "operator" => {
                 self.operator = non_empty(&event.message);
             }
+            // A fleet gate is a rollout-wide decision in the making: shown where those are.
+            "gate" => {
+                let value = non_empty(&event.gate_value)
+                    .map(|v| format!(" (value {v})"))
+                    .unwrap_or_default();
+                self.operator = Some(match event.gate_phase.as_str() {
+                    "started" => format!(
+                        "gate {} holding after wave {}: {}",
+                        event.gate_name, event.wave, event.message
+                    ),
+                    "failed" => format!(
+                        "gate {} FAILED after wave {}{value}: {}",
+                        event.gate_name, event.wave, event.message
+                    ),
+                    phase => format!(
+                        "gate {} {phase} after wave {}{value}",
+                        event.gate_name, event.wave
+                    ),
+                });
+            }
             "held_on_store" => self.held = error.or_else(|| non_empty(&event.message)),
             "store_recovered" => self.held = None,
             _ => {}

@@ -24,7 +24,11 @@ impl Rollout {
             .map(|b| Some(b.deadline));
         nodes
             .chain(barriers)
-            .chain([self.permanent_deadline, self.window_opens])
+            .chain([
+                self.permanent_deadline,
+                self.window_opens,
+                self.gate.as_ref().map(|g| g.deadline),
+            ])
             .flatten()
             .min()
     }
@@ -50,6 +54,7 @@ impl Rollout {
                     let state = self.state;
                     out.push(Command::Record(Record::RolloutState { state, reason }));
                 }
+                Due::Gate => self.gate_overdue(now, out),
                 Due::Permanent => {
                     self.permanent_deadline = None;
                     let unconfirmed: Vec<usize> = (0..self.nodes.len())
@@ -81,9 +86,10 @@ impl Rollout {
             .map(|(b, inst)| Some((inst.deadline, 2, b, Due::Barrier(b))));
         let permanent = self.permanent_deadline.map(|at| (at, 3, 0, Due::Permanent));
         let window = self.window_opens.map(|at| (at, 4, 0, Due::Window));
+        let gate = self.gate.as_ref().map(|g| (g.deadline, 5, 0, Due::Gate));
         nodes
             .chain(barriers)
-            .chain([permanent, window])
+            .chain([permanent, window, gate])
             .flatten()
             .filter(|(at, ..)| *at <= now)
             .min_by_key(|(at, class, i, _)| (*at, *class, *i))
@@ -210,4 +216,5 @@ enum Due {
     Barrier(usize),
     Permanent,
     Window,
+    Gate,
 }

@@ -77,7 +77,7 @@ impl Rollout {
         }
     }
 
-    fn apply_policy(&mut self, now: Millis, reason: String, out: &mut Vec<Command>) {
+    pub(super) fn apply_policy(&mut self, now: Millis, reason: String, out: &mut Vec<Command>) {
         if self.mode != Mode::Normal {
             return;
         }
@@ -198,7 +198,7 @@ impl Rollout {
         }
     }
 
-    fn tell(&mut self, i: usize, told: Told, reason: &str, out: &mut Vec<Command>) {
+    pub(super) fn tell(&mut self, i: usize, told: Told, reason: &str, out: &mut Vec<Command>) {
         let t = &mut self.track[i];
         if matches!(&t.told, Some((k, _)) if *k == told) {
             return;

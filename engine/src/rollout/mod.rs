@@ -2,7 +2,8 @@
 //! bookkeeping and the dispatch of events. The transitions are split by concern: `operator`
 //! (abort, pause, resume, promote), `reports` (what nodes report), `sessions` (lost and back),
 //! `barriers`, `deadlines` (ticks, silent nodes, grace, confirmations), `failure` (the failure
-//! policy), `progress` (waves, make-permanent, final states) and `tally` (counts and summaries).
+//! policy), `progress` (waves, make-permanent, final states), `gates` (fleet gates after each
+//! wave) and `tally` (counts and summaries).
 //!
 //! Every input is an [`Event`] with the caller's `now`; the output is the commands to send and
 //! the records to append. Nothing here reads a clock or does I/O, and iteration is always in
@@ -59,6 +60,7 @@
 mod barriers;
 mod deadlines;
 mod failure;
+mod gates;
 mod operator;
 mod progress;
 mod reports;
@@ -159,6 +161,12 @@ pub struct Rollout {
     canary_first: bool,
     /// The next wave waits for a window that opens at this time.
     window_opens: Option<Millis>,
+    /// The fleet gate running, if one is.
+    gate: Option<gates::GateRun>,
+    /// Every wave up to this one passed (or failed) its fleet gates.
+    gated_through: u32,
+    /// Index of the next fleet gate of the wave being gated.
+    next_gate: usize,
     /// 1-based wave being committed; 0 before the first `Commit`.
     wave: u32,
     pub(crate) mode: Mode,
@@ -250,6 +258,9 @@ impl Rollout {
             waves,
             canary_first,
             window_opens: None,
+            gate: None,
+            gated_through: 0,
+            next_gate: 0,
             wave: 0,
             mode: Mode::Normal,
             pause_requested: false,
@@ -278,6 +289,13 @@ impl Rollout {
             Event::OperatorPromote => self.operator_promote(&mut out)?,
             Event::Start => self.start(now, &mut out),
             Event::Tick => self.tick(now, &mut out),
+            Event::GateResult {
+                wave,
+                gate,
+                passed,
+                value,
+                reason,
+            } => self.gate_result(now, wave, gate, passed, value, reason, &mut out),
             Event::SessionLost { node } => {
                 if let Some(i) = self.index.get(&node).copied() {
                     self.session_lost(now, i);

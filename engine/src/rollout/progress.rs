@@ -200,6 +200,10 @@ impl Rollout {
                     if !self.settled_through(self.wave) {
                         return;
                     }
+                    // The wave's nodes committed: its fleet gates run before anything moves on.
+                    if self.gated_through < self.wave && !self.run_gates(now, out) {
+                        return;
+                    }
                     let canary = self.canary_first
                         && self.spec.policy.pause_after_canary
                         && self.wave == 1
@@ -358,6 +362,7 @@ impl Rollout {
         self.paused = None;
         self.permanent_deadline = None;
         self.window_opens = None;
+        self.gate = None;
         for t in &mut self.track {
             t.deadline = None;
             t.grace = None;

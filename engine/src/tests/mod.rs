@@ -12,6 +12,7 @@ mod barriers;
 mod crash_safety;
 mod deadlines;
 mod failure;
+mod gates;
 mod harness;
 mod operator;
 mod progress;

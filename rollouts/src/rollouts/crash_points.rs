@@ -32,7 +32,7 @@ pub(super) fn command_point(command: &Command) -> Option<String> {
         Command::Abort { node, .. } => ("abort", node),
         Command::Rollback { node, .. } => ("rollback", node),
         Command::MakePermanent { node } => ("make_permanent", node),
-        Command::Record(_) => return None,
+        Command::Record(_) | Command::RunGate { .. } => return None,
     };
     Some(format!("command {kind} {node}"))
 }

@@ -11,12 +11,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hotroll_script::Script;
+use hotroll_script::{FleetGate, Script};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use super::batch::{Batch, MAX_BATCH};
 use super::clock::now_ms;
 use super::crash_points::{command_point, record_point};
+use super::gates::GateRunner;
 use super::hold::Held;
 use super::snapshot::{
     InstructionNames, SNAPSHOT_ALWAYS_UP_TO, SNAPSHOT_INTERVAL, snapshot_of, summary_differs,
@@ -65,6 +66,11 @@ pub(super) struct Driver {
     record_unsaved: bool,
     /// The batch whose commit failed, while the rollout holds on its store.
     held: Option<Held>,
+    /// The rollout's own input channel (set when its task is spawned): where gate results go.
+    pub(super) inputs: Option<mpsc::WeakUnboundedSender<Input>>,
+    gates: GateRunner,
+    /// The script's fleet gates.
+    fleet_gates: Arc<Vec<FleetGate>>,
 }
 
 /// Sleep until `at`, or forever when there is nothing to wait for (a `select!` branch).
@@ -118,6 +124,9 @@ impl Driver {
             snapshot_stale: false,
             record_unsaved: false,
             held: None,
+            inputs: None,
+            gates: rollouts.gates.clone(),
+            fleet_gates: Arc::new(script.rollout.gates.clone()),
             engine,
             record,
             store: rollouts.store.clone(),
@@ -615,7 +624,38 @@ impl Driver {
             .collect()
     }
 
+    /// Evaluate a fleet gate; its result comes back as an input.
+    fn run_gate(&self, wave: u32, gate: u32) {
+        match &self.inputs {
+            Some(inputs) => {
+                self.gates.start(
+                    &self.record.id,
+                    &self.fleet_gates,
+                    wave,
+                    gate,
+                    inputs.clone(),
+                );
+            }
+            None => {
+                tracing::error!(rollout = %self.record.id, wave, gate, "gate not run: the rollout's task is not running")
+            }
+        }
+    }
+
+    /// After a restart: the gate the engine waits for runs again (its first run's result, if
+    /// any, died with the previous process).
+    pub(super) fn rerun_gate(&self) {
+        if let Some((wave, gate)) = self.engine.running_gate() {
+            tracing::info!(rollout = %self.record.id, wave, gate, "running the fleet gate again after a restart");
+            self.run_gate(wave, gate);
+        }
+    }
+
     fn send(&mut self, command: &Command, probe: Option<FanoutProbe>) {
+        if let Command::RunGate { wave, gate, .. } = command {
+            self.run_gate(*wave, *gate);
+            return;
+        }
         let Some((node, message)) = self.node_command(command) else {
             return;
         };

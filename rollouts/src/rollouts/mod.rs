@@ -23,6 +23,7 @@ mod batch;
 mod clock;
 mod crash_points;
 mod driver;
+mod gates;
 mod hold;
 mod recovery;
 mod snapshot;
@@ -45,6 +46,8 @@ use crate::store::{
 
 pub use clock::{now_ms, use_simulated_clock};
 use driver::Driver;
+use gates::GateRunner;
+pub use gates::NO_PROMETHEUS;
 pub use snapshot::{InstructionNames, instruction_namer};
 use snapshot::{instruction_names_of, snapshot_of};
 use spec::{StartedWith, build_spec, duration_ms};
@@ -66,6 +69,9 @@ pub enum RolloutError {
     Store(#[from] StoreError),
     #[error("the rollout's task has stopped (coordinator shutting down)")]
     Stopped,
+    /// The script has `[[rollout.gates]]` and the coordinator no Prometheus to ask.
+    #[error("the script has fleet gates ({gates}) but {}", gates::NO_PROMETHEUS)]
+    NoPrometheus { gates: String },
     /// The rollout holds because its store fails (see `driver`); the command was not taken.
     #[error(
         "the rollout is held: {}; nothing was changed, try again once the store recovers",
@@ -148,6 +154,7 @@ pub struct Rollouts {
     watch_buffer: usize,
     /// Held while a finished rollout is rebuilt to record a late outcome.
     reviving: Mutex<()>,
+    gates: GateRunner,
 }
 
 impl std::fmt::Debug for Rollouts {
@@ -166,7 +173,14 @@ impl Rollouts {
             metrics: Arc::new(Metrics::new()),
             watch_buffer: DEFAULT_WATCH_BUFFER,
             reviving: Mutex::new(()),
+            gates: GateRunner::default(),
         }
+    }
+
+    /// Fleet gates query this Prometheus (`hotroll serve --prometheus URL`).
+    pub fn with_prometheus(mut self, prometheus: hotroll_gate::Prometheus) -> Self {
+        self.gates.prometheus = Some(Arc::new(prometheus));
+        self
     }
 
     /// Report into `metrics` (by default a private set nobody reads).
@@ -188,6 +202,18 @@ impl Rollouts {
 
     /// Record a new rollout durably, start its task and send the script to every target.
     pub fn start(&self, new: NewRollout) -> Result<RolloutSnapshot, RolloutError> {
+        if self.gates.prometheus.is_none() && !new.script.rollout.gates.is_empty() {
+            let names: Vec<&str> = new
+                .script
+                .rollout
+                .gates
+                .iter()
+                .map(|g| g.name.value.as_str())
+                .collect();
+            return Err(RolloutError::NoPrometheus {
+                gates: names.join(", "),
+            });
+        }
         let id = uuid::Uuid::now_v7().to_string();
         let now = now_ms();
         let spec = build_spec(
@@ -252,8 +278,12 @@ impl Rollouts {
     }
 
     /// Register `driver`'s handle and start its task; returns its input channel.
-    fn spawn(&self, driver: Driver) -> mpsc::UnboundedSender<Input> {
+    fn spawn(&self, mut driver: Driver) -> mpsc::UnboundedSender<Input> {
         let (tx, rx) = mpsc::unbounded_channel();
+        // Weak: the driver's task still ends when every outside sender is gone.
+        driver.inputs = Some(tx.downgrade());
+        // A gate that was running when the previous coordinator stopped runs again.
+        driver.rerun_gate();
         self.lock().insert(
             driver.record.id.clone(),
             Handle {

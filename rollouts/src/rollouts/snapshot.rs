@@ -45,6 +45,7 @@ pub(super) fn snapshot_of(
         left_out: spec.left_out.clone(),
         dry_run: spec.dry_run,
         window_opens_ms: engine.waiting_for_window(),
+        gate_holding: engine.gate_holding().map(str::to_string),
     }
 }
 
@@ -81,5 +82,6 @@ pub(super) fn summary_differs(a: &RolloutSnapshot, b: &RolloutSnapshot) -> bool 
         || a.error != b.error
         || a.finished_ms != b.finished_ms
         || a.window_opens_ms != b.window_opens_ms
+        || a.gate_holding != b.gate_holding
         || barrier(a) != barrier(b)
 }

@@ -216,3 +216,37 @@ async fn a_rollout_stored_but_never_started_starts_after_a_restart() {
         ]
     );
 }
+
+/// A script with fleet gates needs a Prometheus to ask: without one the rollout does not start
+/// (nothing is stored or sent), and the error names the gates and the flag.
+#[tokio::test(start_paused = true)]
+async fn a_script_with_gates_does_not_start_without_a_prometheus() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let rollouts = rollouts(&store);
+    let source = r#"
+app = "x"
+from = "1"
+to = "2"
+[[rollout.gates]]
+name = "errors"
+query = "up"
+pass_if = "> 0"
+[script]
+up = [ { sync_nodes = "b" }, "point_of_no_return" ]
+"#
+    .to_string();
+    let parsed = hotroll_script::parse("s.toml", &source)
+        .unwrap_or_else(|d| panic!("{}", d.to_short_lines().join("\n")));
+    let mut new = new_rollout();
+    new.script_source = source;
+    new.script = parsed.script;
+    let error = rollouts.start(new).err().map(|e| e.to_string());
+    assert_eq!(
+        error.as_deref(),
+        Some(
+            "the script has fleet gates (errors) but no Prometheus is configured on the \
+             coordinator (hotroll serve --prometheus URL)"
+        )
+    );
+    assert!(store.list_rollouts().unwrap_or_default().is_empty());
+}

@@ -69,6 +69,7 @@ pub fn record(id: &str) -> RolloutRecord {
             left_out: vec![],
             dry_run: false,
             window_opens_ms: None,
+            gate_holding: None,
         },
         session_grace_ms: Some(10_000),
         step_slack_ms: None,

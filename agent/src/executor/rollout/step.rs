@@ -255,6 +255,7 @@ async fn execute(
             )
             .await
         }
+        Instruction::Gate { gate } => run_gate(env, gate, deadline, cancel).await,
         // Handled by the rollout itself; nothing to do if one ever reaches here.
         Instruction::SyncNodes { .. } | Instruction::PointOfNoReturn => Ok(StepOutput::default()),
         instruction => {
@@ -262,6 +263,36 @@ async fn execute(
             bounded(work, deadline, cancel, instruction.name()).await
         }
     }
+}
+
+/// A node gate against the Prometheus this agent's config declares (`$node` = this node);
+/// passing is success, anything else (no Prometheus configured, an error, a value that breaks
+/// the condition, the timeout) fails the step with the reason.
+async fn run_gate(
+    env: &Env,
+    spec: &hotroll_script::GateSpec,
+    deadline: Duration,
+    cancel: &CancelSource,
+) -> Result<StepOutput, StepFailure> {
+    let Some(prometheus) = &env.config.prometheus else {
+        return Err(StepFailure::new(
+            "the `gate` instruction needs a Prometheus: this agent's config has no [prometheus] url",
+        ));
+    };
+    let gate = hotroll_gate::Gate::for_node(spec, &env.config.node);
+    let work: BoxFuture<'_, Result<StepOutput, RuntimeError>> = Box::pin(async {
+        let outcome = hotroll_gate::evaluate(prometheus, &gate).await;
+        let reason = outcome.reason(&gate);
+        if outcome.passed() {
+            Ok(StepOutput::new(reason))
+        } else {
+            Err(RuntimeError::Failed {
+                message: format!("gate failed: {reason}"),
+                output: String::new(),
+            })
+        }
+    });
+    bounded(work, deadline, cancel, "gate").await
 }
 
 /// Enforce a runtime operation's deadline: cancel it when it passes, give it [`CANCEL_GRACE`]
