@@ -208,7 +208,11 @@ async fn row_state(browser: &Browser, node: &str) -> String {
         .unwrap()
 }
 
-const FAILING_AFTER_PONR: &str = r#"
+/// Held at a gate after the point of no return (so the page sees it running), then `post`,
+/// which fails on one node.
+fn failing_after_ponr(gate_file: &Path) -> String {
+    format!(
+        r#"
 app = "shop"
 from = "1.4.2"
 to = "1.5.0"
@@ -218,13 +222,17 @@ barrier_timeout = "30s"
 step_timeout = "30s"
 [script]
 up = [
-  { apply = { hook = "mark", args = ["pre"] } },
-  { sync_nodes = "staged" },
+  {{ apply = {{ hook = "mark", args = ["pre"] }} }},
+  {{ sync_nodes = "staged" }},
   "point_of_no_return",
-  { apply = { hook = "post" } },
+  {{ apply = {{ hook = "gate", args = [{gate}] }} }},
+  {{ apply = {{ hook = "post" }} }},
 ]
 down = []
-"#;
+"#,
+        gate = js_string(&gate_file.display().to_string()),
+    )
+}
 
 #[tokio::test]
 async fn a_viewer_watches_a_rollout_with_a_rolled_back_node_to_its_end() {
@@ -269,8 +277,21 @@ async fn a_viewer_watches_a_rollout_with_a_rolled_back_node_to_its_end() {
     let shot = browser.screenshot("fleet.png").await.unwrap();
     eprintln!("screenshot: {}", shot.display());
 
-    let id = start(&mut control, FAILING_AFTER_PONR).await;
+    let gates = tempfile::tempdir().unwrap();
+    let held = gate(gates.path(), "held");
+    let id = start(&mut control, &failing_after_ponr(&held)).await;
     open_rollout(&browser, &base, &id).await;
+    // Live: every node past the point of no return, its gate step a running bar.
+    browser
+        .wait_until(
+            "every node running its gate step",
+            WITHIN,
+            "document.querySelectorAll(\"#nodes .node-row[data-state='committing'] .step-bar[data-step='3'][data-outcome='running']\").length === 3",
+        )
+        .await
+        .unwrap();
+    assert_eq!(browser.text("#rollout-state").await.unwrap(), "committing");
+    std::fs::write(&held, "").unwrap();
     browser
         .wait_until(
             "the rollout's end on the page",
@@ -323,7 +344,7 @@ async fn a_viewer_watches_a_rollout_with_a_rolled_back_node_to_its_end() {
             .collect();
         steps.sort_unstable();
         steps.dedup();
-        assert_eq!(steps.len(), 4, "{node}: {steps:?}");
+        assert_eq!(steps.len(), 5, "{node}: {steps:?}");
         let bars = browser
             .count(&format!(
                 "#nodes .node-row[data-node='{node}'] .lane .step-bar"
@@ -341,13 +362,13 @@ async fn a_viewer_watches_a_rollout_with_a_rolled_back_node_to_its_end() {
         .eval("return document.querySelector(\"#nodes .node-row[data-node='node-2'] .step-bar[data-outcome='failed']\").dataset.step;")
         .await
         .unwrap();
-    assert_eq!(failed_step, "3");
+    assert_eq!(failed_step, "4");
     assert_eq!(
         browser
             .count("#nodes .node-row .step-bar[data-outcome='succeeded']")
             .await
             .unwrap(),
-        11
+        3 * 5 - 1
     );
     // Everything the coordinator recorded, once.
     let page_seqs: Vec<u64> = serde_json::from_value(
@@ -535,7 +556,15 @@ async fn a_page_whose_network_breaks_mid_rollout_ends_with_exactly_the_coordinat
     let first = gate(gates.path(), "first");
     let id = start(&mut control, &gated_script(&first, false)).await;
     open_rollout(&browser, &base, &id).await;
-    wait_page_state(&browser, "committing").await;
+    // Quiet: the canary held at its gate, nothing else to record until it opens.
+    browser
+        .wait_until(
+            "the canary at its gate",
+            WITHIN,
+            "document.querySelectorAll(\"#nodes .node-row[data-node='node-1'] .step-bar[data-step='3'][data-outcome='running']\").length === 1",
+        )
+        .await
+        .unwrap();
     let before: Value = browser
         .eval("return window.hotrollConsole.stream();")
         .await
