@@ -106,6 +106,7 @@ impl Browser {
                 "--disable-dev-shm-usage",
                 "--no-first-run",
                 "--disable-extensions",
+                "--disable-breakpad",
                 // `performance.memory` with real figures instead of bucketed ones (the bench).
                 "--enable-precise-memory-info",
                 format!("--user-data-dir={}", self.profile.path().join("profile").display()),
@@ -266,11 +267,13 @@ impl Browser {
         descendants(self.driver.id())
             .into_iter()
             .filter(|pid| {
+                // Zygote-forked processes rewrite their title: one string, spaces between
+                // the arguments instead of NULs.
                 std::fs::read(format!("/proc/{pid}/cmdline"))
                     .map(|cmdline| {
-                        cmdline
-                            .split(|&b| b == 0)
-                            .any(|arg| arg == b"--type=renderer")
+                        String::from_utf8_lossy(&cmdline)
+                            .split(['\0', ' '])
+                            .any(|arg| arg == "--type=renderer")
                     })
                     .unwrap_or(false)
             })

@@ -14,10 +14,11 @@
 //!    rollout's page, which receives the status (N node rows) and the whole stored history
 //!    over server-sent events.
 //!
-//! Printed: the fleet page's time to its N rows; the rollout page's time to its virtualised
-//! node list (every row accounted for) and to the whole history applied; the worst redraw after
-//! a jump in the node list; the tab's JS heap (`performance.memory`) and the renderer processes'
-//! resident memory (`/proc/PID/status` of Chromium's `--type=renderer` children).
+//! Printed: the time to log in and draw the fleet page (N table rows); the rollout page's time
+//! to its virtualised node list (every row accounted for) and to the whole history applied;
+//! how long a jump in the node list takes to its next painted frame (median, worst of 20); the
+//! tab's JS heap (`performance.memory`) and the resident (RSS) and proportional (PSS) memory of
+//! Chromium's `--type=renderer` processes (`/proc/PID/status`, `smaps_rollup`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -177,49 +178,65 @@ struct Figures {
     rows_ready_ms: f64,
     history_ready_ms: f64,
     history_events: u64,
+    median_scroll_redraw_ms: f64,
     worst_scroll_redraw_ms: f64,
     js_heap_used_bytes: u64,
     js_heap_total_bytes: u64,
-    renderer_rss_kib: Vec<(u32, u64)>,
+    /// (pid, RSS, PSS) of each renderer process, KiB.
+    renderer_rss_kib: Vec<(u32, u64, u64)>,
     console_rss_kib: u64,
 }
 
 fn print(f: &Figures, nodes: usize) {
-    println!("console-bench: {nodes}-node rollout in headless Chromium");
-    println!(
-        "  login through the form:                 {} ms",
-        f.login_ms
+    let line = |what: &str, value: String| println!("  {what:<46} {value}");
+    println!("console-bench: a {nodes}-node rollout in headless Chromium");
+    line(
+        "open the page, log in, fleet drawn",
+        format!("{} ms", f.login_ms),
     );
-    println!(
-        "  fleet page, {nodes} table rows:           {:.0} ms",
-        f.fleet_rows_ms
+    line(
+        &format!("fleet page, {nodes} table rows"),
+        format!("{:.0} ms", f.fleet_rows_ms),
     );
-    println!(
-        "  rollout page, node list ready:          {:.0} ms (every row accounted for, ~30 drawn)",
-        f.rows_ready_ms
+    line(
+        "rollout page, node list ready",
+        format!("{:.0} ms (every row accounted for)", f.rows_ready_ms),
     );
-    println!(
-        "  rollout page, whole history applied:    {:.0} ms ({} events over SSE)",
-        f.history_ready_ms, f.history_events
+    line(
+        "rollout page, whole history applied",
+        format!(
+            "{:.0} ms ({} events over SSE)",
+            f.history_ready_ms, f.history_events
+        ),
     );
-    println!(
-        "  worst redraw after a jump in the list:  {:.1} ms",
-        f.worst_scroll_redraw_ms
+    line(
+        "a jump in the node list to its next frame",
+        format!(
+            "median {:.1} ms, worst {:.1} ms (20 jumps)",
+            f.median_scroll_redraw_ms, f.worst_scroll_redraw_ms
+        ),
     );
-    println!(
-        "  tab JS heap (performance.memory):       {:.1} MiB used of {:.1} MiB",
-        f.js_heap_used_bytes as f64 / 1048576.0,
-        f.js_heap_total_bytes as f64 / 1048576.0
+    line(
+        "tab JS heap (performance.memory)",
+        format!(
+            "{:.1} MiB used of {:.1} MiB",
+            f.js_heap_used_bytes as f64 / 1048576.0,
+            f.js_heap_total_bytes as f64 / 1048576.0
+        ),
     );
-    for (pid, kib) in &f.renderer_rss_kib {
-        println!(
-            "  renderer process {pid} RSS:              {:.1} MiB",
-            *kib as f64 / 1024.0
+    for (pid, rss, pss) in &f.renderer_rss_kib {
+        line(
+            &format!("renderer process {pid}"),
+            format!(
+                "RSS {:.1} MiB, PSS {:.1} MiB",
+                *rss as f64 / 1024.0,
+                *pss as f64 / 1024.0
+            ),
         );
     }
-    println!(
-        "  coordinator serving the console, RSS:   {:.1} MiB",
-        f.console_rss_kib as f64 / 1024.0
+    line(
+        "coordinator serving the console, RSS",
+        format!("{:.1} MiB", f.console_rss_kib as f64 / 1024.0),
     );
 }
 
@@ -342,19 +359,20 @@ async fn in_browser(
     }
 
     // Jumps through the list: each redraw is one animation frame after the scroll.
-    let worst = browser
+    let redraws = browser
         .eval(
             "const list = document.getElementById('nodes');
              const frame = () => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
              return (async () => {
-               let worst = 0;
+               const took = [];
                for (let i = 1; i <= 20; i++) {
                  const t = performance.now();
                  list.scrollTop = (list.scrollHeight * i) / 21;
                  await frame();
-                 worst = Math.max(worst, performance.now() - t);
+                 took.push(performance.now() - t);
                }
-               return worst;
+               took.sort((a, b) => a - b);
+               return { median: took[10], worst: took[19] };
              })();",
         )
         .await?;
@@ -366,7 +384,7 @@ async fn in_browser(
     let renderer_rss_kib = browser
         .renderer_pids()
         .into_iter()
-        .filter_map(|pid| Some((pid, procfs::rss_kib(pid).ok()?)))
+        .filter_map(|pid| Some((pid, procfs::rss_kib(pid).ok()?, pss_kib(pid)?)))
         .collect();
     let _ = browser.screenshot("rollout-10000.png").await;
     browser.close().await?;
@@ -376,7 +394,8 @@ async fn in_browser(
         rows_ready_ms,
         history_ready_ms,
         history_events,
-        worst_scroll_redraw_ms: worst.as_f64().unwrap_or(f64::NAN),
+        median_scroll_redraw_ms: redraws["median"].as_f64().unwrap_or(f64::NAN),
+        worst_scroll_redraw_ms: redraws["worst"].as_f64().unwrap_or(f64::NAN),
         js_heap_used_bytes: memory["used"].as_u64().unwrap_or(0),
         js_heap_total_bytes: memory["total"].as_u64().unwrap_or(0),
         renderer_rss_kib,
@@ -400,4 +419,13 @@ async fn ready_after(browser: &Browser, what: &str, within: Duration) -> anyhow:
         .wait_until(what, within, "window.__ready !== null && window.__ready")
         .await?;
     value.as_f64().context("not a number")
+}
+
+/// Proportional set size (`Pss` of /proc/PID/smaps_rollup), KiB: a renderer's RSS counts every
+/// page it shares with Chromium's other processes in full.
+fn pss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("Pss:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
