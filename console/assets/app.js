@@ -204,7 +204,12 @@ function showRollout(id) {
   };
   // Running bars grow with the clock even when nothing happens.
   live.ticker = setInterval(() => { if (live && !live.ended) queueDraw(); }, 1000);
-  list.addEventListener("scroll", () => queueDraw());
+  // Scrolling only moves the rows in view: the rest of the page stays as drawn.
+  list.addEventListener("scroll", () => {
+    if (!live || live.rowsQueued) return;
+    live.rowsQueued = true;
+    requestAnimationFrame(() => { if (!live) return; live.rowsQueued = false; drawRows(live); });
+  });
   historyFilter.addEventListener("input", () => drawHistory());
   historyKind.addEventListener("change", () => drawHistory());
   connect();
