@@ -150,6 +150,7 @@ async function showRollouts() {
 
 function stopLive() {
   if (live && live.source) live.source.close();
+  if (live && live.ticker) clearInterval(live.ticker);
   live = null;
 }
 
@@ -170,6 +171,11 @@ function showRollout(id) {
   const spacer = el("div", { class: "spacer" });
   const rows = el("div", { class: "rows" });
   list.append(spacer, rows);
+  const listHead = el("div", { class: "node-row head" },
+    el("span", { class: "name", text: "node" }), el("span", { class: "wave-of", text: "wave" }),
+    el("span", { class: "step", text: "step" }), el("span", { class: "state", text: "state" }),
+    el("span", { class: "conn", text: "" }), el("span", { class: "error", text: "last error" }),
+    el("span", { class: "lane", text: "timeline: one bar per step" }));
   const timeline = el("canvas", { id: "timeline", width: 1000, height: 120 });
   const historyFilter = el("input", { id: "history-filter", placeholder: "filter history: node, kind, text" });
   const historyKind = el("select", { id: "history-kind" },
@@ -179,22 +185,31 @@ function showRollout(id) {
   page.append(
     el("h1", {}, "Rollout ", el("code", { text: id }), " ", liveState),
     header, actions, actionResult, waves,
-    el("h2", { text: "Nodes" }), list,
-    el("h2", { text: "Timeline" }), el("p", { class: "muted legend" },
+    el("h2", {}, "Nodes ", el("span", { class: "muted legend" },
       el("span", { class: "swatch ok" }), "succeeded ", el("span", { class: "swatch bad" }), "failed ",
-      el("span", { class: "swatch run" }), "running ", el("span", { class: "swatch wait" }), "barrier wait"),
-    timeline,
+      el("span", { class: "swatch run" }), "running ", el("span", { class: "swatch wait" }), "barrier wait")),
+    listHead, list,
+    el("h2", { text: "Timeline, every node" }), timeline,
     el("h2", { text: "History" }), el("div", { class: "filters" }, historyFilter, historyKind), history);
 
   live = {
     id, status: null, instructions: [], events: [], seqs: new Set(), lastSeq: 0,
     steps: new Map(), // "node\u0000step" -> bar {node, step, start, end, outcome, error}
     waits: new Map(), // "node\u0000barrier" -> {node, start, end}
+    byNode: new Map(), // node -> {bars: [step bars], waits: [barrier waits]} (the rows' lanes)
     barrierReleases: new Map(), // barrier -> at_ms
-    source: null, ended: false, drawQueued: false,
+    source: null, ended: false, drawQueued: false, timelineDrawn: 0,
+    opens: 0, received: 0, duplicates: 0, ticker: null,
     els: { header, waves, list, spacer, rows, timeline, history, historyFilter, historyKind, liveState },
   };
-  list.addEventListener("scroll", () => queueDraw());
+  // Running bars grow with the clock even when nothing happens.
+  live.ticker = setInterval(() => { if (live && !live.ended) queueDraw(); }, 1000);
+  // Scrolling only moves the rows in view: the rest of the page stays as drawn.
+  list.addEventListener("scroll", () => {
+    if (!live || live.rowsQueued) return;
+    live.rowsQueued = true;
+    requestAnimationFrame(() => { if (!live) return; live.rowsQueued = false; drawRows(live); });
+  });
   historyFilter.addEventListener("input", () => drawHistory());
   historyKind.addEventListener("change", () => drawHistory());
   connect();
@@ -206,7 +221,7 @@ function connect(fromSeq) {
   const url = "/api/rollouts/" + encodeURIComponent(view.id) + "/events" + (fromSeq ? "?from=" + fromSeq : "");
   const source = new EventSource(url);
   view.source = source;
-  source.addEventListener("open", () => setLive(view, "open"));
+  source.addEventListener("open", () => { view.opens++; setLive(view, "open"); });
   source.addEventListener("status", (e) => {
     const data = JSON.parse(e.data);
     view.status = data.status; view.instructions = data.instructions;
@@ -214,7 +229,8 @@ function connect(fromSeq) {
   });
   source.addEventListener("history", (e) => {
     const event = JSON.parse(e.data);
-    if (view.seqs.has(event.seq)) return; // a duplicate after a reconnect
+    view.received++;
+    if (view.seqs.has(event.seq)) { view.duplicates++; return; } // a duplicate after a reconnect
     view.seqs.add(event.seq);
     view.lastSeq = Math.max(view.lastSeq, event.seq);
     view.events.push(event);
@@ -249,19 +265,34 @@ window.hotrollConsole = {
     return true;
   },
   seqs() { return live ? Array.from(live.seqs).sort((a, b) => a - b) : []; },
+  // The history in the order the page took it in, with what the stream did.
+  history() { return live ? live.events.map((e) => e.seq) : []; },
+  stream() { return live ? { opens: live.opens, received: live.received, duplicates: live.duplicates, last_seq: live.lastSeq, ended: live.ended } : null; },
   bars() { return live ? Array.from(live.steps.values()) : []; },
 };
+
+function lanesOf(view, node) {
+  let lanes = view.byNode.get(node);
+  if (!lanes) { lanes = { bars: [], waits: [] }; view.byNode.set(node, lanes); }
+  return lanes;
+}
 
 function applyHistory(view, event) {
   const r = event.record;
   if (r.kind === "step") {
     const key = r.node + "\u0000" + r.step;
     let bar = view.steps.get(key);
-    if (!bar) { bar = { node: r.node, step: r.step, start: event.at_ms, end: null, outcome: "running", error: null }; view.steps.set(key, bar); }
+    if (!bar) {
+      bar = { node: r.node, step: r.step, start: event.at_ms, end: null, outcome: "running", error: null };
+      view.steps.set(key, bar);
+      lanesOf(view, r.node).bars.push(bar);
+    }
     if (r.phase === "started") bar.start = event.at_ms;
     else { bar.end = event.at_ms; bar.outcome = r.phase; bar.error = r.error || null; }
   } else if (r.kind === "barrier_arrived") {
-    view.waits.set(r.node + "\u0000" + r.barrier, { node: r.node, barrier: r.barrier, start: event.at_ms, end: null });
+    const wait = { node: r.node, barrier: r.barrier, start: event.at_ms, end: null };
+    view.waits.set(r.node + "\u0000" + r.barrier, wait);
+    lanesOf(view, r.node).waits.push(wait);
   } else if (r.kind === "barrier_released" || r.kind === "barrier_failed") {
     for (const wait of view.waits.values()) if (wait.barrier === r.barrier && wait.end === null) wait.end = event.at_ms;
   }
@@ -273,11 +304,47 @@ function queueDraw() {
   requestAnimationFrame(() => { if (!live) return; live.drawQueued = false; draw(live); });
 }
 
+// The whole-fleet timeline redraws every bar: at most this often while events pour in.
+const TIMELINE_EVERY_MS = 500;
+
 function draw(view) {
   drawHeader(view);
   drawRows(view);
-  drawTimeline(view);
+  const now = Date.now();
+  if (view.ended || now - view.timelineDrawn >= TIMELINE_EVERY_MS) {
+    view.timelineDrawn = now;
+    drawTimeline(view);
+  } else {
+    queueDrawLater(view);
+  }
   drawHistory();
+}
+
+function queueDrawLater(view) {
+  if (view.later) return;
+  view.later = setTimeout(() => { view.later = null; queueDraw(); }, TIMELINE_EVERY_MS);
+}
+
+// The span the lanes and the timeline show: the rollout's start to its end (or now).
+function span(view) {
+  const s = view.status;
+  const start = s.created_ms;
+  const end = Math.max(start + 50, s.finished_ms || Date.now());
+  return { start, end };
+}
+
+function laneBar(cls, from, to, { start, end }, attrs) {
+  const bar = el("span", Object.assign({ class: "bar " + cls }, attrs));
+  const left = ((from - start) / (end - start)) * 100;
+  const width = ((to - from) / (end - start)) * 100;
+  bar.style.left = Math.max(0, left) + "%";
+  bar.style.width = Math.max(0.4, width) + "%";
+  return bar;
+}
+
+// A field of the status as text: a dash for one it does not have (never "null").
+function orDash(value) {
+  return value === null || value === undefined || value === "" ? "–" : String(value);
 }
 
 function drawHeader(view) {
@@ -285,15 +352,19 @@ function drawHeader(view) {
   if (!s) return;
   const end = s.finished_ms || Date.now();
   const b = s.barrier;
-  view.els.header.replaceChildren(
+  // replaceChildren would draw a left-out part (null) as the text "null".
+  view.els.header.replaceChildren(...[
     el("span", { id: "rollout-state", class: "state state-" + s.state, text: s.state }),
-    el("span", { text: " " + s.app + " " + s.from + " → " + s.to }),
-    el("span", { id: "rollout-wave", text: " · wave " + s.current_wave + "/" + s.waves }),
-    el("span", { id: "rollout-failures", text: " · failures " + s.failures + "/" + s.max_failures }),
-    el("span", { text: " · " + duration(end - s.created_ms) }),
-    b ? el("span", { id: "rollout-barrier", text: " · barrier " + b.id + " " + b.arrived + "/" + b.expected }) : null,
+    el("span", { id: "rollout-app", text: " " + orDash(s.app) + " " + orDash(s.from) + " → " + orDash(s.to) }),
+    el("span", { id: "rollout-wave", text: " · wave " + orDash(s.current_wave) + "/" + orDash(s.waves) }),
+    el("span", { id: "rollout-failures", text: " · failures " + orDash(s.failures) + "/" + orDash(s.max_failures) }),
+    el("span", { id: "rollout-duration", text: " · " + orDash(duration(end - s.created_ms)) }),
+    s.dry_run ? el("span", { id: "rollout-dry-run", text: " · dry run" }) : null,
+    s.window_opens_ms ? el("span", { id: "rollout-window", text: " · next window " + new Date(s.window_opens_ms).toISOString().slice(0, 16).replace("T", " ") + " UTC" }) : null,
+    b ? el("span", { id: "rollout-barrier", text: " · barrier " + orDash(b.id) + " " + orDash(b.arrived) + "/" + orDash(b.expected) }) : null,
     s.error ? el("div", { class: "error", id: "rollout-error", text: s.error }) : null,
-    s.held_on_store ? el("div", { class: "error", text: "held: " + s.held_on_store.error }) : null);
+    s.held_on_store ? el("div", { class: "error", text: "held: " + s.held_on_store.error }) : null,
+  ].filter((part) => part !== null));
   const byWave = new Map();
   for (const n of s.nodes) {
     const w = byWave.get(n.wave) || { total: 0, committed: 0, failed: 0 };
@@ -313,22 +384,34 @@ function drawRows(view) {
   const { list, spacer, rows } = view.els;
   const nodes = s.nodes;
   spacer.style.height = nodes.length * ROW_HEIGHT + "px";
+  // A few nodes need no 400 px box; many scroll in one.
+  list.style.height = Math.min(400, nodes.length * ROW_HEIGHT + 2) + "px";
   const first = Math.max(0, Math.floor(list.scrollTop / ROW_HEIGHT) - 5);
   const count = Math.ceil((list.clientHeight || 400) / ROW_HEIGHT) + 10;
-  const shown = nodes.slice(first, first + count);
+  const visible = nodes.slice(first, first + count);
   rows.style.transform = "translateY(" + first * ROW_HEIGHT + "px)";
   list.setAttribute("data-nodes", nodes.length);
   list.setAttribute("data-committed", nodes.filter((n) => n.state === "committed").length);
-  rows.replaceChildren(...shown.map((n) => {
+  const range = span(view);
+  rows.replaceChildren(...visible.map((n) => {
     const step = n.step === null || n.step === undefined ? "–" : (n.step + 1) + "/" + s.steps_total +
       (view.instructions[n.step] ? " " + view.instructions[n.step] : "");
+    const lanes = view.byNode.get(n.name) || { bars: [], waits: [] };
+    const lane = el("span", { class: "lane" },
+      ...lanes.waits.map((w) => laneBar("wait-bar", w.start, w.end || range.end, range,
+        { title: "waited at barrier " + w.barrier })),
+      ...lanes.bars.map((b) => laneBar("step-bar outcome-" + b.outcome, b.start, b.end || range.end, range, {
+        "data-step": b.step, "data-outcome": b.outcome,
+        title: "step " + (b.step + 1) + (view.instructions[b.step] ? " " + view.instructions[b.step] : "") + ": " + b.outcome + (b.error ? ": " + b.error : ""),
+      })));
     return el("div", { class: "node-row", "data-node": n.name, "data-state": n.state },
       el("span", { class: "name", text: n.name }),
       el("span", { class: "wave-of", text: "w" + n.wave }),
       el("span", { class: "step", text: step }),
       el("span", { class: "state state-" + n.state, text: n.state }),
-      el("span", { class: "conn " + (n.connected ? "ok" : "bad"), text: n.connected ? "●" : "○" }),
-      el("span", { class: "error", text: n.error || "" }));
+      el("span", { class: "conn " + (n.connected ? "ok" : "bad"), text: n.connected ? "●" : "○", title: n.connected ? "connected" : "not connected" }),
+      el("span", { class: "error", text: n.error || "", title: n.error || "" }),
+      lane);
   }));
 }
 
@@ -344,8 +427,7 @@ function drawTimeline(view) {
   if (canvas.height !== height) canvas.height = height;
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, width, height);
-  const start = s.created_ms;
-  const end = Math.max(start + 1000, s.finished_ms || Date.now());
+  const { start, end } = span(view);
   const x = (t) => ((t - start) / (end - start)) * width;
   const rowH = height / Math.max(1, names.length);
   const colour = { succeeded: "#2e9d4a", failed: "#d23c3c", running: "#3c7bd2" };
@@ -375,7 +457,7 @@ function describe(record) {
     case "rollout_state": return "rollout → " + r.state + (r.reason ? ": " + r.reason : "");
     case "barrier_arrived": return r.node + " at barrier " + r.barrier + " (" + r.arrived + "/" + r.expected + ")";
     case "barrier_released": return "barrier " + r.barrier + " released" + (r.wave ? " (wave " + r.wave + ")" : "");
-    case "barrier_failed": return "barrier " + r.barrier + " failed: " + r.reason;
+    case "barrier_failed": return "barrier " + r.barrier + " failed: " + orDash(r.reason);
     case "wave_started": return "wave " + r.wave + " started (" + r.nodes.length + " nodes)";
     case "operator": return "operator: " + r.action + (r.reason ? " (" + r.reason + ")" : "");
     default: return JSON.stringify(r);

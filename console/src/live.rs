@@ -25,6 +25,10 @@ use crate::sessions::require;
 /// The shortest time between two `status` events of one stream.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
 
+/// How soon a browser whose stream broke tries again (its `EventSource` waits about 3 s
+/// unless told): a wall screen should not lag behind for long after a network blip.
+const RECONNECT_AFTER: Duration = Duration::from_millis(500);
+
 /// Events buffered per stream before the sender waits for the browser.
 const STREAM_BUFFER: usize = 256;
 
@@ -185,6 +189,13 @@ async fn forward(
         last_status: None,
         finished: false,
     };
+    if f.tx
+        .send(Ok(Event::default().retry(RECONNECT_AFTER)))
+        .await
+        .is_err()
+    {
+        return;
+    }
     // The status first: the page draws every row from it, then applies the history.
     if !f.status().await {
         return;

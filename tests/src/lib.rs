@@ -57,6 +57,7 @@
 
 pub mod background;
 pub mod bins;
+pub mod browser;
 pub mod cluster;
 pub mod crash;
 pub mod erlang;

@@ -1,6 +1,7 @@
 //! A TCP proxy on 127.0.0.1 between clients and the coordinator: it counts the bytes in each
 //! direction and can throttle what flows back to the clients, so a test can see how many
-//! artifact bytes moved, or slow a download down enough to interrupt it.
+//! artifact bytes moved, or slow a download down enough to interrupt it; it can also cut every
+//! connection and refuse new ones (a browser's broken network, in the console's tests).
 //!
 //! Agents reach the coordinator through it with `HOTROLL_COORDINATOR` (the agent's
 //! `--coordinator`); the upstream can be set after the proxy starts, because the coordinator's
@@ -69,6 +70,23 @@ impl Proxy {
     pub fn set_upstream_port(&self, port: u16) {
         if let Ok(mut upstream) = self.shared.upstream.lock() {
             *upstream = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        }
+    }
+
+    /// Refuse new connections (they are closed at once) until an upstream is set again.
+    pub fn clear_upstream(&self) {
+        if let Ok(mut upstream) = self.shared.upstream.lock() {
+            *upstream = None;
+        }
+    }
+
+    /// Close every connection open now, as a broken network would; new ones are forwarded
+    /// (or refused, after [`Proxy::clear_upstream`]).
+    pub fn cut(&self) {
+        if let Ok(mut connections) = self.shared.connections.lock() {
+            for c in connections.drain(..) {
+                let _ = c.shutdown(Shutdown::Both);
+            }
         }
     }
 
