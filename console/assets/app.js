@@ -361,6 +361,7 @@ function drawHeader(view) {
     el("span", { id: "rollout-duration", text: " · " + orDash(duration(end - s.created_ms)) }),
     s.dry_run ? el("span", { id: "rollout-dry-run", text: " · dry run" }) : null,
     s.window_opens_ms ? el("span", { id: "rollout-window", text: " · next window " + new Date(s.window_opens_ms).toISOString().slice(0, 16).replace("T", " ") + " UTC" }) : null,
+    s.gate_holding ? el("span", { id: "rollout-gate", text: " · gate " + s.gate_holding + " holding" }) : null,
     b ? el("span", { id: "rollout-barrier", text: " · barrier " + orDash(b.id) + " " + orDash(b.arrived) + "/" + orDash(b.expected) }) : null,
     s.error ? el("div", { class: "error", id: "rollout-error", text: s.error }) : null,
     s.held_on_store ? el("div", { class: "error", text: "held: " + s.held_on_store.error }) : null,
@@ -460,6 +461,8 @@ function describe(record) {
     case "barrier_failed": return "barrier " + r.barrier + " failed: " + orDash(r.reason);
     case "wave_started": return "wave " + r.wave + " started (" + r.nodes.length + " nodes)";
     case "operator": return "operator: " + r.action + (r.reason ? " (" + r.reason + ")" : "");
+    case "gate": return "gate " + r.name + " (wave " + r.wave + ") " + r.phase + (r.value !== undefined ? ", value " + r.value : "") + (r.reason ? ": " + r.reason : "");
+    case "dry_run_verdict": return r.node + (r.would_commit ? " would commit" : " would not commit: " + orDash(r.reason));
     default: return JSON.stringify(r);
   }
 }
