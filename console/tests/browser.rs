@@ -72,24 +72,11 @@ async fn fleet(ui: SocketAddr, failing: Option<&'static str>) -> Fleet {
         .build()
         .await
         .unwrap();
-    wait_connected(&mut fleet.control().await.unwrap(), 3).await;
     fleet
-}
-
-async fn wait_connected(client: &mut OperatorClient, count: usize) {
-    for _ in 0..600 {
-        let nodes = client
-            .list_nodes(pb::ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
-        if nodes.iter().filter(|n| n.connected).count() == count {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the agents did not connect");
+        .wait_connected(3, Duration::from_secs(30))
+        .await
+        .unwrap();
+    fleet
 }
 
 fn free_addr() -> SocketAddr {

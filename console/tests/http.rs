@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hotroll_agent::HooksOnlyRuntime;
 use hotroll_coordinator::auth::{TokenRole, TokenStore};
-use hotroll_local::{Fleet, NodeSlot, OperatorClient};
+use hotroll_local::{Fleet, NodeSlot};
 use hotroll_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -182,22 +182,6 @@ fn parse_sse(body: &str) -> Vec<Sse> {
         .collect()
 }
 
-async fn wait_connected(client: &mut OperatorClient, count: usize) {
-    for _ in 0..400 {
-        let nodes = client
-            .list_nodes(pb::ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
-        if nodes.iter().filter(|n| n.connected).count() == count {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the agents did not connect");
-}
-
 fn free_port() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap()
@@ -220,8 +204,11 @@ async fn a_viewer_follows_a_rollout_and_only_an_operator_with_its_csrf_token_may
         .build()
         .await
         .unwrap();
+    fleet
+        .wait_connected(3, Duration::from_secs(20))
+        .await
+        .unwrap();
     let mut control = fleet.control().await.unwrap();
-    wait_connected(&mut control, 3).await;
     let tokens = TokenStore::new(fleet.coordinator_dir());
     let day = Duration::from_secs(86_400);
     let (viewer, _) = tokens

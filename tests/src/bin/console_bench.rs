@@ -29,7 +29,7 @@ use hotroll_tests::browser::Browser;
 use hotroll_tests::scale::procfs;
 use hotroll_tests::scale::raise_fd_limit;
 use hotroll_tests::scale::run::{RunOptions, run};
-use hotroll_tests::scale::worker::{self, WorkerOptions};
+use hotroll_tests::scale::worker::{self, WorkerArgs};
 use hotroll_tests::{Process, free_port};
 use serde_json::Value;
 
@@ -62,24 +62,7 @@ struct Args {
 enum Sub {
     /// (internal) Run agents in this process for the scale fleet.
     #[command(hide = true)]
-    Worker {
-        #[arg(long)]
-        index: usize,
-        #[arg(long)]
-        first: usize,
-        #[arg(long)]
-        agents: usize,
-        #[arg(long)]
-        coordinator: String,
-        #[arg(long)]
-        data_root: PathBuf,
-        #[arg(long)]
-        heartbeat_ms: u64,
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        #[arg(long, default_value_t = 8)]
-        blocking_threads: usize,
-    },
+    Worker(WorkerArgs),
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -88,27 +71,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(Sub::Worker {
-        index,
-        first,
-        agents,
-        coordinator,
-        data_root,
-        heartbeat_ms,
-        threads,
-        blocking_threads,
-    }) = args.command
-    {
-        return worker::run(WorkerOptions {
-            index,
-            first,
-            agents,
-            coordinator,
-            data_root,
-            heartbeat: Duration::from_millis(heartbeat_ms),
-            threads,
-            blocking_threads,
-        });
+    if let Some(Sub::Worker(worker_args)) = args.command {
+        return worker::run(worker_args.into());
     }
     hotroll_tests::browser::require()?;
     let fd_limit = raise_fd_limit()?;

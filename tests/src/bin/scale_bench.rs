@@ -32,7 +32,7 @@ use clap::{Parser, Subcommand};
 use hotroll_etcd::{EtcdClient, EtcdOptions};
 use hotroll_tests::etcd::EtcdCluster;
 use hotroll_tests::scale::run::{RunOptions, RunResult, run};
-use hotroll_tests::scale::worker::{self, WorkerOptions};
+use hotroll_tests::scale::worker::{self, WorkerArgs};
 use hotroll_tests::scale::{Stats, raise_fd_limit};
 
 #[derive(Debug, Parser)]
@@ -102,24 +102,7 @@ struct Args {
 enum Sub {
     /// (internal) Run agents in this process for the bench.
     #[command(hide = true)]
-    Worker {
-        #[arg(long)]
-        index: usize,
-        #[arg(long)]
-        first: usize,
-        #[arg(long)]
-        agents: usize,
-        #[arg(long)]
-        coordinator: String,
-        #[arg(long)]
-        data_root: PathBuf,
-        #[arg(long)]
-        heartbeat_ms: u64,
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        #[arg(long, default_value_t = 8)]
-        blocking_threads: usize,
-    },
+    Worker(WorkerArgs),
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -128,27 +111,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(Sub::Worker {
-        index,
-        first,
-        agents,
-        coordinator,
-        data_root,
-        heartbeat_ms,
-        threads,
-        blocking_threads,
-    }) = args.command
-    {
-        return worker::run(WorkerOptions {
-            index,
-            first,
-            agents,
-            coordinator,
-            data_root,
-            heartbeat: Duration::from_millis(heartbeat_ms),
-            threads,
-            blocking_threads,
-        });
+    if let Some(Sub::Worker(worker_args)) = args.command {
+        return worker::run(worker_args.into());
     }
     ensure!(!args.agents.is_empty(), "--agents is empty");
     let fd_limit = raise_fd_limit()?;

@@ -24,6 +24,43 @@ use super::marks::{BarrierMarks, MarkLayer};
 /// How long agents get to say Goodbye and stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The hidden `worker` subcommand of the benches that run a scale fleet: the flags the fleet's
+/// runner passes to each worker process.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    index: usize,
+    #[arg(long)]
+    first: usize,
+    #[arg(long)]
+    agents: usize,
+    #[arg(long)]
+    coordinator: String,
+    #[arg(long)]
+    data_root: PathBuf,
+    #[arg(long)]
+    heartbeat_ms: u64,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, default_value_t = 8)]
+    blocking_threads: usize,
+}
+
+impl From<WorkerArgs> for WorkerOptions {
+    fn from(args: WorkerArgs) -> Self {
+        Self {
+            index: args.index,
+            first: args.first,
+            agents: args.agents,
+            coordinator: args.coordinator,
+            data_root: args.data_root,
+            heartbeat: Duration::from_millis(args.heartbeat_ms),
+            threads: args.threads,
+            blocking_threads: args.blocking_threads,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     pub index: usize,
