@@ -275,6 +275,20 @@ pub struct WaitedRollout {
     pub output: CmdOutput,
 }
 
+impl WaitedRollout {
+    /// The rollout ended in `state`; otherwise an error with its status and the CLI's stderr.
+    pub fn ensure_state(&self, state: &str) -> anyhow::Result<()> {
+        let actual = crate::status::rollout_state(&self.status)?;
+        anyhow::ensure!(
+            actual == state,
+            "rollout is `{actual}`, expected `{state}`: {:#}\nstderr: {}",
+            self.status,
+            self.output.stderr
+        );
+        Ok(())
+    }
+}
+
 /// A running cluster. Dropping it kills every process; when the thread is panicking (a failed
 /// test) it first prints the tail of every process's log. Set `HOTROLL_KEEP_TEMP=1` to keep the
 /// temp dir (its path is printed).

@@ -94,17 +94,6 @@ fn phases(gates: &[Value]) -> Vec<(u64, String)> {
         .collect()
 }
 
-fn ensure_rollout(run: &hotroll_tests::WaitedRollout, state: &str) -> anyhow::Result<()> {
-    let actual = status::rollout_state(&run.status)?;
-    ensure!(
-        actual == state,
-        "rollout is `{actual}`, expected `{state}`: {:#}\nstderr: {}",
-        run.status,
-        run.output.stderr
-    );
-    Ok(())
-}
-
 #[test]
 fn a_gate_that_holds_while_errors_stay_low_lets_every_wave_through() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -115,7 +104,7 @@ fn a_gate_that_holds_while_errors_stay_low_lets_every_wave_through() -> anyhow::
     cluster(&prometheus.url(), Hook::ok())?.run(|cluster| {
         let path = cluster.write_script("gated.toml", &script())?;
         let run = cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?;
-        ensure_rollout(&run, "succeeded")?;
+        run.ensure_state("succeeded")?;
         let gates = gate_events(cluster, &run.id)?;
         ensure!(
             phases(&gates)
@@ -154,7 +143,7 @@ fn a_release_that_raises_the_error_rate_fails_the_gate_and_rolls_back() -> anyho
     cluster(&prometheus.url(), bad_release)?.run(|cluster| {
         let path = cluster.write_script("gated.toml", &script())?;
         let run = cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?;
-        ensure_rollout(&run, "rolled_back")?;
+        run.ensure_state("rolled_back")?;
         ensure!(
             status::node_wave(&run.status, "node-1")? == 1,
             "node-1 is the canary: {:#}",
@@ -209,7 +198,7 @@ fn a_stopped_prometheus_fails_the_gate_with_connection_refused() -> anyhow::Resu
     cluster(&url, Hook::ok())?.run(|cluster| {
         let path = cluster.write_script("gated.toml", &script())?;
         let run = cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?;
-        ensure_rollout(&run, "rolled_back")?;
+        run.ensure_state("rolled_back")?;
         let gates = gate_events(cluster, &run.id)?;
         ensure!(
             phases(&gates) == [(1, "started".to_string()), (1, "failed".to_string())],
@@ -282,7 +271,7 @@ down = [
 "#;
         let path = cluster.write_script("node-gate.toml", text)?;
         let run = cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?;
-        ensure_rollout(&run, "partially_rolled_back")?;
+        run.ensure_state("partially_rolled_back")?;
         let states: Vec<(&str, String)> = ["node-1", "node-2", "node-3"]
             .into_iter()
             .map(|n| Ok((n, status::node_state(&run.status, n)?.to_string())))

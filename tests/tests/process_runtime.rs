@@ -162,17 +162,6 @@ fn settled(
     )
 }
 
-fn assert_state(run: &hotroll_tests::WaitedRollout, state: &str) -> anyhow::Result<()> {
-    let actual = status::rollout_state(&run.status)?;
-    ensure!(
-        actual == state,
-        "rollout is `{actual}`, expected `{state}`: {:#}\nstderr: {}",
-        run.status,
-        run.output.stderr
-    );
-    Ok(())
-}
-
 fn assert_release(
     cluster: &Cluster,
     i: usize,
@@ -283,7 +272,7 @@ fn three_nodes_upgrade_from_1_0_to_2_0() -> anyhow::Result<()> {
         );
         let path = cluster.write_script("upgrade-2.0.toml", &text)?;
         let run = cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?;
-        assert_state(&run, "succeeded")?;
+        run.ensure_state("succeeded")?;
         for (i, port) in ports.iter().enumerate() {
             let i = i + 1;
             wait_serving(*port, "2.0", SERVE_TIMEOUT)?;
@@ -326,10 +315,9 @@ fn three_nodes_upgrade_from_1_0_to_2_0() -> anyhow::Result<()> {
                 ],
             );
             let path = cluster.write_script(&format!("upgrade-{to}.toml"), &text)?;
-            assert_state(
-                &cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?,
-                "succeeded",
-            )?;
+            cluster
+                .run_rollout(&path, &[], ROLLOUT_TIMEOUT)?
+                .ensure_state("succeeded")?;
         }
         for (i, port) in ports.iter().enumerate() {
             wait_serving(*port, "4.0", SERVE_TIMEOUT)?;
@@ -373,7 +361,7 @@ fn failed_health_rolls_that_node_back_to_1_0() -> anyhow::Result<()> {
         );
         let path = cluster.write_script("upgrade.toml", &text)?;
         let run = cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?;
-        assert_state(&run, "partially_rolled_back")?;
+        run.ensure_state("partially_rolled_back")?;
         let final_status = settled(cluster, &run)?;
         ensure!(
             status::node_state(&final_status, "node-2")? == "rolled_back",
@@ -429,10 +417,9 @@ fn artifact_not_matching_its_digest_aborts_before_the_point_of_no_return() -> an
             "upload.toml",
             &script("1.0", "2.0", &artifacts, POLICY, &refused),
         )?;
-        assert_state(
-            &cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?,
-            "aborted",
-        )?;
+        cluster
+            .run_rollout(&path, &[], ROLLOUT_TIMEOUT)?
+            .ensure_state("aborted")?;
         // ... then damage the coordinator's copy (same size, other bytes).
         let hex = digest.trim_start_matches("sha256:");
         let stored = cluster.dir().join("coordinator/data/cas/sha256").join(hex);
@@ -445,7 +432,7 @@ fn artifact_not_matching_its_digest_aborts_before_the_point_of_no_return() -> an
             &script("1.0", "2.0", &artifacts, POLICY, &upgrade),
         )?;
         let run = cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?;
-        assert_state(&run, "aborted")?;
+        run.ensure_state("aborted")?;
         let final_status = settled(cluster, &run)?;
         let mut detected = 0;
         for (i, port) in ports.iter().enumerate() {
@@ -565,7 +552,7 @@ fn tar_with_escaping_entries_is_refused() -> anyhow::Result<()> {
             );
             let path = cluster.write_script(&format!("{case}.toml"), &text)?;
             let run = cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?;
-            assert_state(&run, "aborted")?;
+            run.ensure_state("aborted")?;
             let error = status::node_error(&run.status, "node-1")?.unwrap_or_default();
             ensure!(
                 error.contains("refused") && error.contains("outside the release")
@@ -615,7 +602,7 @@ fn code_change_by_restart_refuses_no_connection() -> anyhow::Result<()> {
             .collect();
         wait_serving(ports[0], "1.0", SERVE_TIMEOUT)?;
         let run = cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?;
-        assert_state(&run, "succeeded")?;
+        run.ensure_state("succeeded")?;
         // Until every client got an answer from the new release.
         hotroll_tests::poll(
             "every client to reach 2.0",
@@ -727,7 +714,7 @@ fn killed_agent_resumes_an_artifact_download() -> anyhow::Result<()> {
         let status = cluster.wait_final(&first, ROLLOUT_TIMEOUT)?;
         if status::rollout_state(&status)? != "succeeded" {
             // The node came back too late for that rollout (it aborted): the next one resumes.
-            assert_state(&cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?, "succeeded")?;
+            cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?.ensure_state("succeeded")?;
         }
         wait_serving(ports[0], "2.0", SERVE_TIMEOUT)?;
         let log = cluster.agent(1).log_path().to_path_buf();
@@ -967,10 +954,9 @@ fn restart_new_emulator_drain_hooks_and_purge() -> anyhow::Result<()> {
             ],
         );
         let path = cluster.write_script("install.toml", &text)?;
-        assert_state(
-            &cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?,
-            "succeeded",
-        )?;
+        cluster
+            .run_rollout(&path, &[], ROLLOUT_TIMEOUT)?
+            .ensure_state("succeeded")?;
         wait_serving(port, "1.0", SERVE_TIMEOUT)?;
         assert_release(cluster, 1, "1.0", "1.0")?;
 
@@ -986,10 +972,9 @@ fn restart_new_emulator_drain_hooks_and_purge() -> anyhow::Result<()> {
                 &up,
             ),
         )?;
-        assert_state(
-            &cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?,
-            "succeeded",
-        )?;
+        cluster
+            .run_rollout(&path, &[], ROLLOUT_TIMEOUT)?
+            .ensure_state("succeeded")?;
         wait_serving(port, "2.0", SERVE_TIMEOUT)?;
         let drains = std::fs::read_to_string(cluster.agent_info(1).dir.join("drain.log"))?;
         let lines: Vec<&str> = drains.lines().collect();
@@ -1017,10 +1002,9 @@ fn restart_new_emulator_drain_hooks_and_purge() -> anyhow::Result<()> {
                 ],
             ),
         )?;
-        assert_state(
-            &cluster.run_rollout(&path, &[], ROLLOUT_TIMEOUT)?,
-            "succeeded",
-        )?;
+        cluster
+            .run_rollout(&path, &[], ROLLOUT_TIMEOUT)?
+            .ensure_state("succeeded")?;
         wait_serving(port, "3.0", SERVE_TIMEOUT)?;
         let releases = release_entries(cluster, 1, APP);
         ensure!(
