@@ -322,7 +322,8 @@ impl Driver {
             record: write_record.then_some(&self.record),
         };
         let started = std::time::Instant::now();
-        let result = self.store.commit(commit);
+        let store = &self.store;
+        let result = off_the_workers(|| store.commit(commit));
         self.last_commit = started.elapsed();
         tracing::trace!(
             rollout = %self.record.id,
@@ -663,5 +664,17 @@ impl Driver {
         if !self.registry.send(&node, message, probe) {
             tracing::warn!(rollout = %self.record.id, node, ?command, "node not connected; command not delivered");
         }
+    }
+}
+
+/// Run `work`, which blocks (a store commit waits for its fsync), without holding up the other
+/// tasks of this worker: on a multi-threaded runtime the worker hands them to another thread
+/// meanwhile, so the sessions' connections keep being polled and a barrier's fan-out is not
+/// queued behind the commit of the reports that came back first. A current-thread runtime (the
+/// simulations, unit tests) just runs it.
+fn off_the_workers<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
