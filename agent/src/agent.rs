@@ -159,7 +159,7 @@ async fn serve(
         path: config.data_dir.clone(),
         error,
     })?;
-    // The journal first: redb locks it, so a second agent on the same data_dir stops here
+    // The journal first: it locks the data dir, so a second agent on the same data_dir stops here
     // before it touches the boot generation.
     let journal = Journal::open(&config.data_dir)?;
     let boot_generation = boot::next_generation(&config.data_dir)?;

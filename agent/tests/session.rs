@@ -162,7 +162,7 @@ async fn a_second_agent_on_the_same_data_dir_fails_clearly() {
         .run(async {})
         .await;
     let error = second.err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(error.contains("journal.redb"), "{error}");
+    assert!(error.contains("another agent holds it"), "{error}");
     agent.stop().await.unwrap_or_else(|e| panic!("{e}"));
     fake.stop().await;
 }
