@@ -224,6 +224,14 @@ pub trait Store: Send + Sync + 'static {
     fn get_rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError>;
     /// Every rollout, newest first.
     fn list_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
+    /// The newest `limit` rollouts, newest first (what `list_rollouts` starts with). A store
+    /// that can read just those (redb, in key order) should: `rollout list` and the status
+    /// polls of a watcher must not decode every rollout ever run.
+    fn newest_rollouts(&self, limit: usize) -> Result<Vec<RolloutRecord>, StoreError> {
+        let mut rollouts = self.list_rollouts()?;
+        rollouts.truncate(limit);
+        Ok(rollouts)
+    }
     /// Append to a rollout's history; `event.seq` must be the next position.
     fn append_events(&self, rollout: &str, events: &[StoredEvent]) -> Result<(), StoreError>;
     /// The rollout's history from `from_seq` on (inclusive).
@@ -423,6 +431,20 @@ impl Store for RedbStore {
             }
             // uuid v7 ids sort by creation time.
             out.sort_by(|a, b| b.id.cmp(&a.id));
+            Ok(out)
+        })
+    }
+
+    fn newest_rollouts(&self, limit: usize) -> Result<Vec<RolloutRecord>, StoreError> {
+        self.read(|db| {
+            let tx = db_err!(db.begin_read())?;
+            let table = db_err!(tx.open_table(ROLLOUTS))?;
+            let mut out = Vec::new();
+            // Keys are uuid v7 ids, which sort by creation time: the newest are last.
+            for entry in db_err!(table.iter())?.rev().take(limit) {
+                let (key, value) = db_err!(entry)?;
+                out.push(decode::<RolloutRecord>(key.value(), value.value())?);
+            }
             Ok(out)
         })
     }

@@ -427,9 +427,8 @@ impl Rollouts {
             .collect();
         Ok(self
             .store
-            .list_rollouts()?
+            .newest_rollouts(limit)?
             .into_iter()
-            .take(limit)
             .map(|r| live.get(&r.id).cloned().unwrap_or(r.status))
             .collect())
     }

@@ -85,6 +85,13 @@ pub fn check(store: &dyn Store) -> Result<(), ContractError> {
     store.put_rollout(&record("b"))?;
     let ids: Vec<_> = store.list_rollouts()?.into_iter().map(|r| r.id).collect();
     ensure_eq!(ids, vec!["b", "a"]);
+    let newest: Vec<_> = store
+        .newest_rollouts(1)?
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    ensure_eq!(newest, vec!["b"]);
+    ensure_eq!(store.newest_rollouts(5)?.len(), 2);
     let events: Vec<_> = (1..=3)
         .map(|seq| StoredEvent {
             seq,

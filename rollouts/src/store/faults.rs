@@ -118,6 +118,10 @@ impl<S: Store> Store for FailingStore<S> {
         self.inner.list_rollouts()
     }
 
+    fn newest_rollouts(&self, limit: usize) -> Result<Vec<RolloutRecord>, StoreError> {
+        self.inner.newest_rollouts(limit)
+    }
+
     fn append_events(&self, rollout: &str, events: &[StoredEvent]) -> Result<(), StoreError> {
         self.check_write()?;
         self.inner.append_events(rollout, events)
