@@ -38,10 +38,13 @@ const RECEIVED_TARGET: &str = module_path!();
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 keepalive ping, in heartbeat intervals.
 const KEEPALIVE_INTERVALS: u32 = 4;
-/// The shortest HTTP/2 keepalive interval: longer than an idle session's heartbeat pace
-/// (hyper pings a connection it has read nothing from for the interval, and an idle fleet of
-/// 10,000 pinging every few seconds would cost the coordinator more than its heartbeats).
-const KEEPALIVE_FLOOR: Duration = Duration::from_secs(30);
+/// The shortest HTTP/2 keepalive interval: longer than an idle session's heartbeat pace (the
+/// coordinator's default, 30 s, stretched to 50 s at 10,000 idle nodes; hyper pings a
+/// connection it has read nothing from for the interval, and an idle fleet of 10,000 pinging
+/// in between would cost the coordinator more than its heartbeats). A silent coordinator is
+/// noticed by the heartbeats' own deadline (three announced intervals).
+const KEEPALIVE_FLOOR: Duration = Duration::from_secs(120);
+
 /// HTTP/2 keepalive: a dead TCP connection is noticed even when no heartbeat is due.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// On shutdown, how long to wait for the coordinator to close its side after our Goodbye, so

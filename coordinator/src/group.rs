@@ -114,10 +114,8 @@ async fn forward_plaintext(
 ) {
     let mut accepted = TcpListenerStream::new(listener);
     while let Some(stream) = accepted.next().await {
-        if let Ok(stream) = &stream
-            && let Err(e) = stream.set_nodelay(true)
-        {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        if let Ok(stream) = &stream {
+            crate::accepted::tune(stream);
         }
         if tx.send(stream).await.is_err() {
             return;

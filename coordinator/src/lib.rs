@@ -8,10 +8,12 @@
 //! * [`outbound`]: what the coordinator sends a node, before it becomes a wire message.
 //! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! * [`tls`], [`auth`]: the CA, TLS on the listener, who may call what, limits.
+//! * [`accepted`]: the socket options every accepted connection gets.
 //! * [`server::run`]: the daemon's one entry point; [`group::run`] runs it in a group of
 //!   coordinators on etcd (standby until elected, fenced leader until deposed); [`standby`]
 //!   is what a standby answers, [`replication`] the leader's copying of artifacts to it.
 
+pub mod accepted;
 pub mod artifacts;
 pub mod auth;
 pub mod console;

@@ -9,9 +9,12 @@
 //! * a session that has not been heard from within three heartbeat intervals of the oldest
 //!   heartbeat it has not answered is ended, as is one whose outbound queue is full.
 //!
-//! So an idle fleet of 10,000 nodes costs one wake-up per interval and 10,000 / idle-interval
-//! heartbeats a second each way, and a node is watched closely from the moment a rollout
-//! targets it: its next heartbeat leaves at the next sweep, announcing the short interval.
+//! So an idle fleet costs one wake-up per interval and sessions / idle-interval heartbeats a
+//! second each way, and a node is watched closely from the moment a rollout targets it: its
+//! next heartbeat leaves at the next sweep, announcing the short interval. The idle interval
+//! stretches with the fleet so that idle heartbeats stay within [`IDLE_BEATS_PER_SECOND`]
+//! (10,000 idle nodes: one every 50 s), as Nomad bounds its heartbeats per second: each one
+//! costs a write and a read (docs/performance.md, "Idle fleets").
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +29,10 @@ use crate::rollouts::{Rollouts, now_ms};
 
 /// Heartbeat intervals without an answer after which a session is ended.
 const SILENT_INTERVALS: u32 = 3;
+
+/// Most idle heartbeats a second the sweep sends, whatever the fleet's size: beyond
+/// `IDLE_BEATS_PER_SECOND × idle interval` sessions the idle interval grows with them.
+pub const IDLE_BEATS_PER_SECOND: u32 = 200;
 
 /// The sessions being watched, and the two paces.
 pub struct Liveness {
@@ -110,6 +117,13 @@ impl Liveness {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The idle interval for a fleet of `sessions`: the configured one, or longer when that
+    /// would mean more than [`IDLE_BEATS_PER_SECOND`].
+    pub fn idle_pace(&self, sessions: usize) -> Duration {
+        let budgeted = Duration::from_secs_f64(sessions as f64 / f64::from(IDLE_BEATS_PER_SECOND));
+        self.idle.max(budgeted)
+    }
+
     fn elapsed_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -165,6 +179,7 @@ impl Liveness {
         let now_since_epoch = self.elapsed_ms();
         let answer_within = duration_ms(self.heartbeat * SILENT_INTERVALS);
         let mut sessions = self.lock();
+        let idle = self.idle_pace(sessions.len());
         for watched in sessions.values_mut() {
             let heard = watched.heard.load(Ordering::Relaxed);
             if watched.unanswered_since.is_some_and(|since| heard >= since) {
@@ -180,7 +195,7 @@ impl Liveness {
                 continue;
             }
             let close = !watched.paced || targets.iter().any(|t| t.contains(&watched.node));
-            let pace = if close { self.heartbeat } else { self.idle };
+            let pace = if close { self.heartbeat } else { idle };
             // A node a rollout just started to target is beaten now, announcing the close pace.
             let due = now >= watched.next_beat || (close && watched.next_beat > now + pace);
             if !due {
@@ -217,4 +232,20 @@ fn end(watched: &mut Watched, reason: &'static str) {
 
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idle_pace_stretches_with_the_fleet_beyond_its_budget() {
+        let liveness = Liveness::new(Duration::from_secs(2), Duration::from_secs(30));
+        assert_eq!(liveness.idle_pace(10), Duration::from_secs(30));
+        assert_eq!(liveness.idle_pace(6_000), Duration::from_secs(30));
+        assert_eq!(liveness.idle_pace(10_000), Duration::from_secs(50));
+        // Never shorter than the close pace.
+        let short = Liveness::new(Duration::from_secs(5), Duration::from_secs(1));
+        assert_eq!(short.idle_pace(0), Duration::from_secs(5));
+    }
 }

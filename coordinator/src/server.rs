@@ -39,8 +39,10 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 /// Default of [`ServerConfig::watch_buffer`] (the rollouts' own default).
 pub use crate::rollouts::DEFAULT_WATCH_BUFFER;
 
-/// How often idle sessions are sent a heartbeat unless configured otherwise.
-pub const DEFAULT_IDLE_HEARTBEAT: Duration = Duration::from_secs(15);
+/// How often idle sessions are sent a heartbeat unless configured otherwise. Rare on purpose:
+/// each costs the coordinator a write and a read per agent (docs/performance.md, "Idle
+/// fleets"); a node a rollout starts to target is beaten at the short pace from the next sweep.
+pub const DEFAULT_IDLE_HEARTBEAT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -138,14 +140,11 @@ pub async fn run(
         let incoming = tls.incoming(listener, auth.throttle.clone());
         return serve_with(incoming, store, config, shutdown, auth).await;
     }
-    // Accepted sockets need TCP_NODELAY set here: the builder's option only reaches sockets
-    // tonic accepts itself. Without it a barrier release can sit ~40 ms behind Nagle and
-    // delayed ACKs.
+    // Accepted sockets are set up here: the builder's options only reach sockets tonic
+    // accepts itself.
     let incoming = TcpListenerStream::new(listener).map(|accepted| {
-        if let Ok(stream) = &accepted
-            && let Err(e) = stream.set_nodelay(true)
-        {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        if let Ok(stream) = &accepted {
+            crate::accepted::tune(stream);
         }
         accepted
     });
@@ -326,10 +325,11 @@ where
         // Agent sessions are watched by their heartbeats (`liveness`); the HTTP/2 ping is the
         // backstop for other connections (CLI, watch streams). hyper pings a connection it has
         // read nothing from for the interval, so it must be longer than the idle heartbeat
-        // pace, or every idle agent's connection would be pinged in between: at 10,000 agents
-        // each frame per interval costs CPU.
+        // pace (which stretches with the fleet, `liveness::IDLE_BEATS_PER_SECOND`), or every
+        // idle agent's connection would be pinged in between: at 10,000 agents each frame per
+        // interval costs CPU.
         .http2_keepalive_interval(Some(
-            (config.heartbeat_interval * 4).max(config.idle_heartbeat_interval * 2),
+            (config.heartbeat_interval * 4).max(config.idle_heartbeat_interval * 4),
         ))
         .http2_keepalive_timeout(Some(config.heartbeat_interval * 3))
         .tcp_nodelay(true)

@@ -519,9 +519,7 @@ impl ServerTls {
                         continue;
                     }
                 };
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-                }
+                crate::accepted::tune(&tcp);
                 let Ok(permit) = pending.clone().try_acquire_owned() else {
                     tracing::warn!(%peer, "too many TLS handshakes in progress; connection closed");
                     continue;

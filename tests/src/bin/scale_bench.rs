@@ -63,7 +63,8 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Wait after every agent connected before measuring memory and idle CPU (default: two
-    /// heartbeat intervals, at least 3 s).
+    /// heartbeat intervals, at least 3 s, and 3 s more per 1,000 agents: right after a big
+    /// connect the node records are still written behind and stragglers still reconnect).
     #[arg(long, value_parser = parse_duration)]
     settle: Option<Duration>,
     /// How long idle CPU is measured.
@@ -153,7 +154,10 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("cannot create a dir in {}", agent_parent.display()))?;
         let settle = args
             .settle
-            .unwrap_or_else(|| (args.heartbeat_interval * 2).max(Duration::from_secs(3)));
+            .unwrap_or_else(|| {
+                let per_thousand = Duration::from_secs(3) * u32::try_from(n / 1000).unwrap_or(0);
+                (args.heartbeat_interval * 2).max(Duration::from_secs(3)) + per_thousand
+            });
         eprintln!(
             "scale-bench: {n} agents on {store}, {} workers, heartbeat {:?}, logs in {}",
             args.workers,
