@@ -152,12 +152,10 @@ fn main() -> anyhow::Result<()> {
             .prefix(&format!("hotroll-scale-agents-{n}-"))
             .tempdir_in(&agent_parent)
             .with_context(|| format!("cannot create a dir in {}", agent_parent.display()))?;
-        let settle = args
-            .settle
-            .unwrap_or_else(|| {
-                let per_thousand = Duration::from_secs(3) * u32::try_from(n / 1000).unwrap_or(0);
-                (args.heartbeat_interval * 2).max(Duration::from_secs(3)) + per_thousand
-            });
+        let settle = args.settle.unwrap_or_else(|| {
+            let per_thousand = Duration::from_secs(3) * u32::try_from(n / 1000).unwrap_or(0);
+            (args.heartbeat_interval * 2).max(Duration::from_secs(3)) + per_thousand
+        });
         eprintln!(
             "scale-bench: {n} agents on {store}, {} workers, heartbeat {:?}, logs in {}",
             args.workers,
