@@ -14,7 +14,7 @@ use std::time::Duration;
 use hotroll_script::{FleetGate, Script};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use super::batch::{Batch, MAX_BATCH};
+use super::batch::{Batch, LINGER, MAX_BATCH};
 use super::clock::now_ms;
 use super::crash_points::{command_point, record_point};
 use super::gates::GateRunner;
@@ -181,13 +181,43 @@ impl Driver {
             };
             let mut batch = Batch::default();
             self.take(input, &mut batch);
-            while batch.inputs.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(input) => self.take(input, &mut batch),
-                    Err(_) => break,
-                }
+            self.take_queued(&mut rx, &mut batch);
+            if batch.is_quiet() {
+                self.linger(&mut rx, &mut batch).await;
             }
             self.apply(batch);
+        }
+    }
+
+    /// Take what is already queued into `batch`, up to [`MAX_BATCH`].
+    fn take_queued(&mut self, rx: &mut mpsc::UnboundedReceiver<Input>, batch: &mut Batch) {
+        while batch.inputs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(input) => self.take(input, batch),
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// A quiet batch (nothing to send, nobody waiting for it) waits up to [`LINGER`] for more
+    /// inputs before it is committed, and stops waiting at the first input that makes it
+    /// send something. A burst of reports that only advance the history (steps started and
+    /// ended, arrivals before the last) then costs a few commits instead of one per handful,
+    /// and the input that releases a barrier is still committed at once: the wait is never on
+    /// a command's path (docs/performance.md, "Group commit").
+    async fn linger(&mut self, rx: &mut mpsc::UnboundedReceiver<Input>, batch: &mut Batch) {
+        let until = tokio::time::Instant::now() + LINGER;
+        while batch.is_quiet() && batch.inputs.len() < MAX_BATCH {
+            tokio::select! {
+                input = rx.recv() => match input {
+                    Some(input) => {
+                        self.take(input, batch);
+                        self.take_queued(rx, batch);
+                    }
+                    None => return,
+                },
+                () = tokio::time::sleep_until(until) => return,
+            }
         }
     }
 
