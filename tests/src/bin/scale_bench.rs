@@ -31,6 +31,7 @@ use anyhow::{Context, bail, ensure};
 use clap::{Parser, Subcommand};
 use hotroll_etcd::{EtcdClient, EtcdOptions};
 use hotroll_tests::etcd::EtcdCluster;
+use hotroll_tests::scale::floor::{WireFloor, wire_fanout};
 use hotroll_tests::scale::run::{RunOptions, RunResult, run};
 use hotroll_tests::scale::worker::{self, WorkerArgs};
 use hotroll_tests::scale::{Stats, raise_fd_limit};
@@ -179,6 +180,8 @@ fn main() -> anyhow::Result<()> {
             perf: args.perf.clone(),
             perf_dir: args.perf_dir.clone(),
         };
+        // The floor first, on a machine nothing of the run is using yet.
+        let floor = wire_fanout(n, FLOOR_ROUNDS)?;
         let result = run(&bins.hotroll, dir.path(), options);
         if args.keep || result.is_err() {
             let kept = dir.keep();
@@ -195,6 +198,7 @@ fn main() -> anyhow::Result<()> {
             store,
             run: result,
             etcd: size,
+            floor,
         });
     }
     print_table(&results);
@@ -220,7 +224,12 @@ struct Measured {
     #[serde(flatten)]
     run: RunResult,
     etcd: Option<EtcdSize>,
+    /// The wire's floor for a fan-out to this many sockets, measured just before the run.
+    floor: WireFloor,
 }
+
+/// Rounds of the wire floor per run.
+const FLOOR_ROUNDS: usize = 20;
 
 /// etcd's size after a run: the database files (the largest member's; bbolt does not shrink
 /// without a defrag), the part of them in use, and the live keys under the prefix.
@@ -377,6 +386,33 @@ fn print_table(measured: &[Measured]) {
         let total: f64 = r.rounds.iter().map(|x| x.workers_cpu_s).sum();
         format!("{:.2}", total / r.rounds.len().max(1) as f64)
     });
+    for m in measured {
+        let (floor, run) = (&m.floor, &m.run);
+        let ratio = |hotroll: f64, floor: f64| {
+            if floor > 0.0 {
+                format!("{:.1}x", hotroll / floor)
+            } else {
+                "-".into()
+            }
+        };
+        println!(
+            "wire floor, {} loopback sockets (one thread writes 32 bytes to each, then all are \
+             read): written p50 {:.2} / p99 {:.2} ms, all read p50 {:.2} / p99 {:.2} ms",
+            floor.sockets,
+            floor.written_ms.p50,
+            floor.written_ms.p99,
+            floor.all_read_ms.p50,
+            floor.all_read_ms.p99
+        );
+        println!(
+            "  against it: coordinator fan-out p50 {} / p99 {} the floor's writes; barrier \
+             release per node p99 {}, last node p99 {} the floor's last read",
+            ratio(run.coordinator_fanout_ms.p50, floor.written_ms.p50),
+            ratio(run.coordinator_fanout_ms.p99, floor.written_ms.p99),
+            ratio(run.release_per_node_ms.p99, floor.all_read_ms.p99),
+            ratio(run.release_last_node_ms.p99, floor.all_read_ms.p99)
+        );
+    }
     for m in measured {
         if let Some(size) = &m.etcd {
             println!(

@@ -6,12 +6,14 @@
 //!   and reports their barrier timings.
 //! * [`marks`] reads those timings off the agents' own tracing events (no change to the agent).
 //! * [`procfs`] reads a process's resident memory and CPU time from `/proc`.
+//! * [`floor`] measures the wire's floor for a fan-out in the same run.
 //!
 //! Timestamps are `CLOCK_MONOTONIC` nanoseconds ([`monotonic_ns`]). On Linux that clock is one
 //! system-wide clock (time since boot), so values taken in different processes on the same host
 //! compare directly; it never jumps with NTP, unlike `CLOCK_REALTIME`. (Rust's `Instant` reads
 //! the same clock but cannot be passed between processes.)
 
+pub mod floor;
 pub mod marks;
 pub mod procfs;
 pub mod run;
