@@ -540,7 +540,12 @@ async fn open_partial(
             file.set_len(0).map_err(io_error(&path))?;
             return Ok((file, hasher, 0));
         }
-        let mut buf = vec![0u8; 1 << 20];
+        if len == 0 {
+            // A fresh download, the usual case: no buffer to zero (a 1 MiB one was a tenth of
+            // an agent's CPU in a 100-node fleet upgrade).
+            return Ok((file, hasher, 0));
+        }
+        let mut buf = vec![0u8; 64 << 10];
         let mut read = 0u64;
         let mut reader = std::fs::File::open(&path).map_err(io_error(&path))?;
         while read < len {

@@ -1,6 +1,8 @@
 //! Ports for the servers a test starts: free on 127.0.0.1 and below the kernel's ephemeral range.
 
+use std::collections::HashSet;
 use std::net::{Ipv4Addr, TcpListener};
+use std::sync::{Mutex, PoisonError};
 
 use anyhow::Context;
 
@@ -10,6 +12,10 @@ use anyhow::Context;
 /// every outgoing connection takes its source port: with hundreds of loopback connections in
 /// a suite, one of them could take the port before the service binds it ("address already in
 /// use"). Ports below the range are only ever taken by an explicit bind.
+///
+/// A port is handed out once per process: a caller that takes many before binding any (a
+/// fleet's worth of service sockets) would otherwise get the same one twice about one time in
+/// five at 100 ports, since each call probes from a fresh random place.
 pub fn free_port() -> anyhow::Result<u16> {
     let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
@@ -29,10 +35,31 @@ pub fn free_port() -> anyhow::Result<u16> {
             .wrapping_add(attempt * 7_919))
             % span;
         let port = low + u16::try_from(offset).unwrap_or(0);
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() && hand_out(port) {
             return Ok(port);
         }
     }
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind a port")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// Ports this process has handed out already; `false` when `port` is one of them.
+fn hand_out(port: u16) -> bool {
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
+    handed_out.get_or_insert_with(HashSet::new).insert(port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_never_gets_the_same_port_twice() {
+        let ports: Vec<u16> = (0..300)
+            .map(|_| free_port().expect("a free port"))
+            .collect();
+        let distinct: HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+    }
 }

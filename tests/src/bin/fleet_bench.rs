@@ -21,6 +21,7 @@
 //! * Where the time goes: per instruction, the span from its first start to its last end
 //!   across the fleet and the agents' own durations (p50, max), from the history.
 //! * CPU seconds of the coordinator and of all agents during the rollout (services excluded).
+//! * `--perf FILE`: `perf record -a` over the first timed rollout.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -31,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
+use hotroll_tests::scale::perf::Perf;
 use hotroll_tests::scale::{Stats, procfs};
 use hotroll_tests::{Cluster, ClusterOptions, free_port, status};
 use serde_json::{Value, json};
@@ -53,6 +55,10 @@ struct Args {
     /// `text` or `json`.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     output: String,
+    /// `perf record -a` (every CPU: coordinator, agents, services, kernel) during the first
+    /// timed rollout, into this file.
+    #[arg(long, value_name = "FILE")]
+    perf: Option<PathBuf>,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -414,9 +420,14 @@ fn main() -> anyhow::Result<()> {
                 cpu_of(&coordinator.into_iter().collect::<Vec<_>>()),
                 cpu_of(&pids),
             );
+            let perf = match &args.perf {
+                Some(file) if round == 0 => Some(Perf::system_wide(file)?),
+                _ => None,
+            };
             let started = Instant::now();
             let run = cluster.run_rollout(&path, &[], TIMEOUT)?;
             let wall = started.elapsed();
+            drop(perf);
             let (c1, a1) = (
                 cpu_of(&coordinator.into_iter().collect::<Vec<_>>()),
                 cpu_of(&pids),

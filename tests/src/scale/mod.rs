@@ -7,6 +7,7 @@
 //! * [`marks`] reads those timings off the agents' own tracing events (no change to the agent).
 //! * [`procfs`] reads a process's resident memory and CPU time from `/proc`.
 //! * [`floor`] measures the wire's floor for a fan-out in the same run.
+//! * [`perf`] runs `perf record` around one phase.
 //!
 //! Timestamps are `CLOCK_MONOTONIC` nanoseconds ([`monotonic_ns`]). On Linux that clock is one
 //! system-wide clock (time since boot), so values taken in different processes on the same host
@@ -15,6 +16,7 @@
 
 pub mod floor;
 pub mod marks;
+pub mod perf;
 pub mod procfs;
 pub mod run;
 pub mod worker;

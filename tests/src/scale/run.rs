@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use super::Stats;
 use super::marks::BarrierMarks;
+use super::perf::Perf;
 use super::procfs;
 use super::worker::WorkerLine;
 use crate::{Process, free_port};
@@ -200,40 +201,6 @@ impl Drop for Worker {
         drop(self.stdin.take());
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// `perf record` attached to a process; stopped (SIGINT, so it writes its file) on drop.
-struct Perf {
-    child: Child,
-}
-
-impl Perf {
-    fn attach(pid: u32, output: &Path) -> anyhow::Result<Self> {
-        let child = Command::new("perf")
-            .args(["record", "-e", "cpu-clock", "-F", "999", "-g"])
-            .args(["--call-graph", "dwarf,32768"])
-            .args(["-p", &pid.to_string(), "-o"])
-            .arg(output)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start perf")?;
-        // Let it attach before the phase starts.
-        std::thread::sleep(Duration::from_millis(500));
-        Ok(Self { child })
-    }
-}
-
-impl Drop for Perf {
-    fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGINT,
-            );
         }
         let _ = self.child.wait();
     }
