@@ -1,6 +1,7 @@
 //! Conversions between the wire types (`hotroll_proto`) and the coordinator's domain types. The
 //! only place besides the gRPC services that sees prost types.
 
+use hotroll_proto::frame::CoordinatorFrame;
 use hotroll_proto::v1 as pb;
 
 use crate::engine::{
@@ -320,34 +321,39 @@ pub fn live_notice(rollout_id: &str, event: &LiveEvent) -> Option<pb::RolloutEve
     })
 }
 
-/// The wire message of what a session queued for its node.
-pub fn coordinator_message(outbound: Outbound) -> pb::CoordinatorMessage {
-    use pb::coordinator_message::Msg;
-    let msg = match outbound {
+/// The wire frame of what a session queued for its node. A rollout's command is encoded by
+/// the first of its nodes' sessions to get here and shared by the rest (`outbound::WireForm`).
+pub fn coordinator_frame(outbound: Outbound) -> CoordinatorFrame {
+    match outbound {
         Outbound::Heartbeat {
             seq,
             sent_ms,
             next_within_ms,
-        } => Msg::Heartbeat(pb::Heartbeat {
-            seq,
-            sent_unix_ms: sent_ms,
-            next_within_ms,
+        } => CoordinatorFrame::encode(&pb::CoordinatorMessage {
+            msg: Some(pb::coordinator_message::Msg::Heartbeat(pb::Heartbeat {
+                seq,
+                sent_unix_ms: sent_ms,
+                next_within_ms,
+            })),
         }),
         // The probe (if any) drops here: this release is handed to the connection.
-        Outbound::Rollout(command, _probe) => node_command(command),
-    };
-    pb::CoordinatorMessage { msg: Some(msg) }
+        Outbound::Rollout(command, _probe) => {
+            CoordinatorFrame::from_bytes(command.wire.get_or_encode(|| {
+                CoordinatorFrame::encode(&coordinator_message(&command))
+                    .bytes()
+                    .clone()
+            }))
+        }
+    }
 }
 
-fn node_command(command: NodeCommand) -> pb::coordinator_message::Msg {
+/// The wire message of a rollout's command.
+pub fn coordinator_message(command: &NodeCommand) -> pb::CoordinatorMessage {
     use pb::coordinator_message::Msg;
-    let NodeCommand {
-        rollout_id,
-        epoch,
-        order,
-    } = command;
-    match order {
-        Order::RunScript(script) => Msg::RunScript(run_script(rollout_id, epoch, &script)),
+    let rollout_id = command.rollout_id.clone();
+    let epoch = command.epoch;
+    let msg = match &command.order {
+        Order::RunScript(script) => Msg::RunScript(run_script(rollout_id, epoch, script)),
         Order::ReleaseBarrier {
             barrier,
             ok,
@@ -355,23 +361,24 @@ fn node_command(command: NodeCommand) -> pb::coordinator_message::Msg {
         } => Msg::BarrierRelease(pb::BarrierRelease {
             rollout_id,
             epoch,
-            barrier_id: barrier,
-            ok,
-            reason: reason.unwrap_or_default(),
+            barrier_id: barrier.clone(),
+            ok: *ok,
+            reason: reason.clone().unwrap_or_default(),
         }),
         Order::Commit => Msg::Commit(pb::Commit { rollout_id, epoch }),
         Order::Abort { reason } => Msg::Abort(pb::Abort {
             rollout_id,
             epoch,
-            reason,
+            reason: reason.clone(),
         }),
         Order::Rollback { reason } => Msg::Rollback(pb::Rollback {
             rollout_id,
             epoch,
-            reason,
+            reason: reason.clone(),
         }),
         Order::MakePermanent => Msg::MakePermanent(pb::MakePermanent { rollout_id, epoch }),
-    }
+    };
+    pb::CoordinatorMessage { msg: Some(msg) }
 }
 
 fn run_script(rollout_id: String, epoch: u64, script: &ScriptToRun) -> pb::RunScript {

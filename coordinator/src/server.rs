@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hotroll_proto::v1::agent_server::AgentServer;
+use hotroll_proto::frames::agent_server::AgentServer;
 use hotroll_proto::v1::control_server::ControlServer;
 use hotroll_proto::v1::identity_server::IdentityServer;
 use tokio::net::TcpListener;

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use hotroll_proto::frame::CoordinatorFrame;
+use hotroll_proto::frames;
 use hotroll_proto::v1 as pb;
 use hotroll_proto::v1::agent_message::Msg as AgentMsg;
 use hotroll_proto::v1::coordinator_message::Msg as CoordMsg;
@@ -73,8 +75,8 @@ fn valid_node_name(name: &str) -> bool {
 }
 
 #[tonic::async_trait]
-impl pb::agent_server::Agent for AgentService {
-    type SessionStream = BoxStream<pb::CoordinatorMessage>;
+impl frames::agent_server::Agent for AgentService {
+    type SessionStream = BoxStream<CoordinatorFrame>;
     type FetchArtifactStream = BoxStream<pb::ArtifactChunk>;
 
     async fn session(
@@ -143,7 +145,7 @@ impl pb::agent_server::Agent for AgentService {
             })?;
         tracing::info!(%peer, node = %node, epoch = link.epoch, boot = hello.boot_generation, "agent connected");
 
-        let welcome = pb::CoordinatorMessage {
+        let welcome = CoordinatorFrame::encode(&pb::CoordinatorMessage {
             msg: Some(CoordMsg::Welcome(pb::Welcome {
                 epoch: link.epoch,
                 protocol_version: version,
@@ -152,7 +154,7 @@ impl pb::agent_server::Agent for AgentService {
                     .unwrap_or(u64::MAX),
                 leader_epoch: self.leader_epoch,
             })),
-        };
+        });
         self.rollouts.session_changed(&node, true);
         // Outcomes the node reached while it had no session (it finished, or its agent restarted
         // and recovered): its journal says so.
@@ -180,7 +182,7 @@ impl pb::agent_server::Agent for AgentService {
         });
 
         // The Welcome first, then what the rollouts and the heartbeat queue, as wire messages.
-        let outbound = ReceiverStream::new(rx).map(convert::coordinator_message);
+        let outbound = ReceiverStream::new(rx).map(convert::coordinator_frame);
         let messages = tokio_stream::once(welcome).chain(outbound);
         Ok(Response::new(Box::pin(
             self.stopping.bound(messages.map(Ok)),

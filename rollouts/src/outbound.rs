@@ -1,9 +1,16 @@
 //! What the coordinator sends a node, in its own terms. The rollout drivers address
 //! [`NodeCommand`]s to nodes through the registry, which queues them with the session's
 //! heartbeats ([`Outbound`]); the session turns each into a wire message
-//! (`convert::coordinator_message`) only as it writes its stream.
+//! (`convert::coordinator_frame`) only as it writes its stream.
+//!
+//! A command the same for many nodes (a barrier's release) is one [`NodeCommand`] behind an
+//! `Arc`, queued to every one of them, and its wire form is encoded by the first session that
+//! writes it and kept in the command ([`WireForm`]) for the others: one encode per fan-out,
+//! and no allocation per node (docs/performance.md, "One encode per fan-out").
 
 use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
 use std::time::{Duration, Instant};
 
 use crate::engine::{Command, Millis};
@@ -13,8 +20,9 @@ use crate::store::ArtifactBinding;
 /// One message on a session's outbound queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
-    /// A rollout's command; the probe, when there is one, measures the fan-out it is part of.
-    Rollout(NodeCommand, Option<FanoutProbe>),
+    /// A rollout's command, shared by every node it says the same to; the probe, when there
+    /// is one, measures the fan-out it is part of.
+    Rollout(Arc<NodeCommand>, Option<FanoutProbe>),
     /// `next_within_ms`: when the next heartbeat comes at the latest (protocol 2; 0 for 1).
     Heartbeat {
         seq: u64,
@@ -113,12 +121,58 @@ impl PartialEq for FanoutProbe {
 }
 impl Eq for FanoutProbe {}
 
-/// A rollout's instruction to one node.
+/// A rollout's instruction to a node (to several, when it is shared).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeCommand {
     pub rollout_id: String,
     pub epoch: u64,
     pub order: Order,
+    /// Its encoding for the wire, once a session has made it.
+    pub wire: WireForm,
+}
+
+/// A command's wire form, encoded by the first session that writes the command and read by
+/// the others. Opaque here: the coordinator's `convert` makes it (only `proto` and `convert`
+/// see the wire types).
+///
+/// It is a cache, not content: two commands that say the same compare equal whatever their
+/// caches hold, and a clone starts empty (a clone may be changed before it is sent).
+#[derive(Default)]
+pub struct WireForm(OnceLock<Bytes>);
+
+impl WireForm {
+    /// The wire form, encoded by `encode` if no session has encoded it yet.
+    pub fn get_or_encode(&self, encode: impl FnOnce() -> Bytes) -> Bytes {
+        self.0.get_or_init(encode).clone()
+    }
+
+    /// Whether a session has encoded it already.
+    pub fn is_encoded(&self) -> bool {
+        self.0.get().is_some()
+    }
+}
+
+impl Clone for WireForm {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for WireForm {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for WireForm {}
+
+impl std::fmt::Debug for WireForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_encoded() {
+            "WireForm(encoded)"
+        } else {
+            "WireForm(not yet)"
+        })
+    }
 }
 
 /// What a [`NodeCommand`] tells the node to do.
@@ -197,7 +251,51 @@ impl NodeCommand {
                 rollout_id: rollout_id.to_string(),
                 epoch,
                 order,
+                wire: WireForm::default(),
             },
         ))
+    }
+
+    /// The node an engine command addresses (`None` for records and gates).
+    pub fn addressee(command: &Command) -> Option<&str> {
+        match command {
+            Command::Record(_) | Command::RunGate { .. } => None,
+            Command::RunScript { node }
+            | Command::ReleaseBarrier { node, .. }
+            | Command::Commit { node }
+            | Command::Abort { node, .. }
+            | Command::Rollback { node, .. }
+            | Command::MakePermanent { node } => Some(node),
+        }
+    }
+
+    /// Whether this command says to its node what `command` says to its own, in rollout
+    /// `rollout_id` at `epoch`: then the two nodes can be sent the same command (and the same
+    /// encoding). Compares without building anything.
+    pub fn says(&self, rollout_id: &str, epoch: u64, command: &Command) -> bool {
+        if self.rollout_id != rollout_id || self.epoch != epoch {
+            return false;
+        }
+        match (&self.order, command) {
+            (Order::RunScript(_), Command::RunScript { .. })
+            | (Order::Commit, Command::Commit { .. })
+            | (Order::MakePermanent, Command::MakePermanent { .. }) => true,
+            (
+                Order::ReleaseBarrier {
+                    barrier,
+                    ok,
+                    reason,
+                },
+                Command::ReleaseBarrier {
+                    barrier: b,
+                    ok: o,
+                    reason: r,
+                    ..
+                },
+            ) => barrier == b && ok == o && reason == r,
+            (Order::Abort { reason }, Command::Abort { reason: r, .. })
+            | (Order::Rollback { reason }, Command::Rollback { reason: r, .. }) => reason == r,
+            _ => false,
+        }
     }
 }

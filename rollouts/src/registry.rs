@@ -291,7 +291,7 @@ impl Registry {
     /// Queue a rollout's command for a connected node. Returns false when the node is not
     /// connected or its outbound queue is full (the session is then torn down by its own
     /// timeout).
-    pub fn send(&self, node: &str, command: NodeCommand, probe: Option<FanoutProbe>) -> bool {
+    pub fn send(&self, node: &str, command: Arc<NodeCommand>, probe: Option<FanoutProbe>) -> bool {
         // `try_send` never waits, so it can run under the lock (no clone of the link).
         match self.lock().get(node).and_then(|e| e.session.as_ref()) {
             Some(link) => link.tx.try_send(Outbound::Rollout(command, probe)).is_ok(),

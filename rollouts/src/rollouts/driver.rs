@@ -47,7 +47,10 @@ pub(super) struct Driver {
     script: Arc<ScriptToRun>,
     /// The last command sent to each node, re-sent when its session comes back: a command sent
     /// while the node was away is lost with the old stream, and agents treat repeats as no-ops.
-    last_sent: HashMap<String, NodeCommand>,
+    last_sent: HashMap<String, Arc<NodeCommand>>,
+    /// The node command built last: the next node told the same is sent this one, so that a
+    /// fan-out is one command and one encoding (see `outbound`).
+    last_built: Option<Arc<NodeCommand>>,
     metrics: Arc<Metrics>,
     pub(super) instructions: InstructionNames,
     /// When the first participant arrived at each open barrier, for the wait histogram.
@@ -136,6 +139,7 @@ impl Driver {
             next_seq,
             next_input,
             last_sent: HashMap::new(),
+            last_built: None,
             metrics: rollouts.metrics.clone(),
             barrier_first_arrival: HashMap::new(),
         }
@@ -605,16 +609,36 @@ impl Driver {
         }
     }
 
-    /// The command to a node an engine command means (`None` for records).
-    fn node_command(&self, command: &Command) -> Option<(String, NodeCommand)> {
-        NodeCommand::from_engine(&self.record.id, self.engine.epoch(), &self.script, command)
+    /// The command to a node an engine command means (`None` for records and gates): the one
+    /// built last when it says the same, else a new one.
+    fn node_command(&mut self, command: &Command) -> Option<Arc<NodeCommand>> {
+        let epoch = self.engine.epoch();
+        if let Some(last) = &self.last_built
+            && last.says(&self.record.id, epoch, command)
+        {
+            return Some(last.clone());
+        }
+        let (_, built) = NodeCommand::from_engine(&self.record.id, epoch, &self.script, command)?;
+        let built = Arc::new(built);
+        self.last_built = Some(built.clone());
+        Some(built)
+    }
+
+    /// Note `command` as the last one `node` was sent (no allocation once the node is known).
+    fn note_sent(&mut self, node: &str, command: Arc<NodeCommand>) {
+        match self.last_sent.get_mut(node) {
+            Some(slot) => *slot = command,
+            None => {
+                self.last_sent.insert(node.to_string(), command);
+            }
+        }
     }
 
     /// What to send again to `node` when its session comes back: its last command, except a
     /// RunScript of a rollout that has ended — a node that never started it must not start it
     /// now, and one that ran it and forgot it (a restarted agent keeps a bounded journal) would
     /// run it a second time.
-    fn resend(&self, node: &str) -> Option<&NodeCommand> {
+    fn resend(&self, node: &str) -> Option<&Arc<NodeCommand>> {
         let command = self.last_sent.get(node)?;
         let run_script = matches!(command.order, Order::RunScript(_));
         (!(run_script && self.engine.state().is_final())).then_some(command)
@@ -622,8 +646,10 @@ impl Driver {
 
     /// Note a command as the last one its node was sent, without sending it (replay).
     pub(super) fn remember(&mut self, command: &Command) {
-        if let Some((node, command)) = self.node_command(command) {
-            self.last_sent.insert(node, command);
+        if let (Some(node), Some(message)) =
+            (NodeCommand::addressee(command), self.node_command(command))
+        {
+            self.note_sent(node, message);
         }
     }
 
@@ -687,11 +713,13 @@ impl Driver {
             self.run_gate(*wave, *gate);
             return;
         }
-        let Some((node, message)) = self.node_command(command) else {
+        let (Some(node), Some(message)) =
+            (NodeCommand::addressee(command), self.node_command(command))
+        else {
             return;
         };
-        self.last_sent.insert(node.clone(), message.clone());
-        if !self.registry.send(&node, message, probe) {
+        self.note_sent(node, message.clone());
+        if !self.registry.send(node, message, probe) {
             tracing::warn!(rollout = %self.record.id, node, ?command, "node not connected; command not delivered");
         }
     }

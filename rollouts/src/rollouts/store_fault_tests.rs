@@ -43,6 +43,8 @@ struct Fleet {
     sessions: BTreeMap<String, mpsc::Receiver<Outbound>>,
     /// Every command each node has received, in order.
     told: BTreeMap<String, Vec<NodeCommand>>,
+    /// The same, as queued: the shared commands themselves, in the order they were read.
+    queued: Vec<(String, Arc<NodeCommand>)>,
     id: String,
 }
 
@@ -76,6 +78,7 @@ impl Fleet {
             rollouts,
             sessions,
             told: BTreeMap::new(),
+            queued: Vec::new(),
             id: String::new(),
         }
     }
@@ -116,7 +119,11 @@ impl Fleet {
                     continue;
                 };
                 answers.extend(agent_answer(node, &command));
-                self.told.entry(node.clone()).or_default().push(command);
+                self.told
+                    .entry(node.clone())
+                    .or_default()
+                    .push(NodeCommand::clone(&command));
+                self.queued.push((node.clone(), command));
             }
         }
         for event in answers {
@@ -435,4 +442,45 @@ async fn a_rollout_held_before_it_starts_sends_nothing_until_the_store_heals() {
         })
         .await;
     assert_eq!(fleet.told, fleet.stored_commands());
+}
+
+/// A command the same for every node is one command, queued to each: its wire form is then
+/// encoded once for the whole fan-out (`outbound::WireForm`).
+#[tokio::test]
+async fn a_command_to_every_node_is_one_shared_command() {
+    let store = Arc::new(FailingStore::default());
+    let mut fleet = Fleet::new(store);
+    fleet.start();
+    fleet
+        .pump_until("the rollout succeeds", |f| {
+            f.status().state == RolloutState::Succeeded
+        })
+        .await;
+    for wanted in ["run_script", "release_barrier", "commit", "make_permanent"] {
+        let sent: Vec<&(String, Arc<NodeCommand>)> = fleet
+            .queued
+            .iter()
+            .filter(|(_, c)| kind(c) == wanted)
+            .collect();
+        assert_eq!(sent.len(), NODES.len(), "{wanted} to every node: {sent:?}");
+        assert!(
+            sent.iter().all(|(_, c)| Arc::ptr_eq(c, &sent[0].1)),
+            "one {wanted} shared by every node: {sent:?}"
+        );
+    }
+    // What one session encodes, the others reuse; a clone (which may be changed) starts over.
+    let (_, release) = fleet
+        .queued
+        .iter()
+        .find(|(_, c)| kind(c) == "release_barrier")
+        .unwrap_or_else(|| panic!("no release"));
+    let mut encodes = 0;
+    for (_, command) in fleet.queued.iter().filter(|(_, c)| Arc::ptr_eq(c, release)) {
+        command.wire.get_or_encode(|| {
+            encodes += 1;
+            bytes::Bytes::from_static(b"wire form")
+        });
+    }
+    assert_eq!(encodes, 1, "encoded once for the fan-out");
+    assert!(!NodeCommand::clone(release).wire.is_encoded());
 }
