@@ -339,9 +339,7 @@ pub fn coordinator_frame(outbound: Outbound) -> CoordinatorFrame {
         // The probe (if any) drops here: this release is handed to the connection.
         Outbound::Rollout(command, _probe) => {
             CoordinatorFrame::from_bytes(command.wire.get_or_encode(|| {
-                CoordinatorFrame::encode(&coordinator_message(&command))
-                    .bytes()
-                    .clone()
+                CoordinatorFrame::encode(&coordinator_message(&command)).into_bytes()
             }))
         }
     }

@@ -31,11 +31,11 @@ impl CoordinatorFrame {
     }
 
     /// The bytes, to keep and share (each clone of them is a reference, not a copy).
-    pub fn bytes(&self) -> &Bytes {
-        &self.encoded
+    pub fn into_bytes(self) -> Bytes {
+        self.encoded
     }
 
-    /// A frame of bytes [`CoordinatorFrame::bytes`] gave out.
+    /// A frame of bytes [`CoordinatorFrame::into_bytes`] gave out.
     pub fn from_bytes(encoded: Bytes) -> Self {
         Self { encoded }
     }
@@ -123,9 +123,9 @@ mod tests {
 
     #[test]
     fn clones_share_the_bytes() {
-        let frame = CoordinatorFrame::encode(&release());
-        let copy = CoordinatorFrame::from_bytes(frame.bytes().clone());
-        assert_eq!(copy.bytes().as_ptr(), frame.bytes().as_ptr());
+        let bytes = CoordinatorFrame::encode(&release()).into_bytes();
+        let copy = CoordinatorFrame::from_bytes(bytes.clone());
+        assert_eq!(copy.into_bytes().as_ptr(), bytes.as_ptr());
     }
 
     #[test]

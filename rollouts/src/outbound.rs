@@ -9,9 +9,9 @@
 //! and no allocation per node (docs/performance.md, "One encode per fan-out").
 
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use std::time::{Duration, Instant};
 
 use crate::engine::{Command, Millis};
 use crate::metrics::Metrics;
@@ -206,54 +206,43 @@ pub struct ScriptToRun {
 }
 
 impl NodeCommand {
-    /// The node an engine command addresses and what it is told; `None` for history records.
+    /// What an engine command tells its node ([`NodeCommand::addressee`]); `None` for history
+    /// records and gates.
     pub fn from_engine(
         rollout_id: &str,
         epoch: u64,
         script: &Arc<ScriptToRun>,
         command: &Command,
-    ) -> Option<(String, Self)> {
-        let (node, order) = match command {
+    ) -> Option<Self> {
+        let order = match command {
             // Records are history; a gate runs on the coordinator.
             Command::Record(_) | Command::RunGate { .. } => return None,
-            Command::RunScript { node } => (node, Order::RunScript(script.clone())),
+            Command::RunScript { .. } => Order::RunScript(script.clone()),
             Command::ReleaseBarrier {
-                node,
                 barrier,
                 ok,
                 reason,
-            } => (
-                node,
-                Order::ReleaseBarrier {
-                    barrier: barrier.clone(),
-                    ok: *ok,
-                    reason: reason.clone(),
-                },
-            ),
-            Command::Commit { node } => (node, Order::Commit),
-            Command::Abort { node, reason } => (
-                node,
-                Order::Abort {
-                    reason: reason.clone(),
-                },
-            ),
-            Command::Rollback { node, reason } => (
-                node,
-                Order::Rollback {
-                    reason: reason.clone(),
-                },
-            ),
-            Command::MakePermanent { node } => (node, Order::MakePermanent),
-        };
-        Some((
-            node.clone(),
-            Self {
-                rollout_id: rollout_id.to_string(),
-                epoch,
-                order,
-                wire: WireForm::default(),
+                ..
+            } => Order::ReleaseBarrier {
+                barrier: barrier.clone(),
+                ok: *ok,
+                reason: reason.clone(),
             },
-        ))
+            Command::Commit { .. } => Order::Commit,
+            Command::Abort { reason, .. } => Order::Abort {
+                reason: reason.clone(),
+            },
+            Command::Rollback { reason, .. } => Order::Rollback {
+                reason: reason.clone(),
+            },
+            Command::MakePermanent { .. } => Order::MakePermanent,
+        };
+        Some(Self {
+            rollout_id: rollout_id.to_string(),
+            epoch,
+            order,
+            wire: WireForm::default(),
+        })
     }
 
     /// The node an engine command addresses (`None` for records and gates).

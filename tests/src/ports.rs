@@ -1,6 +1,6 @@
 //! Ports for the servers a test starts: free on 127.0.0.1 and below the kernel's ephemeral range.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, TcpListener};
 use std::sync::{Mutex, PoisonError};
 
@@ -45,9 +45,11 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 /// Ports this process has handed out already; `false` when `port` is one of them.
 fn hand_out(port: u16) -> bool {
-    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
-    handed_out.get_or_insert_with(HashSet::new).insert(port)
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    HANDED_OUT
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(port)
 }
 
 #[cfg(test)]
@@ -59,7 +61,7 @@ mod tests {
         let ports: Vec<u16> = (0..300)
             .map(|_| free_port().expect("a free port"))
             .collect();
-        let distinct: HashSet<u16> = ports.iter().copied().collect();
+        let distinct: BTreeSet<u16> = ports.iter().copied().collect();
         assert_eq!(distinct.len(), ports.len(), "{ports:?}");
     }
 }

@@ -609,19 +609,24 @@ impl Driver {
         }
     }
 
-    /// The command to a node an engine command means (`None` for records and gates): the one
-    /// built last when it says the same, else a new one.
-    fn node_command(&mut self, command: &Command) -> Option<Arc<NodeCommand>> {
+    /// The node an engine command addresses and the command it is sent (`None` for records and
+    /// gates): the one built last when it says the same, else a new one.
+    fn node_command<'c>(&mut self, command: &'c Command) -> Option<(&'c str, Arc<NodeCommand>)> {
+        let node = NodeCommand::addressee(command)?;
         let epoch = self.engine.epoch();
         if let Some(last) = &self.last_built
             && last.says(&self.record.id, epoch, command)
         {
-            return Some(last.clone());
+            return Some((node, last.clone()));
         }
-        let (_, built) = NodeCommand::from_engine(&self.record.id, epoch, &self.script, command)?;
-        let built = Arc::new(built);
+        let built = Arc::new(NodeCommand::from_engine(
+            &self.record.id,
+            epoch,
+            &self.script,
+            command,
+        )?);
         self.last_built = Some(built.clone());
-        Some(built)
+        Some((node, built))
     }
 
     /// Note `command` as the last one `node` was sent (no allocation once the node is known).
@@ -646,9 +651,7 @@ impl Driver {
 
     /// Note a command as the last one its node was sent, without sending it (replay).
     pub(super) fn remember(&mut self, command: &Command) {
-        if let (Some(node), Some(message)) =
-            (NodeCommand::addressee(command), self.node_command(command))
-        {
+        if let Some((node, message)) = self.node_command(command) {
             self.note_sent(node, message);
         }
     }
@@ -713,9 +716,7 @@ impl Driver {
             self.run_gate(*wave, *gate);
             return;
         }
-        let (Some(node), Some(message)) =
-            (NodeCommand::addressee(command), self.node_command(command))
-        else {
+        let Some((node, message)) = self.node_command(command) else {
             return;
         };
         self.note_sent(node, message.clone());

@@ -177,10 +177,11 @@ impl Fleet {
                 if let crate::engine::Command::Record(r) = command {
                     records.push(r.clone());
                 }
-                if let Some((node, c)) =
-                    NodeCommand::from_engine(&record.id, record.epoch, &run, command)
-                {
-                    commands.entry(node).or_default().push(c);
+                if let (Some(node), Some(c)) = (
+                    NodeCommand::addressee(command),
+                    NodeCommand::from_engine(&record.id, record.epoch, &run, command),
+                ) {
+                    commands.entry(node.to_string()).or_default().push(c);
                 }
             }
         }
