@@ -10,6 +10,8 @@
 //!   coordinator's own status agrees each time.
 //! * The page's network breaks mid-rollout (a proxy cuts its connections and refuses new ones
 //!   for a while): once back it holds exactly the coordinator's history.
+//! * The browser helpers themselves read and click through a page that keeps replacing its
+//!   elements, as the console does while events arrive.
 //!
 //! Requests to an action without the cookie or with a viewer's are refused in `http.rs`.
 #![allow(clippy::unwrap_used)] // Tests unwrap: a panic is the failure report.
@@ -634,4 +636,50 @@ async fn a_page_whose_network_breaks_mid_rollout_ends_with_exactly_the_coordinat
     browser.close().await.unwrap();
     drop(proxy);
     fleet.shutdown().await.unwrap();
+}
+
+/// The console replaces rows as events arrive, so an element the test found may be gone by the
+/// time it reads or clicks it. A page that replaces its only element ten times a second: every
+/// read still gets the text, and every click lands.
+#[tokio::test]
+async fn reads_and_clicks_survive_a_page_that_replaces_its_elements() {
+    let browser = Browser::start().await.unwrap();
+    let page = r#"<!doctype html><body><div id="box"></div><script>
+        let clicks = 0;
+        function render() {
+            const button = document.createElement('button');
+            button.id = 'target';
+            button.textContent = 'clicked ' + clicks;
+            button.onclick = () => { clicks += 1; };
+            document.getElementById('box').replaceChildren(button);
+            setTimeout(render, 100);
+        }
+        render();
+        </script></body>"#;
+    browser
+        .goto(&format!("data:text/html,{}", urlencode(page)))
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        let text = browser.text("#target").await.unwrap();
+        assert!(text.starts_with("clicked "), "{text}");
+    }
+    for _ in 0..20 {
+        browser.click("#target").await.unwrap();
+    }
+    let clicks = browser.eval("return clicks;").await.unwrap();
+    assert_eq!(clicks, Value::from(20));
+    browser.close().await.unwrap();
+}
+
+/// `text` percent-encoded for a `data:` URL.
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (byte as char).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
 }

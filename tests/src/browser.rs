@@ -17,6 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use fantoccini::elements::Element;
+use fantoccini::error::CmdError;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
@@ -29,6 +31,10 @@ const DRIVER_START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How often [`Browser::wait_until`] asks the page.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often [`Browser::click`] and [`Browser::type_into`] find their element
+/// again when the page replaced it under them.
+const STALE_RETRIES: u32 = 5;
 
 /// The window the screenshots have.
 pub const WINDOW: (u32, u32) = (1400, 1000);
@@ -207,14 +213,22 @@ impl Browser {
         }
     }
 
-    /// The text of the first element matching `css`.
+    /// The text of the first element matching `css` (its `innerText`). Found and read in one
+    /// script, so a page that replaces the element cannot come in between.
     pub async fn text(&self, css: &str) -> anyhow::Result<String> {
-        let element = self
+        let found = self
             .client()?
-            .find(Locator::Css(css))
+            .execute(
+                "const found = document.querySelector(arguments[0]); \
+                 return found === null ? null : found.innerText;",
+                vec![Value::from(css)],
+            )
             .await
-            .with_context(|| format!("no element `{css}`"))?;
-        Ok(element.text().await?)
+            .with_context(|| format!("cannot read `{css}`"))?;
+        match found {
+            Value::String(text) => Ok(text),
+            _ => bail!("no element `{css}`"),
+        }
     }
 
     /// How many elements match `css`.
@@ -224,24 +238,38 @@ impl Browser {
 
     /// Type `text` into the element matching `css`.
     pub async fn type_into(&self, css: &str, text: &str) -> anyhow::Result<()> {
-        let element = self
-            .client()?
-            .find(Locator::Css(css))
+        self.on_element(css, |element| async move { element.send_keys(text).await })
             .await
-            .with_context(|| format!("no element `{css}`"))?;
-        element.send_keys(text).await?;
-        Ok(())
     }
 
     /// Click the element matching `css`.
     pub async fn click(&self, css: &str) -> anyhow::Result<()> {
-        let element = self
-            .client()?
-            .find(Locator::Css(css))
+        self.on_element(css, |element| async move { element.click().await })
             .await
-            .with_context(|| format!("no element `{css}`"))?;
-        element.click().await?;
-        Ok(())
+    }
+
+    /// Finds the first element matching `css` and runs `act` on it. The console re-renders
+    /// rows as events arrive, so the element found may be replaced before `act` reaches it
+    /// (a stale element reference): then it is found again, up to [`STALE_RETRIES`] times.
+    async fn on_element<T, F, Fut>(&self, css: &str, act: F) -> anyhow::Result<T>
+    where
+        F: Fn(Element) -> Fut,
+        Fut: Future<Output = Result<T, CmdError>>,
+    {
+        let mut stale = 0;
+        loop {
+            let element = self
+                .client()?
+                .find(Locator::Css(css))
+                .await
+                .with_context(|| format!("no element `{css}`"))?;
+            match act(element).await {
+                Err(error) if error.is_stale_element_reference() && stale < STALE_RETRIES => {
+                    stale += 1;
+                }
+                result => return result.with_context(|| format!("on element `{css}`")),
+            }
+        }
     }
 
     /// Answer the open prompt with `text` and accept it.
