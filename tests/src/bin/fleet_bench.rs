@@ -22,6 +22,7 @@
 //!   across the fleet and the agents' own durations (p50, max), from the history.
 //! * CPU seconds of the coordinator and of all agents during the rollout (services excluded).
 //! * `--perf FILE`: `perf record -a` over the first timed rollout.
+//! * `--events DIR`: each timed rollout's history, one JSON event a line.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -59,6 +60,10 @@ struct Args {
     /// timed rollout, into this file.
     #[arg(long, value_name = "FILE")]
     perf: Option<PathBuf>,
+    /// Write each timed rollout's history (`hotroll rollout events --output json`, one event a
+    /// line) to `DIR/round-<k>.jsonl`, for a closer look than the step table.
+    #[arg(long, value_name = "DIR")]
+    events: Option<PathBuf>,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -296,10 +301,21 @@ struct StepSpan {
 }
 
 /// The rollout's history: its span (first event to last) and each instruction's.
-fn history(cluster: &Cluster, id: &str) -> anyhow::Result<(u64, Vec<(String, StepSpan)>)> {
+/// With `save`, the history is also written to `save/round-<round + 1>.jsonl`.
+fn history(
+    cluster: &Cluster,
+    id: &str,
+    save: Option<&Path>,
+    round: usize,
+) -> anyhow::Result<(u64, Vec<(String, StepSpan)>)> {
     let out = cluster
         .hotroll(&["rollout", "events", id, "--output", "json"])?
         .ok()?;
+    if let Some(dir) = save {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let file = dir.join(format!("round-{}.jsonl", round + 1));
+        std::fs::write(&file, &out.stdout).with_context(|| format!("write {}", file.display()))?;
+    }
     let events: Vec<Value> = out
         .stdout
         .lines()
@@ -438,7 +454,7 @@ fn main() -> anyhow::Result<()> {
                 "rollout {from} -> {to}: {}",
                 run.status
             );
-            let (history_ms, steps) = history(cluster, &run.id)?;
+            let (history_ms, steps) = history(cluster, &run.id, args.events.as_deref(), round)?;
             rounds.push(Round {
                 floor,
                 wall,
