@@ -8,7 +8,8 @@
 //!
 //! A new release is built in `releases/.staging-<version>-<nonce>` (hard links of the base
 //! release's files, then the new artifacts, then unpacked archives) and renamed into place, so
-//! `releases/<version>` is always complete. Files are never written through a hard link: an
+//! `releases/<version>` is always complete, also after a power loss: the new files and every
+//! directory of the staging tree are fsynced before the rename. Files are never written through a hard link: an
 //! artifact replaces its path (unlink, then a new file), so older releases keep their bytes.
 //! Every version name and relative path comes from the network and is checked before it
 //! touches a path; every write lands in a directory whose canonical path is inside the release.
@@ -284,7 +285,12 @@ impl Apps {
         let releases = self.releases_dir(app);
         std::fs::create_dir_all(&releases).map_err(io("cannot create", &releases))?;
         let staging = releases.join(format!(".staging-{version}-{}", nonce()));
-        let result = self.build_in(&staging, base, files, cancel);
+        // The staged files and their directory entries reach the disk before the directory is
+        // renamed into place: a release the journal calls staged must still be whole after a
+        // power loss, not only after a crash of the agent.
+        let result = self
+            .build_in(&staging, base, files, cancel)
+            .and_then(|built| sync_dirs(&staging).map(|()| built));
         let built = match result {
             Ok(built) => built,
             Err(e) => {
@@ -383,7 +389,23 @@ fn copy_new(source: &Path, dest: &Path) -> Result<(), ReleaseError> {
         .open(dest)
         .map_err(io("cannot create", dest))?;
     std::io::copy(&mut input, &mut output).map_err(io("cannot write", dest))?;
+    output.sync_data().map_err(io("cannot sync", dest))?;
     Ok(())
+}
+
+/// fsync every directory of the tree at `root` (deepest first), so the entries made in it
+/// (files, hard links, symlinks, subdirectories) are on disk. Nothing is followed.
+fn sync_dirs(root: &Path) -> Result<(), ReleaseError> {
+    let entries = std::fs::read_dir(root).map_err(io("cannot read", root))?;
+    for entry in entries {
+        let entry = entry.map_err(io("cannot read", root))?;
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            sync_dirs(&entry.path())?;
+        }
+    }
+    std::fs::File::open(root)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io("cannot sync", root))
 }
 
 /// Recreate the tree `from` in `to` (an existing empty directory): directories as new

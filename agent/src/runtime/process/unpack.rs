@@ -114,6 +114,9 @@ pub fn unpack(archive: &Path, dest: &Path, root: &Path) -> Result<u64, UnpackErr
                 .map_err(|e| refused(&raw_path, format!("cannot create: {e}")))?;
             std::io::copy(&mut entry, &mut out)
                 .map_err(|e| broken(format!("entry `{}`: {e}", raw_path.display())))?;
+            // On disk before the release is renamed into place (see `Apps::build`).
+            out.sync_data()
+                .map_err(|e| refused(&raw_path, format!("cannot sync: {e}")))?;
             std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| refused(&raw_path, format!("cannot set its mode: {e}")))?;
         } else if kind.is_symlink() {
