@@ -32,9 +32,10 @@ const DRIVER_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often [`Browser::wait_until`] asks the page.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// How often [`Browser::click`] and [`Browser::type_into`] find their element
-/// again when the page replaced it under them.
-const STALE_RETRIES: u32 = 5;
+/// How long [`Browser::click`] and [`Browser::type_into`] keep finding their element again
+/// when the page replaced it under them. A time, not a count: on a loaded machine one find and
+/// its action can take longer than the page takes to redraw, several times in a row.
+const STALE_RETRY_WITHIN: Duration = Duration::from_secs(10);
 
 /// The window the screenshots have.
 pub const WINDOW: (u32, u32) = (1400, 1000);
@@ -250,13 +251,13 @@ impl Browser {
 
     /// Finds the first element matching `css` and runs `act` on it. The console re-renders
     /// rows as events arrive, so the element found may be replaced before `act` reaches it
-    /// (a stale element reference): then it is found again, up to [`STALE_RETRIES`] times.
+    /// (a stale element reference): then it is found again, for up to [`STALE_RETRY_WITHIN`].
     async fn on_element<T, F, Fut>(&self, css: &str, act: F) -> anyhow::Result<T>
     where
         F: Fn(Element) -> Fut,
         Fut: Future<Output = Result<T, CmdError>>,
     {
-        let mut stale = 0;
+        let started = Instant::now();
         loop {
             let element = self
                 .client()?
@@ -264,9 +265,9 @@ impl Browser {
                 .await
                 .with_context(|| format!("no element `{css}`"))?;
             match act(element).await {
-                Err(error) if error.is_stale_element_reference() && stale < STALE_RETRIES => {
-                    stale += 1;
-                }
+                Err(error)
+                    if error.is_stale_element_reference()
+                        && started.elapsed() < STALE_RETRY_WITHIN => {}
                 result => return result.with_context(|| format!("on element `{css}`")),
             }
         }
