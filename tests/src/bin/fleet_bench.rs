@@ -301,20 +301,17 @@ struct StepSpan {
 }
 
 /// The rollout's history: its span (first event to last) and each instruction's.
-/// With `save`, the history is also written to `save/round-<round + 1>.jsonl`.
+/// With `save`, the history is also written to that file.
 fn history(
     cluster: &Cluster,
     id: &str,
     save: Option<&Path>,
-    round: usize,
 ) -> anyhow::Result<(u64, Vec<(String, StepSpan)>)> {
     let out = cluster
         .hotroll(&["rollout", "events", id, "--output", "json"])?
         .ok()?;
-    if let Some(dir) = save {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        let file = dir.join(format!("round-{}.jsonl", round + 1));
-        std::fs::write(&file, &out.stdout).with_context(|| format!("write {}", file.display()))?;
+    if let Some(file) = save {
+        std::fs::write(file, &out.stdout).with_context(|| format!("write {}", file.display()))?;
     }
     let events: Vec<Value> = out
         .stdout
@@ -388,6 +385,9 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("hotroll-fleet-bench-")
         .tempdir()?;
+    if let Some(events) = &args.events {
+        std::fs::create_dir_all(events).with_context(|| format!("create {}", events.display()))?;
+    }
     let service = Service::new(&args.service, &dir.path().join("releases"))?;
     let mut options = ClusterOptions::default();
     for i in 1..=args.nodes {
@@ -454,7 +454,11 @@ fn main() -> anyhow::Result<()> {
                 "rollout {from} -> {to}: {}",
                 run.status
             );
-            let (history_ms, steps) = history(cluster, &run.id, args.events.as_deref(), round)?;
+            let save = args
+                .events
+                .as_ref()
+                .map(|dir| dir.join(format!("round-{}.jsonl", round + 1)));
+            let (history_ms, steps) = history(cluster, &run.id, save.as_deref())?;
             rounds.push(Round {
                 floor,
                 wall,

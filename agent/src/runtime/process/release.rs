@@ -9,8 +9,9 @@
 //! A new release is built in `releases/.staging-<version>-<nonce>` (hard links of the base
 //! release's files, then the new artifacts, then unpacked archives) and renamed into place, so
 //! `releases/<version>` is always complete, also after a power loss: the new files and every
-//! directory of the staging tree are fsynced before the rename. Files are never written through a hard link: an
-//! artifact replaces its path (unlink, then a new file), so older releases keep their bytes.
+//! directory of the staging tree are fsynced before the rename. Files are never written through
+//! a hard link: an artifact replaces its path (unlink, then a new file), so older releases keep
+//! their bytes.
 //! Every version name and relative path comes from the network and is checked before it
 //! touches a path; every write lands in a directory whose canonical path is inside the release.
 
