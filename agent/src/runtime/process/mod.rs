@@ -321,8 +321,8 @@ impl ProcessRuntime {
         .map_err(|e| failed(format!("cannot stage release {to} of {app}: {e}")))?;
         lock(&self.inner.staged).insert(key, rollout.rollout_id.clone());
         let mut summary = format!(
-            "staged release {to} of {app}: {} file(s) written, {} archive entries unpacked",
-            built.written, built.unpacked
+            "staged release {to} of {app}: {} file(s) written, {} unchanged, {} archive entries unpacked",
+            built.written, built.unchanged, built.unpacked
         );
         if !base_name.is_empty() {
             summary.push_str(&format!(", {} hard-linked from {base_name}", built.linked));
@@ -331,6 +331,7 @@ impl ProcessRuntime {
             app,
             release = to,
             written = built.written,
+            unchanged = built.unchanged,
             unpacked = built.unpacked,
             linked = built.linked,
             "release staged"

@@ -11,11 +11,11 @@
 //! `releases/<version>` is always complete, also after a power loss: the new files and every
 //! directory of the staging tree are fsynced before the rename. Files are never written through
 //! a hard link: an artifact replaces its path (unlink, then a new file), so older releases keep
-//! their bytes.
+//! their bytes; an artifact whose bytes and mode the base's file already has keeps that link.
 //! Every version name and relative path comes from the network and is checked before it
 //! touches a path; every write lands in a directory whose canonical path is inside the release.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -82,6 +82,8 @@ pub struct NewFile {
 pub struct Built {
     pub linked: u64,
     pub written: u64,
+    /// Artifacts whose bytes and mode the base release already had: its hard link kept.
+    pub unchanged: u64,
     pub unpacked: u64,
 }
 
@@ -368,6 +370,12 @@ impl Apps {
                         file.name
                     )));
                 }
+                // The base's hard link already has these bytes and this mode: keep it. Saves
+                // writing and syncing a copy of every file a release lists but did not change.
+                Ok(meta) if same_file_content(&meta, &dest, &file.source, file.mode) => {
+                    built.unchanged += 1;
+                    continue;
+                }
                 // Unlink, never write through: the old inode belongs to other releases too.
                 Ok(_) => std::fs::remove_file(&dest).map_err(io("cannot replace", &dest))?,
                 Err(_) => {}
@@ -379,6 +387,59 @@ impl Apps {
         }
         Ok(built)
     }
+}
+
+/// Whether `existing` (a hard link from the base release, `meta` its own metadata) is a
+/// regular file with `mode` and the same bytes as the verified `source`. Compared byte for
+/// byte, not by size or time: the base's file is on this disk, where anything may have
+/// changed it since it was staged. Any error reading either says no (the file is replaced).
+fn same_file_content(meta: &std::fs::Metadata, existing: &Path, source: &Path, mode: u32) -> bool {
+    if !meta.is_file() || meta.permissions().mode() & 0o7777 != mode & 0o7777 {
+        return false;
+    }
+    let Ok(source_meta) = std::fs::metadata(source) else {
+        return false;
+    };
+    if source_meta.len() != meta.len() {
+        return false;
+    }
+    let (Ok(mut left), Ok(mut right)) =
+        (std::fs::File::open(existing), std::fs::File::open(source))
+    else {
+        return false;
+    };
+    let mut a = vec![0u8; 64 * 1024];
+    let mut b = vec![0u8; 64 * 1024];
+    loop {
+        let n = match read_full(&mut left, &mut a) {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        match read_full(&mut right, &mut b[..n.max(1)]) {
+            Ok(m) if m == n => {}
+            _ => return false,
+        }
+        if n == 0 {
+            return true;
+        }
+        if a[..n] != b[..n] {
+            return false;
+        }
+    }
+}
+
+/// Read until `buf` is full or the file ends; how many bytes were read.
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// Copy `source` to a new file `dest` (which must not exist).
@@ -509,7 +570,7 @@ mod tests {
             }],
             &never,
         )?;
-        assert_eq!((built.linked, built.written), (2, 1));
+        assert_eq!((built.linked, built.written, built.unchanged), (2, 1, 0));
         let v2 = apps.release_dir("app", "2.0")?;
         let meta = |p: &Path| std::fs::metadata(p).map_err(io("stat", Path::new("x")));
         // Unchanged files are the same inode; replaced ones are new and the old keeps its bytes.
@@ -527,6 +588,32 @@ mod tests {
         );
         assert_eq!(meta(&v2.join("bin/app"))?.mode() & 0o777, 0o700);
         assert!(!apps.has_staging("app"));
+
+        // Listed again with the same bytes and mode: 2.0's link is kept, not a new copy. A
+        // different mode, or bytes changed on disk since, get a new file.
+        std::fs::copy(v2.join("bin/app"), cas.join("c")).map_err(io("copy", &cas))?;
+        let listed = |mode| NewFile {
+            name: "bin/app".into(),
+            source: cas.join("c"),
+            mode,
+            unpack: false,
+        };
+        let built = apps.build("app", "2.1", Some(&v2), &[listed(0o700)], &never)?;
+        assert_eq!((built.written, built.unchanged), (0, 1));
+        let v21 = apps.release_dir("app", "2.1")?;
+        assert_eq!(
+            meta(&v2.join("bin/app"))?.ino(),
+            meta(&v21.join("bin/app"))?.ino()
+        );
+        let built = apps.build("app", "2.2", Some(&v2), &[listed(0o755)], &never)?;
+        assert_eq!((built.written, built.unchanged), (1, 0));
+        write(&cas.join("c"), "newer binarY");
+        let built = apps.build("app", "2.3", Some(&v2), &[listed(0o700)], &never)?;
+        assert_eq!((built.written, built.unchanged), (1, 0));
+        assert_eq!(
+            std::fs::read_to_string(apps.release_dir("app", "2.3")?.join("bin/app")).ok(),
+            Some("newer binarY".to_string())
+        );
 
         apps.activate("app", "2.0")?;
         apps.set_permanent("app", "2.0")?;
