@@ -365,13 +365,14 @@ impl pb::control_server::Control for ControlService {
             0 => 50,
             n => n as usize,
         };
-        let rollouts = self
-            .rollouts
-            .list(limit)
-            .map_err(rollout_status_error)?
-            .iter()
-            .map(convert::rollout_summary)
-            .collect();
+        // Reading the store is blocking I/O: off the runtime's workers, which also carry every
+        // agent's session (a status poll must not delay a barrier's release).
+        let rollouts = self.rollouts.clone();
+        let listed = tokio::task::spawn_blocking(move || rollouts.list(limit))
+            .await
+            .map_err(|e| Status::internal(format!("listing rollouts failed: {e}")))?
+            .map_err(rollout_status_error)?;
+        let rollouts = listed.iter().map(convert::rollout_summary).collect();
         Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
     }
 

@@ -232,6 +232,24 @@ pub trait Store: Send + Sync + 'static {
         rollouts.truncate(limit);
         Ok(rollouts)
     }
+    /// The ids of the newest `limit` rollouts, newest first, each with its record unless
+    /// `known(id)` says the caller has it already (a rollout this process runs, whose live
+    /// status replaces the record). A store that can skip decoding those (redb) should: a
+    /// running rollout's record holds every node, and status polls ask for it again and again.
+    fn newest_rollouts_unless(
+        &self,
+        limit: usize,
+        known: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Option<RolloutRecord>)>, StoreError> {
+        Ok(self
+            .newest_rollouts(limit)?
+            .into_iter()
+            .map(|record| {
+                let id = record.id.clone();
+                (id.clone(), (!known(&id)).then_some(record))
+            })
+            .collect())
+    }
     /// Append to a rollout's history; `event.seq` must be the next position.
     fn append_events(&self, rollout: &str, events: &[StoredEvent]) -> Result<(), StoreError>;
     /// The rollout's history from `from_seq` on (inclusive).
@@ -436,6 +454,18 @@ impl Store for RedbStore {
     }
 
     fn newest_rollouts(&self, limit: usize) -> Result<Vec<RolloutRecord>, StoreError> {
+        Ok(self
+            .newest_rollouts_unless(limit, &|_| false)?
+            .into_iter()
+            .filter_map(|(_, record)| record)
+            .collect())
+    }
+
+    fn newest_rollouts_unless(
+        &self,
+        limit: usize,
+        known: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Option<RolloutRecord>)>, StoreError> {
         self.read(|db| {
             let tx = db_err!(db.begin_read())?;
             let table = db_err!(tx.open_table(ROLLOUTS))?;
@@ -443,7 +473,13 @@ impl Store for RedbStore {
             // Keys are uuid v7 ids, which sort by creation time: the newest are last.
             for entry in db_err!(table.iter())?.rev().take(limit) {
                 let (key, value) = db_err!(entry)?;
-                out.push(decode::<RolloutRecord>(key.value(), value.value())?);
+                let id = key.value();
+                let record = if known(id) {
+                    None
+                } else {
+                    Some(decode::<RolloutRecord>(id, value.value())?)
+                };
+                out.push((id.to_string(), record));
             }
             Ok(out)
         })

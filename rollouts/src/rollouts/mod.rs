@@ -425,11 +425,12 @@ impl Rollouts {
             .iter()
             .map(|(id, h)| (id.clone(), h.snapshot.borrow().clone()))
             .collect();
+        // A live rollout's stored record is not even decoded: its live status replaces it.
         Ok(self
             .store
-            .newest_rollouts(limit)?
+            .newest_rollouts_unless(limit, &|id| live.contains_key(id))?
             .into_iter()
-            .map(|r| live.get(&r.id).cloned().unwrap_or(r.status))
+            .filter_map(|(id, record)| live.get(&id).cloned().or(record.map(|r| r.status)))
             .collect())
     }
 

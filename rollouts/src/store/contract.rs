@@ -1,6 +1,7 @@
 //! The contract every [`Store`] keeps, as one check that each store's tests run on a real
-//! instance of it (redb, memory, etcd): rollouts newest first, histories and inputs in order
-//! from a position, one engine step stored all together, node records.
+//! instance of it (redb, memory, etcd): rollouts newest first (records decoded only where
+//! asked), histories and inputs in order from a position, one engine step stored all together,
+//! node records.
 
 use super::{
     Commit, NodeRecord, RolloutRecord, RolloutSnapshot, Store, StoreError, StoredEvent, StoredInput,
@@ -92,6 +93,19 @@ pub fn check(store: &dyn Store) -> Result<(), ContractError> {
         .collect();
     ensure_eq!(newest, vec!["b"]);
     ensure_eq!(store.newest_rollouts(5)?.len(), 2);
+    // Every id in order; a record only for the ids the caller does not know.
+    let listed: Vec<_> = store
+        .newest_rollouts_unless(5, &|id| id == "b")?
+        .into_iter()
+        .map(|(id, record)| (id, record.map(|r| r.id)))
+        .collect();
+    ensure_eq!(
+        listed,
+        vec![
+            ("b".to_string(), None),
+            ("a".to_string(), Some("a".to_string()))
+        ]
+    );
     let events: Vec<_> = (1..=3)
         .map(|seq| StoredEvent {
             seq,

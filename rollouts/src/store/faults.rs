@@ -122,6 +122,14 @@ impl<S: Store> Store for FailingStore<S> {
         self.inner.newest_rollouts(limit)
     }
 
+    fn newest_rollouts_unless(
+        &self,
+        limit: usize,
+        known: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Option<RolloutRecord>)>, StoreError> {
+        self.inner.newest_rollouts_unless(limit, known)
+    }
+
     fn append_events(&self, rollout: &str, events: &[StoredEvent]) -> Result<(), StoreError> {
         self.check_write()?;
         self.inner.append_events(rollout, events)
