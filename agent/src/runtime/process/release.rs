@@ -499,7 +499,11 @@ fn link_tree(
             symlink(&target, &dest).map_err(io("cannot link", &dest))?;
         } else if kind.is_file() {
             if std::fs::hard_link(&source, &dest).is_err() {
+                // A copy is new data: synced like every new file of the release.
                 std::fs::copy(&source, &dest).map_err(io("cannot copy to", &dest))?;
+                std::fs::File::open(&dest)
+                    .and_then(|file| file.sync_data())
+                    .map_err(io("cannot sync", &dest))?;
             }
             built.linked += 1;
         }
