@@ -498,7 +498,6 @@ impl ProcessRuntime {
     }
 
     async fn load(&self, ctx: &StepContext<'_>, targets: &[Located<String>]) -> StepResult {
-        let apps = &self.inner.apps;
         let mut lines = Vec::new();
         for target in targets {
             let app = target.value.as_str();
@@ -509,8 +508,15 @@ impl ProcessRuntime {
                 continue;
             }
             let to = ctx.rollout.to.as_str();
-            let before = apps.current(app);
-            apps.activate(app, to).map_err(|e| failed(e.to_string()))?;
+            let (owned_app, owned_to) = (app.to_string(), to.to_string());
+            let (before, activated) = self
+                .off_the_workers(move |runtime| {
+                    let apps = &runtime.inner.apps;
+                    let before = apps.current(&owned_app);
+                    (before, apps.activate(&owned_app, &owned_to))
+                })
+                .await?;
+            activated.map_err(|e| failed(e.to_string()))?;
             tracing::info!(app, release = to, previous = ?before, "release activated");
             lines.push(format!(
                 "{app}: current {} -> {to}",
@@ -765,6 +771,18 @@ impl ProcessRuntime {
     }
 
     /// Remove releases of `app` beyond `keep_releases` (never current or permanent).
+    /// Blocking file system work on the release tree, on a blocking thread: a directory fsync
+    /// can take long on a busy disk, and the runtime's workers also carry the session.
+    async fn off_the_workers<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Self) -> T + Send + 'static,
+    ) -> Result<T, RuntimeError> {
+        let runtime = self.clone();
+        tokio::task::spawn_blocking(move || work(&runtime))
+            .await
+            .map_err(|e| failed(format!("file system task failed: {e}")))
+    }
+
     fn prune(&self, app: &str) -> Vec<String> {
         let apps = &self.inner.apps;
         let current = apps.current(app);
@@ -952,9 +970,17 @@ impl Runtime for ProcessRuntime {
                 tracing::debug!(app, release = %ctx.to, "release not current; permanent unchanged");
                 return Ok(());
             }
-            apps.set_permanent(app, &ctx.to)
+            let (owned_app, to) = (app.to_string(), ctx.to.clone());
+            let removed = self
+                .off_the_workers(move |runtime| {
+                    runtime
+                        .inner
+                        .apps
+                        .set_permanent(&owned_app, &to)
+                        .map(|()| runtime.prune(&owned_app))
+                })
+                .await?
                 .map_err(|e| failed(e.to_string()))?;
-            let removed = self.prune(app);
             tracing::info!(app, release = %ctx.to, ?removed, keep = self.inner.keep_releases, "release made permanent");
             Ok(())
         })
