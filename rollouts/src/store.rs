@@ -24,12 +24,8 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{Event, Millis, Record};
 
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
-/// A rollout's history in chunks: `(rollout, seq of the chunk's first event)` → the events one
-/// write stored, as a JSON array (a single JSON object: one event, as stores before chunks
-/// wrote them). One row per write rather than per event: a barrier's 1,000 arrivals are one
-/// B-tree insert, not 1,000.
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
-/// The engine's inputs per rollout, in the order it was given them, chunked as [`EVENTS`].
+/// The engine's inputs per rollout, in the order it was given them.
 const INPUTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inputs");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 
@@ -307,63 +303,6 @@ struct OpenDb {
     generation: u64,
 }
 
-/// Consecutive entries (events or inputs) stored as one row of a chunked table.
-struct Chunk {
-    first_seq: u64,
-    bytes: Vec<u8>,
-}
-
-impl Chunk {
-    /// `None` for no entries.
-    fn of<T: Serialize>(
-        entries: &[T],
-        seq: impl Fn(&T) -> u64,
-    ) -> Result<Option<Self>, StoreError> {
-        let Some(first) = entries.first() else {
-            return Ok(None);
-        };
-        Ok(Some(Self {
-            first_seq: seq(first),
-            bytes: encode(&entries)?,
-        }))
-    }
-}
-
-/// A chunked table's entries of `rollout` with `seq >= from_seq`, in order: from the chunk that
-/// holds `from_seq` (the last one starting at or before it) on. A row is a JSON array, or one
-/// object as written before chunks. An entry at or below the last one taken is skipped, so
-/// overlapping chunks cannot repeat one.
-fn read_chunks<T: for<'de> Deserialize<'de>>(
-    table: &redb::ReadOnlyTable<(&'static str, u64), &'static [u8]>,
-    rollout: &str,
-    from_seq: u64,
-    seq: impl Fn(&T) -> u64,
-) -> Result<Vec<T>, StoreError> {
-    let start = match db_err!(table.range((rollout, 0)..=(rollout, from_seq)))?.next_back() {
-        Some(entry) => db_err!(entry)?.0.value().1,
-        None => from_seq,
-    };
-    let mut out: Vec<T> = Vec::new();
-    let mut last = None;
-    for entry in db_err!(table.range((rollout, start)..=(rollout, u64::MAX)))? {
-        let (_, value) = db_err!(entry)?;
-        let bytes = value.value();
-        let entries = if bytes.trim_ascii_start().starts_with(b"[") {
-            decode::<Vec<T>>(rollout, bytes)?
-        } else {
-            vec![decode::<T>(rollout, bytes)?]
-        };
-        for entry in entries {
-            let at = seq(&entry);
-            if at >= from_seq && last.is_none_or(|last| at > last) {
-                last = Some(at);
-                out.push(entry);
-            }
-        }
-    }
-    Ok(out)
-}
-
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedbStore")
@@ -547,14 +486,14 @@ impl Store for RedbStore {
     }
 
     fn append_events(&self, rollout: &str, events: &[StoredEvent]) -> Result<(), StoreError> {
-        let Some(chunk) = Chunk::of(events, |e| e.seq)? else {
-            return Ok(());
-        };
         self.write(|db| {
             let tx = db_err!(db.begin_write())?;
             {
                 let mut table = db_err!(tx.open_table(EVENTS))?;
-                db_err!(table.insert((rollout, chunk.first_seq), chunk.bytes.as_slice()))?;
+                for event in events {
+                    let bytes = encode(event)?;
+                    db_err!(table.insert((rollout, event.seq), bytes.as_slice()))?;
+                }
             }
             db_err!(tx.commit())
         })
@@ -564,28 +503,41 @@ impl Store for RedbStore {
         self.read(|db| {
             let tx = db_err!(db.begin_read())?;
             let table = db_err!(tx.open_table(EVENTS))?;
-            read_chunks(&table, rollout, from_seq, |e: &StoredEvent| e.seq)
+            let mut out = Vec::new();
+            for entry in db_err!(table.range((rollout, from_seq)..=(rollout, u64::MAX)))? {
+                let (_, value) = db_err!(entry)?;
+                out.push(decode::<StoredEvent>(rollout, value.value())?);
+            }
+            Ok(out)
         })
     }
 
     fn commit(&self, commit: Commit<'_>) -> Result<(), StoreError> {
-        let inputs = Chunk::of(commit.inputs, |i| i.seq)?;
-        let events = Chunk::of(commit.events, |e| e.seq)?;
+        let inputs = commit
+            .inputs
+            .iter()
+            .map(|i| encode(i).map(|bytes| (i.seq, bytes)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let events = commit
+            .events
+            .iter()
+            .map(|e| encode(e).map(|bytes| (e.seq, bytes)))
+            .collect::<Result<Vec<_>, _>>()?;
         let record = commit.record.map(encode).transpose()?;
         self.write(|db| {
             let tx = db_err!(db.begin_write())?;
             {
-                if let Some(chunk) = &inputs {
+                if !inputs.is_empty() {
                     let mut table = db_err!(tx.open_table(INPUTS))?;
-                    db_err!(
-                        table.insert((commit.rollout, chunk.first_seq), chunk.bytes.as_slice())
-                    )?;
+                    for (seq, bytes) in &inputs {
+                        db_err!(table.insert((commit.rollout, *seq), bytes.as_slice()))?;
+                    }
                 }
-                if let Some(chunk) = &events {
+                if !events.is_empty() {
                     let mut table = db_err!(tx.open_table(EVENTS))?;
-                    db_err!(
-                        table.insert((commit.rollout, chunk.first_seq), chunk.bytes.as_slice())
-                    )?;
+                    for (seq, bytes) in &events {
+                        db_err!(table.insert((commit.rollout, *seq), bytes.as_slice()))?;
+                    }
                 }
                 if let Some(bytes) = &record {
                     let mut table = db_err!(tx.open_table(ROLLOUTS))?;
@@ -600,7 +552,12 @@ impl Store for RedbStore {
         self.read(|db| {
             let tx = db_err!(db.begin_read())?;
             let table = db_err!(tx.open_table(INPUTS))?;
-            read_chunks(&table, rollout, 0, |i: &StoredInput| i.seq)
+            let mut out = Vec::new();
+            for entry in db_err!(table.range((rollout, 0)..=(rollout, u64::MAX)))? {
+                let (_, value) = db_err!(entry)?;
+                out.push(decode::<StoredInput>(rollout, value.value())?);
+            }
+            Ok(out)
         })
     }
 
@@ -754,61 +711,10 @@ mod tests {
         }
         let store = RedbStore::open(dir.path()).unwrap();
         assert_eq!(store.list_rollouts().unwrap().len(), 2);
-        assert_eq!(store.events("a", 0).unwrap().len(), 9);
-        assert_eq!(store.inputs("a").unwrap().len(), 6);
+        assert_eq!(store.events("a", 0).unwrap().len(), 4);
+        assert_eq!(store.inputs("a").unwrap().len(), 1);
         let mut moved = record("a");
         moved.status.state = RolloutState::Committing;
         assert_eq!(store.get_rollout("a").unwrap().unwrap(), moved);
-    }
-
-    /// Stores written before chunks hold one event or input per row, as a JSON object: they
-    /// read back as before, and new chunks follow them.
-    #[test]
-    fn redb_store_reads_rows_of_one_entry_written_before_chunks() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
-        let event = |seq| StoredEvent {
-            seq,
-            at_ms: seq,
-            record: Record::RolloutState {
-                state: RolloutState::Preparing,
-                reason: None,
-            },
-        };
-        let input = |seq| StoredInput {
-            seq,
-            at_ms: seq,
-            event: Event::Tick,
-        };
-        store
-            .write(|db| {
-                let tx = db_err!(db.begin_write())?;
-                {
-                    let mut events = db_err!(tx.open_table(EVENTS))?;
-                    let mut inputs = db_err!(tx.open_table(INPUTS))?;
-                    for seq in 1..=3 {
-                        db_err!(events.insert(("r", seq), encode(&event(seq))?.as_slice()))?;
-                        db_err!(inputs.insert(("r", seq), encode(&input(seq))?.as_slice()))?;
-                    }
-                }
-                db_err!(tx.commit())
-            })
-            .unwrap();
-        store
-            .commit(Commit {
-                rollout: "r",
-                inputs: &[input(4), input(5)],
-                events: &[event(4), event(5)],
-                record: None,
-            })
-            .unwrap();
-        let seqs = |events: Vec<StoredEvent>| events.iter().map(|e| e.seq).collect::<Vec<_>>();
-        assert_eq!(seqs(store.events("r", 0).unwrap()), vec![1, 2, 3, 4, 5]);
-        assert_eq!(seqs(store.events("r", 2).unwrap()), vec![2, 3, 4, 5]);
-        assert_eq!(seqs(store.events("r", 5).unwrap()), vec![5]);
-        assert_eq!(
-            store.inputs("r").unwrap(),
-            (1..=5).map(input).collect::<Vec<_>>()
-        );
     }
 }
