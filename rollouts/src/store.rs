@@ -711,8 +711,8 @@ mod tests {
         }
         let store = RedbStore::open(dir.path()).unwrap();
         assert_eq!(store.list_rollouts().unwrap().len(), 2);
-        assert_eq!(store.events("a", 0).unwrap().len(), 4);
-        assert_eq!(store.inputs("a").unwrap().len(), 1);
+        assert_eq!(store.events("a", 0).unwrap().len(), 9);
+        assert_eq!(store.inputs("a").unwrap().len(), 6);
         let mut moved = record("a");
         moved.status.state = RolloutState::Committing;
         assert_eq!(store.get_rollout("a").unwrap().unwrap(), moved);

@@ -168,6 +168,37 @@ pub fn check(store: &dyn Store) -> Result<(), ContractError> {
     ensure_eq!(store.inputs("b")?.len(), 1);
     ensure!(store.inputs("zzz")?.is_empty());
     ensure_eq!(store.events("a", 4)?, more.to_vec());
+
+    // Many inputs and events in one step: all back in order, and a history read from a
+    // position inside that step starts there.
+    let inputs: Vec<_> = (2..=6)
+        .map(|seq| StoredInput {
+            seq,
+            at_ms: 7,
+            event: Event::Tick,
+        })
+        .collect();
+    let step_events: Vec<_> = (5..=9)
+        .map(|seq| StoredEvent {
+            seq,
+            at_ms: 7,
+            record: Record::RolloutState {
+                state: RolloutState::Committing,
+                reason: None,
+            },
+        })
+        .collect();
+    store.commit(Commit {
+        rollout: "a",
+        inputs: &inputs,
+        events: &step_events,
+        record: None,
+    })?;
+    let seqs = |inputs: Vec<StoredInput>| inputs.iter().map(|i| i.seq).collect::<Vec<_>>();
+    ensure_eq!(seqs(store.inputs("a")?), vec![1, 2, 3, 4, 5, 6]);
+    ensure_eq!(store.events("a", 7)?, step_events[2..].to_vec());
+    ensure_eq!(store.events("a", 10)?, Vec::<StoredEvent>::new());
+    ensure_eq!(store.events("a", 0)?.len(), 9);
     ensure_eq!(
         store.get_rollout("a")?.map(|r| r.status.state),
         Some(RolloutState::Committing)
