@@ -244,10 +244,7 @@ pub trait Store: Send + Sync + 'static {
         Ok(self
             .newest_rollouts(limit)?
             .into_iter()
-            .map(|record| {
-                let id = record.id.clone();
-                (id.clone(), (!known(&id)).then_some(record))
-            })
+            .map(|record| (record.id.clone(), (!known(&record.id)).then_some(record)))
             .collect())
     }
     /// Append to a rollout's history; `event.seq` must be the next position.

@@ -770,7 +770,6 @@ impl ProcessRuntime {
             .await
     }
 
-    /// Remove releases of `app` beyond `keep_releases` (never current or permanent).
     /// Blocking file system work on the release tree, on a blocking thread: a directory fsync
     /// can take long on a busy disk, and the runtime's workers also carry the session.
     async fn off_the_workers<T: Send + 'static>(
@@ -783,6 +782,7 @@ impl ProcessRuntime {
             .map_err(|e| failed(format!("file system task failed: {e}")))
     }
 
+    /// Remove releases of `app` beyond `keep_releases` (never current or permanent).
     fn prune(&self, app: &str) -> Vec<String> {
         let apps = &self.inner.apps;
         let current = apps.current(app);

@@ -408,38 +408,22 @@ fn same_file_content(meta: &std::fs::Metadata, existing: &Path, source: &Path, m
     else {
         return false;
     };
-    let mut a = vec![0u8; 64 * 1024];
-    let mut b = vec![0u8; 64 * 1024];
-    loop {
-        let n = match read_full(&mut left, &mut a) {
-            Ok(n) => n,
-            Err(_) => return false,
-        };
-        match read_full(&mut right, &mut b[..n.max(1)]) {
-            Ok(m) if m == n => {}
-            _ => return false,
-        }
-        if n == 0 {
-            return true;
-        }
-        if a[..n] != b[..n] {
+    const CHUNK: u64 = 64 * 1024;
+    let (mut a, mut b) = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
+    let mut remaining = meta.len();
+    while remaining > 0 {
+        let n = remaining.min(CHUNK) as usize;
+        if left.read_exact(&mut a[..n]).is_err()
+            || right.read_exact(&mut b[..n]).is_err()
+            || a[..n] != b[..n]
+        {
             return false;
         }
+        remaining -= n as u64;
     }
-}
-
-/// Read until `buf` is full or the file ends; how many bytes were read.
-fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
+    // Neither grew since its length was read.
+    let at_end = |file: &mut std::fs::File| matches!(file.read(&mut [0u8; 1]), Ok(0));
+    at_end(&mut left) && at_end(&mut right)
 }
 
 /// Copy `source` to a new file `dest` (which must not exist).
