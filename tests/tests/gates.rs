@@ -235,8 +235,12 @@ fn node_gates_query_the_agents_own_prometheus_for_their_own_node() -> anyhow::Re
         (two.target(), Some("node-2".to_string())),
         (three.target(), Some("node-3".to_string())),
     ])?;
-    let per_node = "rate(errors_total{node=\"node-2\"}[5s])";
-    prometheus.wait_for_data(per_node, Duration::from_secs(20))?;
+    // Each gated node's own series: Prometheus scrapes the targets one by one, so one node's
+    // data says nothing about the other's.
+    for node in ["node-1", "node-2"] {
+        let per_node = format!("rate(errors_total{{node=\"{node}\"}}[5s])");
+        prometheus.wait_for_data(&per_node, Duration::from_secs(20))?;
+    }
     let declares = format!("[prometheus]\nurl = \"{}\"\n", prometheus.url());
     let options = ClusterOptions::default()
         .hook("ok", Hook::ok())
