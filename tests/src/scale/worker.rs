@@ -165,18 +165,25 @@ async fn agents(options: WorkerOptions, marks: MarkLayer) -> anyhow::Result<()> 
         agents: options.agents,
     })?;
 
-    // Wait for `stop` (or the bench going away: EOF).
-    let stdin = tokio::task::spawn_blocking(|| {
-        let stdin = std::io::stdin();
-        for line in stdin.lock().lines() {
-            match line {
-                Ok(line) if line.trim() == "stop" => return,
-                Ok(_) => {}
-                Err(_) => return,
+    // Wait for `stop` (or the bench going away: EOF), on a thread of its own: a blocking-pool
+    // thread would be held for the whole run, and with `--blocking-threads 1` the agents'
+    // journal writes would then never run.
+    let (stdin_tx, stdin_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("worker-stdin".into())
+        .spawn(move || {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines() {
+                match line {
+                    Ok(line) if line.trim() == "stop" => break,
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
             }
-        }
-    });
-    let _ = stdin.await;
+            let _ = stdin_tx.send(());
+        })
+        .context("cannot start the stdin thread")?;
+    let _ = stdin_rx.await;
 
     let stopping = Instant::now();
     let _ = stop_tx.send(true);
