@@ -120,11 +120,22 @@ fn a_full_disk_holds_the_rollout_until_space_is_freed() -> anyhow::Result<()> {
             why.contains("cannot store the rollout's step") && why.contains("No space left"),
             "held, but for another reason: {held}"
         );
-        let text = cluster.hotroll(&["rollout", "status", &id])?.ok()?.stdout;
-        ensure!(
-            text.contains("held: cannot store the rollout's step"),
-            "`rollout status` does not say held:\n{text}"
+        // The hold can lift for one step now and then with the disk still full: a retry after
+        // the store reopened may find a page redb freed (CI saw `attempts=2` then a new hold
+        // 6 ms later). So wait for the CLI to show it rather than read it once.
+        let mut text = String::new();
+        let shown = hotroll_tests::poll(
+            "`rollout status` to say held",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                text = cluster.hotroll(&["rollout", "status", &id])?.ok()?.stdout;
+                Ok(text
+                    .contains("held: cannot store the rollout's step")
+                    .then_some(()))
+            },
         );
+        ensure!(shown.is_ok(), "`rollout status` does not say held:\n{text}");
 
         // While the disk is full nothing after the point of no return runs.
         for _ in 0..30 {
@@ -137,10 +148,15 @@ fn a_full_disk_holds_the_rollout_until_space_is_freed() -> anyhow::Result<()> {
                 );
             }
         }
-        let status = cluster.status(&id)?;
+        let status = cluster.wait_status(
+            &id,
+            "the rollout still held with the disk full",
+            Duration::from_secs(30),
+            |s| s.get("held_on_store").is_some(),
+        )?;
         ensure!(
-            status.get("held_on_store").is_some() && status::rollout_state(&status)? == "preparing",
-            "not held any more with the disk still full: {status}"
+            status::rollout_state(&status)? == "preparing",
+            "the rollout left preparing with the disk still full: {status}"
         );
 
         disk.free()?;
