@@ -86,8 +86,9 @@ struct Args {
     /// Extra argument for `hotroll serve` (repeat for several), e.g. `--coordinator-arg=--insecure`.
     #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
     coordinator_args: Vec<String>,
-    /// `perf record` the coordinator during one phase: connect, idle or rollout.
-    #[arg(long, value_parser = ["connect", "idle", "rollout"])]
+    /// `perf record` the coordinator during one phase: connect, idle or rollout; or the
+    /// agents' worker processes during the rollouts: agents-rollout.
+    #[arg(long, value_parser = ["connect", "idle", "rollout", "agents-rollout"])]
     perf: Option<String>,
     /// Where perf data files go.
     #[arg(long, default_value = ".")]

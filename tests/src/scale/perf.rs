@@ -17,6 +17,12 @@ impl Perf {
         Self::start(&["-p", &pid.to_string()], output)
     }
 
+    /// Samples several processes (and their threads) into one file.
+    pub fn attach_all(pids: &[u32], output: &Path) -> anyhow::Result<Self> {
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        Self::start(&["-p", &pids.join(",")], output)
+    }
+
     /// Samples every CPU: all the processes of a fleet and the kernel's work for them.
     pub fn system_wide(output: &Path) -> anyhow::Result<Self> {
         Self::start(&["-a"], output)

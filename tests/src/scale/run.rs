@@ -65,7 +65,8 @@ pub struct RunOptions {
     /// `Some(endpoints)`: the coordinator keeps its state in etcd there (`serve --store etcd`,
     /// a group of one), instead of its redb file.
     pub etcd_endpoints: Option<String>,
-    /// `perf record` the coordinator during this phase (`connect`, `idle`, `rollout`).
+    /// `perf record` the coordinator during this phase (`connect`, `idle`, `rollout`), or the
+    /// agents' workers during the rollouts (`agents-rollout`).
     pub perf: Option<String>,
     pub perf_dir: PathBuf,
 }
@@ -372,6 +373,10 @@ pub fn run(hotroll: &Path, dir: &Path, options: RunOptions) -> anyhow::Result<Ru
     })?;
     let perf = match options.perf.as_deref() {
         Some("rollout") => Some(Perf::attach(pid, &perf_file("rollout"))?),
+        Some("agents-rollout") => {
+            let pids: Vec<u32> = procs.iter().map(Worker::pid).collect();
+            Some(Perf::attach_all(&pids, &perf_file("agents-rollout"))?)
+        }
         _ => None,
     };
     let mut rounds = Vec::new();
