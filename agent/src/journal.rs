@@ -411,7 +411,7 @@ fn encode_line(json: &[u8]) -> Vec<u8> {
 }
 
 /// One line without its newline: the record, or why it is not one.
-fn decode_line(line: &[u8]) -> Result<JournalRecord, String> {
+pub(crate) fn decode_line(line: &[u8]) -> Result<JournalRecord, String> {
     let (crc, json) = match (line.get(..8), line.get(8), line.get(9..)) {
         (Some(crc), Some(b' '), Some(json)) => (crc, json),
         _ => return Err("not a journal line (`CRC JSON`)".into()),

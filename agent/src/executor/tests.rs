@@ -213,6 +213,16 @@ impl Harness {
         }
     }
 
+    /// The next report that is not a step's start or end.
+    async fn next_past_steps(&self) -> Report {
+        loop {
+            match self.next().await {
+                Report::Step(s) if s.phase != StepPhase::Failed => {}
+                other => return other,
+            }
+        }
+    }
+
     async fn expect_prepared(&self) {
         let report = self.next().await;
         assert!(matches!(report, Report::Prepared { .. }), "{report:?}");
@@ -223,6 +233,19 @@ impl Harness {
             Report::BarrierArrive { barrier_id, .. } if barrier_id == id => {}
             other => panic!("expected BarrierArrive {id}, got {other:?}"),
         }
+    }
+
+    /// Every record the journal's log holds, oldest first, as (step, phase, state).
+    fn journal_log(&self) -> Vec<(u32, Phase, NodeState)> {
+        let log = std::fs::read(self.journal.path()).unwrap_or_else(|e| panic!("journal: {e}"));
+        log.split(|b| *b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| {
+                let record = crate::journal::decode_line(line)
+                    .unwrap_or_else(|e| panic!("journal line: {e}"));
+                (record.step, record.phase, record.node_state)
+            })
+            .collect()
     }
 
     fn last_journal(&self) -> JournalRecord {
@@ -496,6 +519,85 @@ async fn a_failing_down_list_ends_failed() {
     assert!(
         error.starts_with("rollback failed at down[0] `apply`"),
         "{error}"
+    );
+}
+
+/// The point of no return writes no record of its own beyond what it must say: `prepared` is
+/// the record before it, and the Committing record after Commit is also the record before the
+/// next instruction. Every instruction still has its record before it runs.
+#[tokio::test]
+async fn the_point_of_no_return_shares_its_journal_records_with_the_steps_around_it() {
+    let mut h = Harness::new();
+    h.start(script(
+        vec![apply("ok", &[]), ponr(), apply("ok", &[]), apply("ok", &[])],
+        None,
+    ));
+    h.expect_accepted().await;
+    let prepared = h.next_past_steps().await;
+    assert!(matches!(prepared, Report::Prepared { .. }), "{prepared:?}");
+    h.send(CommandKind::Commit);
+    let committed = h.next_past_steps().await;
+    assert!(
+        matches!(
+            committed,
+            Report::Outcome {
+                state: NodeState::Committed,
+                ..
+            }
+        ),
+        "{committed:?}"
+    );
+    h.send(CommandKind::MakePermanent);
+    h.expect_outcome(NodeState::Permanent).await;
+    assert_eq!(
+        h.journal_log(),
+        vec![
+            (0, Phase::Preparing, NodeState::Preparing),
+            (1, Phase::Prepared, NodeState::Prepared),
+            (2, Phase::Committing, NodeState::Committing),
+            (3, Phase::Committing, NodeState::Committing),
+            (3, Phase::Committing, NodeState::Committed),
+            (3, Phase::Done, NodeState::Permanent),
+        ]
+    );
+}
+
+/// The same with the point of no return implicit (after the last check): its records name the
+/// steps next to it.
+#[tokio::test]
+async fn an_implicit_point_of_no_return_journals_before_the_first_step_past_it() {
+    let mut h = Harness::new();
+    h.start(script(
+        vec![check("ok", &[]), apply("ok", &[]), apply("ok", &[])],
+        None,
+    ));
+    h.expect_accepted().await;
+    let prepared = h.next_past_steps().await;
+    assert!(matches!(prepared, Report::Prepared { .. }), "{prepared:?}");
+    h.send(CommandKind::Commit);
+    let committed = h.next_past_steps().await;
+    assert!(
+        matches!(
+            committed,
+            Report::Outcome {
+                state: NodeState::Committed,
+                ..
+            }
+        ),
+        "{committed:?}"
+    );
+    h.send(CommandKind::MakePermanent);
+    h.expect_outcome(NodeState::Permanent).await;
+    assert_eq!(
+        h.journal_log(),
+        vec![
+            (0, Phase::Preparing, NodeState::Preparing),
+            (0, Phase::Prepared, NodeState::Prepared),
+            (1, Phase::Committing, NodeState::Committing),
+            (2, Phase::Committing, NodeState::Committing),
+            (2, Phase::Committing, NodeState::Committed),
+            (2, Phase::Done, NodeState::Permanent),
+        ]
     );
 }
 

@@ -155,6 +155,19 @@ pub(super) struct Run {
     final_outcome: Arc<Mutex<Option<Report>>>,
     /// Index of the last instruction of `up` that started.
     last_up_step: u32,
+    /// The last record this run made durable: a write that would say exactly the same again is
+    /// left out (the point of no return's records double as the records of the steps around it;
+    /// `docs/performance.md`, "The agent's journal").
+    journaled: Option<Journaled>,
+}
+
+/// What a journal record says, for [`Run::journaled`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Journaled {
+    step: u32,
+    phase: Phase,
+    state: NodeState,
+    error: String,
 }
 
 impl Run {
@@ -179,6 +192,7 @@ impl Run {
             },
             final_outcome,
             last_up_step: 0,
+            journaled: None,
         }
     }
 
@@ -288,20 +302,46 @@ impl Run {
         }
     }
 
-    async fn journal(&self, phase: Phase, state: NodeState, error: &str) -> Result<(), String> {
+    async fn journal(&mut self, phase: Phase, state: NodeState, error: &str) -> Result<(), String> {
+        self.journal_at(self.last_up_step, phase, state, error)
+            .await
+    }
+
+    /// Make durable that the rollout is at `step` of `up` in `phase`, unless the journal's last
+    /// record from this run already says so.
+    async fn journal_at(
+        &mut self,
+        step: u32,
+        phase: Phase,
+        state: NodeState,
+        error: &str,
+    ) -> Result<(), String> {
+        let says = Journaled {
+            step,
+            phase,
+            state,
+            error: error.to_string(),
+        };
+        if self.journaled.as_ref() == Some(&says) {
+            return Ok(());
+        }
         let record = JournalRecord::new(
             &self.rollout.rollout_id,
             self.rollout.epoch,
-            self.last_up_step,
+            step,
             phase,
             state,
         )
         .with_error(error)
         .with_scope(Scope::of(&self.rollout));
+        // Whatever happens to this write, the last durable record may no longer be `journaled`.
+        self.journaled = None;
         self.env.journal.record(record).await.map_err(|e| {
             tracing::error!(error = %e, "journal write failed");
             e.to_string()
-        })
+        })?;
+        self.journaled = Some(says);
+        Ok(())
     }
 
     async fn run_up(&mut self) -> UpEnd {
@@ -310,7 +350,9 @@ impl Run {
         let mut committed = false;
         for index in 0..=steps {
             if !committed && ponr == PonrPosition::Implicit(index) {
-                match self.prepare_and_wait().await {
+                // The Committing record names this step, the first to run past the point.
+                let next = (index < steps).then_some(index);
+                match self.prepare_and_wait(next).await {
                     Ok(()) => committed = true,
                     Err(Stop::Shutdown) => return UpEnd::Shutdown,
                     Err(stop) => {
@@ -332,7 +374,13 @@ impl Run {
                 (Phase::Preparing, NodeState::Preparing)
             };
             let work = Work::of(&self.script, StepList::Up, &step);
-            let first = JournalFirst::Required(phase, state);
+            // The point of no return's own record is `prepared`: it is the record before this
+            // instruction and the one that says the node waits for Commit.
+            let first = if matches!(work, Work::PointOfNoReturn) {
+                JournalFirst::Required(Phase::Prepared, NodeState::Prepared)
+            } else {
+                JournalFirst::Required(phase, state)
+            };
             let (result, stop) = match self
                 .run_step(StepList::Up, index, name, first, work, true)
                 .await

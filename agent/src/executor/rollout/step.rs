@@ -105,7 +105,10 @@ impl Run {
             &StepOutput::default(),
         );
         let (result, stop) = match work {
-            Work::PointOfNoReturn => match self.prepare_and_wait().await {
+            Work::PointOfNoReturn => match self
+                .prepare_and_wait((index + 1 < self.script.up.len()).then_some(index + 1))
+                .await
+            {
                 Ok(()) => (Ok(StepOutput::default()), None),
                 Err(stop) => (Err(StepFailure::new(stop.describe())), Some(stop)),
             },

@@ -11,7 +11,10 @@ use crate::runtime::StepOutput;
 impl Run {
     /// The point of no return: report Prepared and wait for Commit. `Err` says why `up` stops
     /// before the point of no return instead (Abort, Rollback, a journal failure, shutdown).
-    pub(super) async fn prepare_and_wait(&mut self) -> Result<(), Stop> {
+    /// `next`: the instruction of `up` that runs after the commit, if any. The Committing
+    /// record names it, so that it is also that instruction's record and the step does not
+    /// write the same again.
+    pub(super) async fn prepare_and_wait(&mut self, next: Option<usize>) -> Result<(), Stop> {
         self.journal(Phase::Prepared, NodeState::Prepared, "")
             .await
             .map_err(|e| {
@@ -39,7 +42,8 @@ impl Run {
         }
         // Recovery must know that the node went past the point of no return before anything
         // changes: if this write fails, nothing has changed yet, so abort.
-        self.journal(Phase::Committing, NodeState::Committing, "")
+        let step = next.map_or(self.last_up_step, |n| u32::try_from(n).unwrap_or(u32::MAX));
+        self.journal_at(step, Phase::Committing, NodeState::Committing, "")
             .await
             .map_err(|e| {
                 Stop::Journal(format!(
