@@ -157,7 +157,7 @@ pub(super) struct Run {
     last_up_step: u32,
     /// The last record this run made durable: a write that would say exactly the same again is
     /// left out (the point of no return's records double as the records of the steps around it;
-    /// `docs/performance.md`, "The agent's journal").
+    /// `docs/performance.md`, "The point of no return shares its records").
     journaled: Option<Journaled>,
 }
 
