@@ -223,6 +223,28 @@ impl Harness {
         }
     }
 
+    /// Drive a started rollout that succeeds on this node to its end: accepted, prepared,
+    /// Commit, committed, MakePermanent, permanent (step reports in between are passed over).
+    async fn run_to_permanent(&mut self) {
+        self.expect_accepted().await;
+        let prepared = self.next_past_steps().await;
+        assert!(matches!(prepared, Report::Prepared { .. }), "{prepared:?}");
+        self.send(CommandKind::Commit);
+        let committed = self.next_past_steps().await;
+        assert!(
+            matches!(
+                committed,
+                Report::Outcome {
+                    state: NodeState::Committed,
+                    ..
+                }
+            ),
+            "{committed:?}"
+        );
+        self.send(CommandKind::MakePermanent);
+        self.expect_outcome(NodeState::Permanent).await;
+    }
+
     async fn expect_prepared(&self) {
         let report = self.next().await;
         assert!(matches!(report, Report::Prepared { .. }), "{report:?}");
@@ -532,23 +554,7 @@ async fn the_point_of_no_return_shares_its_journal_records_with_the_steps_around
         vec![apply("ok", &[]), ponr(), apply("ok", &[]), apply("ok", &[])],
         None,
     ));
-    h.expect_accepted().await;
-    let prepared = h.next_past_steps().await;
-    assert!(matches!(prepared, Report::Prepared { .. }), "{prepared:?}");
-    h.send(CommandKind::Commit);
-    let committed = h.next_past_steps().await;
-    assert!(
-        matches!(
-            committed,
-            Report::Outcome {
-                state: NodeState::Committed,
-                ..
-            }
-        ),
-        "{committed:?}"
-    );
-    h.send(CommandKind::MakePermanent);
-    h.expect_outcome(NodeState::Permanent).await;
+    h.run_to_permanent().await;
     assert_eq!(
         h.journal_log(),
         vec![
@@ -571,23 +577,7 @@ async fn an_implicit_point_of_no_return_journals_before_the_first_step_past_it()
         vec![check("ok", &[]), apply("ok", &[]), apply("ok", &[])],
         None,
     ));
-    h.expect_accepted().await;
-    let prepared = h.next_past_steps().await;
-    assert!(matches!(prepared, Report::Prepared { .. }), "{prepared:?}");
-    h.send(CommandKind::Commit);
-    let committed = h.next_past_steps().await;
-    assert!(
-        matches!(
-            committed,
-            Report::Outcome {
-                state: NodeState::Committed,
-                ..
-            }
-        ),
-        "{committed:?}"
-    );
-    h.send(CommandKind::MakePermanent);
-    h.expect_outcome(NodeState::Permanent).await;
+    h.run_to_permanent().await;
     assert_eq!(
         h.journal_log(),
         vec![
